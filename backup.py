@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Back up an IOTstack directory: the interface of scripts/backup.sh, made safe.
+
+    python3 backup.py [TYPE] [USER]
+
+The archive is written under a temporary name that no glob of backups
+matches, fsynced, read back in full, and only then given its dated and/or
+rolling name, so a name only ever holds a complete archive and the previous
+rolling archive survives a failed run.  Services are paused with `stop` and
+resumed with `start` (never `down`/`up`), exactly those that were running,
+also after errors, Ctrl-C and SIGTERM.
+"""
+import argparse
+import errno
+import os
+import shutil
+import sys
+import time
+
+import backuplib as lib
+
+PROG = "backup.py"
+
+EPILOG = """\
+exit codes:
+  0  backup written and verified
+  1  failed: no new backup (see the message and the log); also when the
+     backup was written but the stopped services could not be started again
+  2  bad arguments or unknown user
+  3  backup written and verified, with warnings (unreadable files, files
+     that changed while read, services that could not be stopped)
+  4  another backup or restore of this stack is running
+
+backups go to backups/backup/ (TYPE 1 and 3) and backups/rolling/ (TYPE 2
+and 3), logs to backups/logs/.
+"""
+
+
+def backup_type(text):
+    if text not in ("1", "2", "3"):
+        raise argparse.ArgumentTypeError("TYPE can only be 1, 2 or 3, not %r" % text)
+    return int(text)
+
+
+def jobs_count(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("--jobs must be at least 1")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Back up the IOTstack directory (compose files, services/, volumes/, "
+                    "hooks) to a .tar.gz, the way scripts/backup.sh did, but safely.")
+    p.add_argument("type", nargs="?", type=backup_type, default=3, metavar="TYPE",
+                   help="1 = dated backups/backup/backup_YYYY-MM-DD_HHMM.tar.gz, "
+                        "2 = rolling backups/rolling/backup_N.tar.gz (N = weekday, "
+                        "Sunday 0), 3 = both (default)")
+    p.add_argument("user", nargs="?", metavar="USER",
+                   help="as root: the user (and that user's primary group) that owns "
+                        "the archives, logs and backup folders; default $SUDO_USER, "
+                        "else the owner of the IOTstack directory (asked on a terminal)")
+    p.add_argument("--dir", metavar="DIR",
+                   help="the IOTstack directory (default: $IOTSTACK, else the current "
+                        "directory, else the one holding backup.py)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave out paths matching PATTERN (shell glob on the path "
+                        "relative to IOTstack, or on a file name); repeatable")
+    p.add_argument("--no-stop", action="store_true",
+                   help="leave the stack running (for pre_backup.sh that dumps databases)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reading the archive back after writing it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be saved, written and stopped; write nothing")
+    p.add_argument("--level", type=int, default=6, choices=range(10), metavar="0-9",
+                   help="gzip compression level (default 6)")
+    p.add_argument("--jobs", type=jobs_count, default=os.cpu_count() or 1, metavar="N",
+                   help="compression threads (default: all cores, %(default)s here)")
+    return p
+
+
+class Plan:
+    """What a run will write: decided before anything is written."""
+
+    def __init__(self, stem, dated, rolling, log):
+        self.stem, self.dated, self.rolling, self.log = stem, dated, rolling, log
+
+    @property
+    def targets(self):
+        return [path for path in (self.dated, self.rolling) if path]
+
+
+def plan_backup(backup_kind, now, backups, exists):
+    """Names of the archive(s) and log; a second run in a minute gets -2, -3..."""
+    stem = lib.first_free_stem(
+        "backup_" + lib.archive_stamp(now),
+        lambda s: exists(lib.dated_archive_path(backups, s)) or exists(lib.log_path(backups, s)))
+    dated = lib.dated_archive_path(backups, stem) if backup_kind in (1, 3) else None
+    rolling = lib.rolling_archive_path(backups, now) if backup_kind in (2, 3) else None
+    return Plan(stem, dated, rolling, lib.log_path(backups, stem))
+
+
+def relative(stack, path):
+    return "./" + os.path.relpath(path, stack)
+
+
+def ask(prompt, default):
+    try:
+        return input(prompt).strip() or default
+    except EOFError:
+        return default
+
+
+def remove_stale_partials(backups, log):
+    """Temporary files left by a run that was killed: we hold the lock, so
+    no live run owns them."""
+    for folder in ("backup", "rolling"):
+        path = os.path.join(backups, folder)
+        for name in sorted(os.listdir(path)):
+            if lib.is_partial_name(name):
+                os.unlink(os.path.join(path, name))
+                log.line("Removed an unfinished archive from an interrupted run: %s/%s"
+                         % (folder, name))
+
+
+def give_second_name(source, final, owner):
+    """The TYPE 3 rolling copy: a hard link when possible, else a copy."""
+    temp = lib.partial_path(final)
+    try:
+        os.link(source, temp)
+        return temp
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+    with open(source, "rb") as src, open(temp, "xb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.chmod(temp, lib.ARCHIVE_MODE)
+    lib.chown_to(temp, owner)
+    return temp
+
+
+def write_archive(stack, items, args, owner, temp, progress, stats):
+    """Write the tar.gz to temp, fsynced and owned; return its size."""
+    from parallel_gzip import ParallelGzipWriter
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, lib.ARCHIVE_MODE)
+    try:
+        sink = lib.FileSink(fd)
+        gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
+        try:
+            lib.write_tar(gz, stack, items, args.exclude, progress, stats)
+            gz.close()
+        except BaseException:
+            gz.abort()
+            raise
+        os.fsync(fd)
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        os.fchmod(fd, lib.ARCHIVE_MODE)
+        return sink.written
+    finally:
+        os.close(fd)
+
+
+def make_backup(stack, plan, items, args, owner, log, result):
+    """Write, verify and name the archive(s).  On any failure no final name
+    changes and the temporary files are gone."""
+    temps = []
+    try:
+        progress = lib.NoProgress()
+        if sys.stderr.isatty():
+            total, files = lib.tree_totals(stack, items, args.exclude)
+            progress = lib.TerminalProgress(total, files, label="Backing up: ")
+        stats = lib.ArchiveStats()
+        result["stats"] = stats
+        first = plan.targets[0]
+        temps.append(lib.partial_path(first))
+        result["size"] = write_archive(stack, items, args, owner, temps[0], progress, stats)
+        progress.finish()
+        lib.fsync_dir(os.path.dirname(first))
+        if args.no_verify:
+            log.field("Verified", "skipped (--no-verify)")
+        else:
+            try:
+                lib.verify_archive(temps[0], stats.members)
+            except lib.ArchiveError as e:
+                log.field("Verified", "FAILED: %s" % e)
+                raise lib.UserError("verification of the new archive failed: %s" % e) from None
+            log.field("Verified", "OK")
+            result["verified"] = True
+        for final in plan.targets[1:]:
+            temps.append(give_second_name(temps[0], final, owner))
+        for temp, final in zip(temps, plan.targets):
+            if final == plan.rolling:
+                result["rolling_overwritten"] = os.path.exists(final)
+            os.rename(temp, final)
+            lib.fsync_dir(os.path.dirname(final))
+        temps = []
+    finally:
+        for temp in temps:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+
+
+def dry_run(stack, args):
+    backups = os.path.join(stack, "backups")
+    plan = plan_backup(args.type, lib.now_local(), backups, os.path.exists)
+    items, missing = lib.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
+    out = sys.stdout
+    out.write("IOTstack directory: %s\n" % stack)
+    for target in plan.targets:
+        note = " (replacing the existing one)" if os.path.exists(target) else ""
+        out.write("Would write: %s%s\n" % (relative(stack, target), note))
+    out.write("Log: %s\n" % relative(stack, plan.log))
+    if args.no_stop:
+        out.write("Services: left running (--no-stop)\n")
+    else:
+        log = lib.RunLog()
+        compose = lib.open_compose(stack, log)
+        if compose is not None:
+            try:
+                running = compose.running_services()
+                out.write("Would stop and start again: %s\n" % (", ".join(running) or "none"))
+            except lib.StackUnavailable as e:
+                log.line("Docker: %s; carrying on without stopping services" % e)
+        for line in log.lines:
+            out.write(line + "\n")
+    for item in missing:
+        out.write("Missing: ./%s (noted in the log, not an error)\n" % item)
+    out.write("Items backed up:\n")
+    for item in items:
+        out.write("  ./%s\n" % item)
+    excluded, notes = [], []
+    count = size = 0
+    for entry in lib.iter_entries(stack, items, args.exclude, excluded, notes):
+        count += 1
+        if os.path.isfile(entry.path) and not os.path.islink(entry.path):
+            size += entry.st.st_size
+    out.write("Entries: %d, %s of file data\n" % (count, lib.human_size(size)))
+    if excluded:
+        out.write("Items Excluded:\n")
+        for rel in excluded:
+            out.write("  ./%s\n" % rel)
+    for note in notes:
+        out.write("Note: %s\n" % note)
+    out.write("Dry run: nothing was written.\n")
+    return lib.EXIT_OK
+
+
+def run_backup(stack, args, owner, owner_how):
+    started = time.monotonic()
+    backups = os.path.join(stack, "backups")
+    with lib.stack_lock(stack, owner):
+        for folder in ("", "backup", "rolling", "logs"):
+            lib.ensure_dir(os.path.join(backups, folder), owner)
+        if os.path.lexists(os.path.join(stack, lib.JOURNAL_NAME)):
+            raise lib.UserError("an interrupted restore is pending; run restore.py --recover "
+                                "before backing up")
+        now = lib.now_local()
+        plan = plan_backup(args.type, now, backups, os.path.exists)
+        log = lib.RunLog(plan.log)
+        lib.chown_to(plan.log, owner)
+        try:
+            return backup_with_log(stack, args, owner, owner_how, plan, log, now, started)
+        finally:
+            log.close()
+
+
+def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
+    result = {}
+    log.field("Started At", now.isoformat(timespec="seconds"))
+    log.field("Current Directory", stack)
+    log.field("Backup Type", args.type)
+    if owner is not None:
+        log.field("Backup Owner", "%s (%s)" % (owner.name, owner_how))
+    elif args.user:
+        log.line("USER %s ignored: not running as root" % args.user)
+    if plan.dated:
+        log.field("Backup File", relative(stack, plan.dated))
+    if plan.rolling:
+        log.field("Rolling File", relative(stack, plan.rolling))
+    remove_stale_partials(os.path.join(stack, "backups"), log)
+    items, missing = lib.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
+    for item in missing:
+        log.line("Note: ./%s is missing; backing up the rest" % item)
+
+    status = lib.run_hook(stack, "pre_backup.sh", log)
+    if status:
+        raise lib.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
+                            "written (see %s)" % (status, relative(stack, plan.log)))
+    report = {}
+    compose = None
+    if args.no_stop:
+        log.line("Services: left running (--no-stop)")
+    else:
+        compose = lib.open_compose(stack, log)
+    error = None
+    try:
+        with lib.services_stopped(compose, log, report):
+            make_backup(stack, plan, items, args, owner, log, result)
+    except OSError as e:
+        if lib.is_disk_full(e):
+            error = lib.UserError("disk full while writing the backup; earlier backups are "
+                                  "untouched (%s)" % e.strerror)
+        else:
+            error = lib.UserError("backup failed: %s" % e)
+    except lib.UserError as e:
+        error = e
+    except (lib.Interrupted, KeyboardInterrupt) as e:
+        log.line("Interrupted (%s): no new archive was written" % (e or "Ctrl-C"))
+        finish_log(stack, log, plan, items, result, report, started)
+        raise
+
+    if error is None:
+        status = lib.run_hook(stack, "post_backup.sh", log)
+        if status:
+            error = lib.UserError("post_backup.sh failed with status %d (the backup itself is "
+                                  "complete)" % status)
+    finish_log(stack, log, plan, items, result, report, started)
+    if error is not None:
+        log.line("ERROR: %s" % error)
+        if report.get("restart_error"):
+            lib.say_error(PROG, "services could not be started again: %s"
+                          % report["restart_error"])
+        raise error
+    if report.get("restart_error"):
+        raise lib.UserError("backup complete, but services could not be started again: %s"
+                            % report["restart_error"])
+    print_summary(stack, plan, result, report)
+    warnings = result["stats"].warnings + report.get("warnings", [])
+    return lib.EXIT_WARNINGS if warnings else lib.EXIT_OK
+
+
+def finish_log(stack, log, plan, items, result, report, started):
+    stats = result.get("stats")
+    if "rolling_overwritten" in result:
+        log.field("Rolling Overwritten", result["rolling_overwritten"])
+    if "size" in result:
+        log.field("Backup Size (bytes)", result["size"])
+    if stats is not None:
+        log.field("Members", stats.members)
+        log.field("Data Size (bytes)", stats.bytes)
+    log.field("Services Stopped", ", ".join(report.get("stopped", [])) or "none")
+    log.field("Services Started", ", ".join(report.get("started", [])) or "none")
+    log.field("Duration (s)", "%.1f" % (time.monotonic() - started))
+    log.field("Finished At", lib.now_local().isoformat(timespec="seconds"))
+    log.line("Items backed up:")
+    for item in items:
+        log.line("./%s" % item)
+    log.line("Items Excluded:")
+    for rel in (stats.excluded if stats else []):
+        log.line("./%s" % rel)
+    for note in (stats.notes if stats else []):
+        log.line("Note: %s" % note)
+    for warning in (stats.warnings if stats else []) + report.get("warnings", []):
+        log.line("Warning: %s" % warning)
+
+
+def print_summary(stack, plan, result, report):
+    stats = result["stats"]
+    verified = "verified" if result.get("verified") else "not verified"
+    lines = ["Backup complete: %s (%s, %d items, %s)" % (
+        relative(stack, plan.targets[0]), lib.human_size(result["size"]), stats.members, verified)]
+    if plan.dated and plan.rolling:
+        lines.append("Rolling copy: %s" % relative(stack, plan.rolling))
+    if report.get("stopped"):
+        lines.append("Services stopped and started again: %s" % ", ".join(report["stopped"]))
+    for warning in stats.warnings + report.get("warnings", []):
+        lines.append("Warning: %s" % warning)
+    lines.append("Log: %s" % relative(stack, plan.log))
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stack = lib.locate_stack(args.dir, __file__)
+        if args.dry_run:
+            return dry_run(stack, args)
+        owner, how = lib.choose_owner(args.user, stack, ask)
+        with lib.signals_raise():
+            return run_backup(stack, args, owner, how)
+    except lib.UserError as e:
+        lib.say_error(PROG, str(e))
+        return e.code
+    except lib.Interrupted as e:
+        lib.say_error(PROG, "interrupted by %s; no new backup was written" % e)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        lib.say_error(PROG, "interrupted; no new backup was written")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
