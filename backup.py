@@ -285,6 +285,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     if plan.rolling:
         log.field("Rolling File", relative(stack, plan.rolling))
     remove_stale_partials(os.path.join(stack, "backups"), log)
+    lib.restart_left_stopped(stack, log, sys.stdout)
     items, missing = lib.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
     for item in missing:
         log.line("Note: ./%s is missing; backing up the rest" % item)
@@ -301,7 +302,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
         compose = lib.open_compose(stack, log)
     error = None
     try:
-        with lib.services_stopped(compose, log, report):
+        with lib.services_stopped(compose, log, report, stack):
             make_backup(stack, plan, items, args, owner, log, result)
     except OSError as e:
         if lib.is_disk_full(e):
@@ -378,7 +379,7 @@ def print_summary(stack, plan, result, report):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         stack = lib.locate_stack(args.dir, __file__)
         if args.dry_run:

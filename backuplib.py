@@ -16,6 +16,7 @@ import datetime
 import errno
 import fcntl
 import fnmatch
+import json
 import os
 import pwd
 import shutil
@@ -44,6 +45,7 @@ ITEM_NAMES = tuple(item.rstrip("/") for item in MANIFEST_ITEMS)
 
 LOCK_NAME = ".tmp/iotstack-backup.lock"
 JOURNAL_NAME = ".tmp/restore-journal.json"
+STOPPED_MARKER = ".tmp/iotstack-stopped-services.json"
 PARTIAL_SUFFIX = ".partial"
 ARCHIVE_MODE = 0o640  # archives hold secrets (.env, password files)
 
@@ -860,11 +862,52 @@ def open_compose(stack, log):
         return None
 
 
+def write_json_atomically(path, data):
+    temp = path + ".new"
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def restart_left_stopped(stack, log, out=None):
+    """Start the services that a killed run stopped and could not restart.
+
+    The marker is written before `stop` and removed after `start`, so only a
+    run that died in between (kill -9, power cut) leaves it behind.
+    """
+    marker = os.path.join(stack, STOPPED_MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            services = json.load(f)["services"]
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError):
+        services = []
+    if services:
+        compose = open_compose(stack, log)
+        try:
+            if compose is None:
+                raise StackUnavailable("docker cannot be used")
+            compose.start(services)
+            message = "Started %s again: an interrupted run had stopped them" % ", ".join(services)
+        except StackUnavailable as e:
+            message = ("Warning: an interrupted run left %s stopped and they could not be "
+                       "started: %s" % (", ".join(services), e))
+        log.line(message)
+        if out is not None:
+            out.write(message + "\n")
+    os.unlink(marker)
+
+
 @contextlib.contextmanager
-def services_stopped(compose, log, report):
+def services_stopped(compose, log, report, stack=None):
     """Stop the running services; start exactly those again on the way out,
     whatever happens inside (errors, Ctrl-C, SIGTERM).  report is a dict that
-    receives 'stopped', 'started' and 'restart_error'."""
+    receives 'stopped', 'started' and 'restart_error'.  With stack given, a
+    marker in .tmp/ lets the next run restart them after a kill -9."""
     report.setdefault("stopped", [])
     report.setdefault("started", [])
     if compose is None:
@@ -878,8 +921,11 @@ def services_stopped(compose, log, report):
         return
     log.line("Services running: %s" % (", ".join(running) or "none"))
     stopped = []
+    marker = os.path.join(stack, STOPPED_MARKER) if stack else None
     try:
         if running:
+            if marker:
+                write_json_atomically(marker, {"services": running})
             try:
                 compose.stop(running)
                 stopped = running
@@ -897,6 +943,8 @@ def services_stopped(compose, log, report):
                 compose.start(stopped)
                 report["started"] = stopped
                 log.line("Services started again: %s" % ", ".join(stopped))
+                if marker:
+                    os.unlink(marker)
             except StackUnavailable as e:
                 report["restart_error"] = str(e)
                 log.line("ERROR: services could not be started again (%s): %s"

@@ -324,14 +324,7 @@ def journal_path(stack):
 
 
 def write_journal(stack, journal):
-    path = journal_path(stack)
-    temp = path + ".new"
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(journal, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(temp, path)
-    lib.fsync_dir(os.path.dirname(path))
+    lib.write_json_atomically(journal_path(stack), journal)
 
 
 def read_journal(stack):
@@ -411,7 +404,6 @@ def recover(stack, log, out):
                        "before it" % journal["archive"])
         log.line(message)
         out.write(message + "\n")
-        restart_after_recovery(stack, journal, log, out)
     for name in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
         rel = ".tmp/" + name
         if name.startswith(STAGING_PREFIX) and rel not in with_journal:
@@ -424,6 +416,7 @@ def recover(stack, log, out):
             remove_empty_tree(os.path.join(tmp, name))
     if os.path.exists(journal_path(stack) + ".new"):
         os.unlink(journal_path(stack) + ".new")
+    lib.restart_left_stopped(stack, log, out)
     return journal is not None
 
 
@@ -434,21 +427,6 @@ def remove_empty_tree(path):
                 os.rmdir(folder)
             except OSError:
                 pass
-
-
-def restart_after_recovery(stack, journal, log, out):
-    services = journal.get("stopped") or []
-    if not services:
-        return
-    compose = lib.open_compose(stack, log)
-    if compose is None:
-        return
-    try:
-        compose.start(services)
-        log.line("Services started again: %s" % ", ".join(services))
-    except lib.StackUnavailable as e:
-        out.write("Warning: could not start %s again: %s\n" % (", ".join(services), e))
-        log.line("Warning: could not start services again: %s" % e)
 
 
 # ---------------------------------------------------------------------------
@@ -487,7 +465,7 @@ def check_units(stack, units):
                 raise lib.UserError("cannot restore %s: %s is not a directory" % (unit, ancestor))
 
 
-def prepare_journal(stack, archive, units, staging_rel, aside_rel, stopped, keep_old):
+def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old):
     aside = os.path.join(stack, aside_rel)
     created = []
     for unit in units:
@@ -498,7 +476,7 @@ def prepare_journal(stack, archive, units, staging_rel, aside_rel, stopped, keep
     os.makedirs(aside, exist_ok=True)
     return {"version": 1, "state": "swapping", "archive": archive, "staging": staging_rel,
             "aside": aside_rel, "units": units, "created_parents": created,
-            "stopped": stopped, "keep_old": keep_old}
+            "keep_old": keep_old}
 
 
 def compose_changed(stack, aside_rel):
@@ -602,12 +580,12 @@ def restore_with_log(stack, archive, args, log, out):
     compose = None if args.no_stop else lib.open_compose(stack, log)
     report = {}
     hook_status = None
-    with lib.services_stopped(compose, log, report):
+    with lib.services_stopped(compose, log, report, stack):
         if args.in_place:
             replace_in_place(stack, archive, args.only, units, as_root, log)
         else:
             journal = prepare_journal(stack, archive, units, staging_rel, aside_rel,
-                                      report.get("stopped", []), args.keep_old)
+                                      args.keep_old)
             try:
                 swap_in(stack, journal)
             except BaseException:
@@ -710,7 +688,7 @@ def dry_run(stack, archive, args, out):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     out = sys.stdout
     try:
         if args.verify:

@@ -1,0 +1,245 @@
+"""Table tests for the pure decisions of backuplib, backup.py and restore.py."""
+import datetime
+import io
+import os
+import subprocess
+import tarfile
+import tempfile
+import unittest
+
+import backup
+import backuplib as lib
+import restore
+
+
+def member(name, kind="file", linkname=""):
+    m = lib.TarMember()
+    m.name, m.type, m.linkname = name, kind, linkname
+    m.mode, m.uid, m.gid, m.size, m.mtime = 0o644, 0, 0, 0, 0
+    return m
+
+
+class NamesTest(unittest.TestCase):
+    def test_rolling_weekday_is_sunday_zero(self):
+        # 2026-11-22 is a Sunday.
+        for day, expected in [(22, 0), (23, 1), (24, 2), (25, 3), (26, 4), (27, 5), (28, 6)]:
+            now = datetime.datetime(2026, 11, day, 2, 0)
+            self.assertEqual(lib.rolling_weekday(now), expected)
+
+    def test_archive_stamp(self):
+        self.assertEqual(lib.archive_stamp(datetime.datetime(2026, 1, 2, 3, 4)), "2026-01-02_0304")
+
+    def test_first_free_stem(self):
+        table = [
+            (set(), "b"),
+            ({"b"}, "b-2"),
+            ({"b", "b-2"}, "b-3"),
+            ({"b-2"}, "b"),
+        ]
+        for taken, expected in table:
+            self.assertEqual(lib.first_free_stem("b", taken.__contains__), expected)
+
+    def test_plan_backup(self):
+        now = datetime.datetime(2026, 11, 26, 2, 0)
+        existing = {"/s/backups/backup/backup_2026-11-26_0200.tar.gz"}
+        plan = backup.plan_backup(3, now, "/s/backups", existing.__contains__)
+        self.assertEqual(plan.dated, "/s/backups/backup/backup_2026-11-26_0200-2.tar.gz")
+        self.assertEqual(plan.rolling, "/s/backups/rolling/backup_4.tar.gz")
+        self.assertEqual(plan.log, "/s/backups/logs/backup_2026-11-26_0200-2.log")
+        only_rolling = backup.plan_backup(2, now, "/s/backups", set().__contains__)
+        self.assertIsNone(only_rolling.dated)
+        self.assertEqual(only_rolling.targets, ["/s/backups/rolling/backup_4.tar.gz"])
+        # A log left by a failed run also takes the name.
+        logs = {"/s/backups/logs/backup_2026-11-26_0200.log"}
+        self.assertTrue(backup.plan_backup(1, now, "/s/backups", logs.__contains__)
+                        .dated.endswith("0200-2.tar.gz"))
+
+    def test_partial_names_never_look_like_backups(self):
+        temp = lib.partial_path("/s/backups/rolling/backup_4.tar.gz")
+        name = os.path.basename(temp)
+        self.assertTrue(name.startswith("."))
+        self.assertTrue(name.endswith(".partial"))
+        self.assertFalse(name.endswith(".tar.gz"))
+        self.assertTrue(lib.is_partial_name(name))
+        self.assertFalse(lib.is_partial_name("backup_4.tar.gz"))
+
+    def test_backup_type_argument(self):
+        for text in ("0", "4", "x", "", "33"):
+            with self.assertRaisesRegex(Exception, "1, 2 or 3"):
+                backup.backup_type(text)
+        self.assertEqual([backup.backup_type(t) for t in "123"], [1, 2, 3])
+
+
+class ManifestTest(unittest.TestCase):
+    def test_manifest_items(self):
+        table = [
+            ({"services", "volumes"}, ["services/", "volumes/"], []),
+            ({"volumes", "docker-compose.yml", "docker-compose.override.yml"},
+             ["volumes/", "docker-compose.yml", "docker-compose.override.yml"], ["services/"]),
+            ({"services", "volumes", "extra", ".tmp/databases_backup", "post_restore.sh", ".env"},
+             ["services/", "volumes/", ".env", "extra/", ".tmp/databases_backup/",
+              "post_restore.sh"], []),
+            (set(), [], ["services/", "volumes/"]),
+        ]
+        for present, items, missing in table:
+            self.assertEqual(lib.manifest_items(present.__contains__), (items, missing), present)
+
+    def test_manifest_never_holds_backups_or_tmp(self):
+        everything = {"backups", ".tmp", "menu.sh", "services", "volumes"}
+        items, _ = lib.manifest_items(everything.__contains__)
+        self.assertEqual(items, ["services/", "volumes/"])
+
+    def test_is_excluded(self):
+        table = [
+            ("volumes/influxdb/data/x.tsm", ["*.tsm"], True),
+            ("volumes/influxdb/data/x.tsm", ["volumes/influxdb/*"], True),
+            ("volumes/influxdb/", ["volumes/influxdb"], True),
+            ("volumes/influxdb/", ["influxdb/"], True),
+            ("volumes/influxdb", ["influxdb/"], False),  # a file, pattern wants a dir
+            ("volumes/nodered/data", ["volumes/influxdb"], False),
+            ("volumes/a/log.txt", ["*.log"], False),
+            ("volumes/a/b.log", ["./volumes/a/*"], True),
+            ("volumes/a/b.log", [], False),
+        ]
+        for rel, patterns, expected in table:
+            self.assertEqual(lib.is_excluded(rel, patterns), expected, (rel, patterns))
+
+    def test_item_of(self):
+        table = [
+            ("volumes/a/b", "volumes"), ("volumes", "volumes"), ("volumesX", None),
+            (".tmp/databases_backup/x.sql", ".tmp/databases_backup"), (".tmp/other", None),
+            ("docker-compose.yml", "docker-compose.yml"), ("menu.sh", None),
+            ("backups/backup/x.tar.gz", None), ("backup.ini", "backup.ini"),
+        ]
+        for path, item in table:
+            self.assertEqual(lib.item_of(path), item, path)
+
+
+class TarFormatTest(unittest.TestCase):
+    def read_back(self, data):
+        with tarfile.open(fileobj=io.BytesIO(data + bytes(1024)), mode="r:") as tf:
+            return tf.getmembers()
+
+    def test_header_is_read_by_tarfile_and_our_reader(self):
+        long_dir = "volumes/" + "d" * 90 + "/" + "e" * 90
+        table = [
+            (b"volumes/a.txt", lib.TYPE_FILE, 0o4755, 1000, 472, 5, 1_700_000_000, b""),
+            (long_dir.encode() + b"/f.txt", lib.TYPE_FILE, 0o644, 0, 0, 0, 1, b""),
+            (b"v/" + b"x" * 300, lib.TYPE_FILE, 0o600, 3_000_000, 4_000_000, 0, 0, b""),
+            (b"v/link", lib.TYPE_SYMLINK, 0o777, 1, 2, 0, 5, b"/" + b"t" * 150),
+            ("v/ünï cödé".encode(), lib.TYPE_DIR, 0o1777, 0, 0, 0, 7, b""),
+            (b"v/old", lib.TYPE_FILE, 0o644, 0, 0, 0, -86400, b""),
+        ]
+        for name, kind, mode, uid, gid, size, mtime, link in table:
+            data = lib.tar_header(name, kind, mode, uid, gid, size, mtime, link)
+            data += b"a" * size + bytes(-size % 512)
+            self.assertEqual(len(data) % 512, 0)
+            (info,) = self.read_back(data)
+            self.assertEqual(info.name, name.decode().rstrip("/"))
+            self.assertEqual((info.mode, info.uid, info.gid, info.size, int(info.mtime)),
+                             (mode, uid, gid, size, mtime))
+            self.assertEqual((info.uname, info.gname), ("", ""))
+            self.assertEqual(info.linkname, link.decode())
+            (ours,) = list(lib.TarReader([data, bytes(1024)]))
+            self.assertEqual((ours.name, ours.mode, ours.uid, ours.gid, ours.size, ours.mtime,
+                              ours.linkname), (name.decode(), mode, uid, gid, size, mtime,
+                                               link.decode()))
+
+    def test_gnu_tar_reads_long_names(self):
+        name = ("volumes/" + "n" * 120 + "/" + "m" * 140).encode()
+        data = lib.tar_header(name, lib.TYPE_FILE, 0o640, 1883, 1883, 3, 0) + b"abc" + bytes(509)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "a.tar")
+            with open(path, "wb") as f:
+                f.write(data + bytes(1024))
+            listing = subprocess.run(["tar", "-tvf", path, "--numeric-owner"],
+                                     stdout=subprocess.PIPE, check=True).stdout.decode()
+        self.assertIn("1883/1883", listing)
+        self.assertIn(name.decode(), listing)
+
+    def test_split_ustar_name(self):
+        self.assertEqual(lib.split_ustar_name(b"a/b"), (b"", b"a/b"))
+        prefix, rest = lib.split_ustar_name(b"p" * 150 + b"/" + b"n" * 99)
+        self.assertEqual((len(prefix), len(rest)), (150, 99))
+        self.assertIsNone(lib.split_ustar_name(b"x" * 101))
+        self.assertIsNone(lib.split_ustar_name(b"p" * 156 + b"/n"))
+
+    def test_pax_record_length_counts_itself(self):
+        for value in (b"", b"x" * 5, b"x" * 93, b"x" * 994, b"x" * 9995):
+            record = lib.pax_record(b"path", value)
+            self.assertEqual(int(record.split(b" ", 1)[0]), len(record))
+
+    def test_parse_number(self):
+        table = [(b"0000644\0", 0o644), (b"       \0", 0), (b"\0" * 8, 0),
+                 (b"\x80" + bytes(6) + b"\x10", 16), (b"  17 \0", 0o17)]
+        for field, value in table:
+            self.assertEqual(lib.parse_number(field), value)
+        with self.assertRaises(lib.ArchiveError):
+            lib.parse_number(b"12x\0")
+
+    def test_reader_refuses_damaged_headers(self):
+        good = lib.tar_header(b"a", lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
+        flipped = bytearray(good)
+        flipped[10] ^= 0x01
+        with self.assertRaisesRegex(lib.ArchiveError, "corrupt tar header"):
+            list(lib.TarReader([bytes(flipped)]))
+        with self.assertRaisesRegex(lib.ArchiveError, "truncated"):
+            list(lib.TarReader([good[:300]]))
+        data_member = lib.tar_header(b"a", lib.TYPE_FILE, 0o644, 0, 0, 1000, 0) + b"x" * 600
+        with self.assertRaisesRegex(lib.ArchiveError, "truncated"):
+            list(lib.TarReader([data_member]))
+        odd = bytearray(lib.tar_header(b"a", b"S", 0o644, 0, 0, 0, 0))
+        with self.assertRaisesRegex(lib.ArchiveError, "unsupported"):
+            list(lib.TarReader([bytes(odd)]))
+
+
+class MemberPolicyTest(unittest.TestCase):
+    def test_normalize_member_name(self):
+        ok = [("./volumes/a", "volumes/a"), ("volumes//a/./b/", "volumes/a/b"), ("./", ""),
+              ("services", "services")]
+        for name, rel in ok:
+            self.assertEqual(restore.normalize_member_name(name), rel)
+        for bad in ("/etc/passwd", "../x", "volumes/../../x", "a/..", "", "a\0b"):
+            with self.assertRaises(lib.ArchiveError, msg=bad):
+                restore.normalize_member_name(bad)
+
+    def test_policy(self):
+        def run(members):
+            policy = restore.MemberPolicy()
+            return [policy.check(m) for m in members]
+
+        self.assertEqual(run([member("volumes/l", "symlink", "/etc"), member("volumes/m")]),
+                         ["volumes/l", "volumes/m"])
+        refused = [
+            [member("volumes/l", "symlink", "/etc"), member("volumes/l/passwd")],
+            [member("volumes/l", "symlink", "x"), member("volumes/x", "symlink", "/"),
+             member("volumes/l/y/z")],
+            [member("volumes/h", "hardlink", "/etc/passwd")],
+            [member("volumes/h", "hardlink", "volumes/later"), member("volumes/later")],
+            [member("volumes/l", "symlink", "f"), member("volumes/h", "hardlink", "volumes/l")],
+            [member("./", "file")],
+        ]
+        for members in refused:
+            with self.assertRaises(lib.ArchiveError, msg=[m.name for m in members]):
+                run(members)
+        self.assertEqual(run([member("volumes/f"), member("volumes/h", "hardlink",
+                                                           "./volumes/f")]),
+                         ["volumes/f", "volumes/h"])
+
+    def test_restorable_and_units(self):
+        self.assertTrue(restore.restorable("volumes/a", []))
+        self.assertFalse(restore.restorable("menu.sh", []))
+        self.assertFalse(restore.restorable("backups/x", []))
+        self.assertTrue(restore.restorable("volumes/a/b", ["volumes/a"]))
+        self.assertFalse(restore.restorable("volumes/ab", ["volumes/a"]))
+        self.assertFalse(restore.restorable("volumes", ["volumes/a"]))
+        self.assertEqual(restore.replaced_units({"volumes", "services"}, []),
+                         ["services", "volumes"])
+        self.assertEqual(restore.replaced_units({"volumes"}, ["volumes/b", "volumes/a"]),
+                         ["volumes/a", "volumes/b"])
+        self.assertEqual(restore.staging_ancestors("volumes/a/b"), ["volumes", "volumes/a"])
+        self.assertEqual(restore.staging_ancestors("volumes"), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
