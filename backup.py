@@ -11,11 +11,14 @@ resumed with `start` (never `down`/`up`), exactly those that were running,
 also after errors, Ctrl-C and SIGTERM.
 """
 import argparse
+import configparser
 import errno
 import os
 import shutil
+import socket
 import sys
 import time
+import urllib.request
 
 import backuplib as lib
 
@@ -42,19 +45,148 @@ def backup_type(text):
     return int(text)
 
 
-def jobs_count(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("--jobs must be at least 1")
+def whole_number(text, least, most=None):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least or (most is not None and value > most):
+        bound = "from %d to %d" % (least, most) if most is not None else "of at least %d" % least
+        raise argparse.ArgumentTypeError("%r is not a whole number %s" % (text, bound))
     return value
+
+
+def jobs_count(text):
+    return whole_number(text, 1)
+
+
+def keep_count(text):
+    return whole_number(text, 1)
+
+
+def gzip_level(text):
+    return whole_number(text, 0, 9)
+
+
+def destination(text):
+    import offsite
+    try:
+        return offsite.parse_destination(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def notify_url(text):
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError("%r is not an http:// or https:// URL" % text)
+    return text
+
+
+def boolean(text):
+    value = {"yes": True, "true": True, "on": True, "1": True,
+             "no": False, "false": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError("%r is not yes or no" % text)
+    return value
+
+
+# Keys of backup.ini: the long options' names without dashes.  Each is
+# (attribute, parse one value, repeatable, default).
+SETTINGS = {
+    "type": ("type", backup_type, False, 3),
+    "user": ("user", str, False, None),
+    "exclude": ("exclude", str, True, []),
+    "no-stop": ("no_stop", boolean, False, False),
+    "no-verify": ("no_verify", boolean, False, False),
+    "keep": ("keep", keep_count, False, None),
+    "copy-to": ("copy_to", destination, True, []),
+    "notify-url": ("notify_url", notify_url, False, None),
+    "level": ("level", gzip_level, False, 6),
+    "jobs": ("jobs", jobs_count, False, os.cpu_count() or 1),
+}
+CONFIG_NAME = "backup.ini"
+
+
+def parse_config(text, path):
+    """{key: value} from backup.ini's text; UserError naming key and file."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise lib.UserError("%s: %s" % (path, " ".join(str(e).split())), lib.EXIT_USAGE) from None
+    values = {}
+    for section in parser.sections():
+        if section != "backup":
+            raise lib.UserError("%s: unknown section [%s]; only [backup] is read"
+                                % (path, section), lib.EXIT_USAGE)
+    if not parser.has_section("backup"):
+        return values
+    for key, raw in parser.items("backup"):
+        if key not in SETTINGS:
+            raise lib.UserError("%s: unknown key %r in [backup] (known: %s)"
+                                % (path, key, ", ".join(sorted(SETTINGS))), lib.EXIT_USAGE)
+        _attr, parse, repeatable, _default = SETTINGS[key]
+        lines = [line.strip() for line in raw.splitlines() if line.strip()]
+        if not repeatable and len(lines) != 1:
+            raise lib.UserError("%s: key %r takes one value" % (path, key), lib.EXIT_USAGE)
+        try:
+            parsed = [parse(line) for line in lines]
+        except argparse.ArgumentTypeError as e:
+            raise lib.UserError("%s: bad value for %r: %s" % (path, key, e), lib.EXIT_USAGE) \
+                from None
+        values[key] = parsed if repeatable else parsed[0]
+    return values
+
+
+def merge_settings(args, config):
+    """Apply the settings in force to args; return {key: source}.  The
+    command line wins over backup.ini, which wins over the defaults."""
+    sources = {}
+    for key, (attr, _parse, _repeatable, default) in SETTINGS.items():
+        given = getattr(args, attr)
+        if given is not None:
+            sources[key] = "command line"
+        elif key in config:
+            setattr(args, attr, config[key])
+            sources[key] = CONFIG_NAME
+        else:
+            setattr(args, attr, default)
+            sources[key] = "default"
+    return sources
+
+
+def load_settings(stack, args):
+    path = os.path.join(stack, CONFIG_NAME)
+    config = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise lib.UserError("%s: cannot read it: %s" % (path, e), lib.EXIT_USAGE) from None
+        config = parse_config(text, path)
+    return merge_settings(args, config)
+
+
+def print_config(args, sources, out):
+    for key, (attr, _parse, repeatable, _default) in SETTINGS.items():
+        value = getattr(args, attr)
+        if repeatable:
+            shown = ", ".join(str(v) for v in value) or "(none)"
+        else:
+            shown = "(none)" if value is None else str(value).lower() if isinstance(value, bool) \
+                else str(value)
+        out.write("%-10s = %-40s (%s)\n" % (key, shown, sources[key]))
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Back up the IOTstack directory (compose files, services/, volumes/, "
-                    "hooks) to a .tar.gz, the way scripts/backup.sh did, but safely.")
-    p.add_argument("type", nargs="?", type=backup_type, default=3, metavar="TYPE",
+                    "hooks) to a .tar.gz, the way scripts/backup.sh did, but safely.  Every "
+                    "option except --dir, --dry-run and --print-config can also be set in "
+                    "backup.ini (see the README); the command line wins.")
+    p.add_argument("type", nargs="?", type=backup_type, metavar="TYPE",
                    help="1 = dated backups/backup/backup_YYYY-MM-DD_HHMM.tar.gz, "
                         "2 = rolling backups/rolling/backup_N.tar.gz (N = weekday, "
                         "Sunday 0), 3 = both (default)")
@@ -65,19 +197,30 @@ def build_parser():
     p.add_argument("--dir", metavar="DIR",
                    help="the IOTstack directory (default: $IOTSTACK, else the current "
                         "directory, else the one holding backup.py)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="leave out paths matching PATTERN (shell glob on the path "
                         "relative to IOTstack, or on a file name); repeatable")
-    p.add_argument("--no-stop", action="store_true",
+    p.add_argument("--no-stop", action="store_true", default=None,
                    help="leave the stack running (for pre_backup.sh that dumps databases)")
-    p.add_argument("--no-verify", action="store_true",
+    p.add_argument("--no-verify", action="store_true", default=None,
                    help="skip reading the archive back after writing it")
+    p.add_argument("--keep", type=keep_count, metavar="N",
+                   help="keep the newest N dated backups (and their logs), here and at "
+                        "rclone and rsync copies; default: keep all")
+    p.add_argument("--copy-to", action="append", type=destination, metavar="METHOD:TARGET",
+                   help="after a verified backup, copy it to rclone:REMOTE:PATH, "
+                        "rsync:[USER@HOST:]PATH or scp:USER@HOST:PATH, under a folder "
+                        "named after this host; repeatable")
+    p.add_argument("--notify-url", type=notify_url, metavar="URL",
+                   help="after each run, GET URL (URL/fail when the run failed)")
+    p.add_argument("--level", type=gzip_level, metavar="0-9",
+                   help="gzip compression level (default 6)")
+    p.add_argument("--jobs", type=jobs_count, metavar="N",
+                   help="compression threads (default: all cores)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be saved, written and stopped; write nothing")
-    p.add_argument("--level", type=int, default=6, choices=range(10), metavar="0-9",
-                   help="gzip compression level (default 6)")
-    p.add_argument("--jobs", type=jobs_count, default=os.cpu_count() or 1, metavar="N",
-                   help="compression threads (default: all cores, %(default)s here)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the settings in force and where each came from")
     return p
 
 
@@ -199,6 +342,7 @@ def make_backup(stack, plan, items, args, owner, log, result):
             os.rename(temp, final)
             lib.fsync_dir(os.path.dirname(final))
         temps = []
+        result["published"] = True
     finally:
         for temp in temps:
             try:
@@ -248,11 +392,17 @@ def dry_run(stack, args):
             out.write("  ./%s\n" % rel)
     for note in notes:
         out.write("Note: %s\n" % note)
+    folder = os.path.join(backups, "backup")
+    if args.keep and os.path.isdir(folder):
+        for name in lib.dated_backups_to_remove(os.listdir(folder), args.keep - 1):
+            out.write("Would remove (--keep %d): backup/%s\n" % (args.keep, name))
+    for dest in args.copy_to:
+        out.write("Would copy to: %s under %s/\n" % (dest, host_folder()))
     out.write("Dry run: nothing was written.\n")
     return lib.EXIT_OK
 
 
-def run_backup(stack, args, owner, owner_how):
+def run_backup(stack, args, owner, owner_how, outcome):
     started = time.monotonic()
     backups = os.path.join(stack, "backups")
     with lib.stack_lock(stack, owner):
@@ -266,7 +416,13 @@ def run_backup(stack, args, owner, owner_how):
         log = lib.RunLog(plan.log)
         lib.chown_to(plan.log, owner)
         try:
-            return backup_with_log(stack, args, owner, owner_how, plan, log, now, started)
+            try:
+                code = backup_with_log(stack, args, owner, owner_how, plan, log, now, started)
+            except BaseException:
+                notify_once(args, outcome, ok=False, log=log)
+                raise
+            notify_once(args, outcome, ok=code in (lib.EXIT_OK, lib.EXIT_WARNINGS), log=log)
+            return code
         finally:
             log.close()
 
@@ -322,6 +478,12 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
         if status:
             error = lib.UserError("post_backup.sh failed with status %d (the backup itself is "
                                   "complete)" % status)
+    if result.get("published"):
+        # Only a complete, verified archive makes older ones expendable.
+        remove_old_backups(os.path.join(stack, "backups"), plan, args.keep, log)
+        failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log)
+        if failures and error is None:
+            error = lib.UserError("%s; the local backup is kept" % "; ".join(failures))
     finish_log(stack, log, plan, items, result, report, started)
     if error is not None:
         log.line("ERROR: %s" % error)
@@ -335,6 +497,51 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     print_summary(stack, plan, result, report)
     warnings = result["stats"].warnings + report.get("warnings", [])
     return lib.EXIT_WARNINGS if warnings else lib.EXIT_OK
+
+
+def remove_old_backups(backups, plan, keep, log):
+    folder = os.path.join(backups, "backup")
+    just_written = os.path.basename(plan.dated) if plan.dated else None
+    for name in lib.dated_backups_to_remove(os.listdir(folder), keep, just_written):
+        os.unlink(os.path.join(folder, name))
+        old_log = lib.log_path(backups, name[:-len(".tar.gz")])
+        if os.path.exists(old_log):
+            os.unlink(old_log)
+        log.line("Removed old backup (--keep %d): backup/%s" % (keep, name))
+
+
+def host_folder():
+    """The per-host folder at a destination, so that several Pis can share it."""
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def copy_offsite(backups, plan, args, log):
+    """Copy the new archive(s) to every destination; a list of failures."""
+    if not args.copy_to:
+        return []
+    import offsite
+    host = host_folder()
+    failures = []
+    for dest in args.copy_to:
+        try:
+            for path in plan.targets:
+                rel = os.path.relpath(path, backups)
+                checked = offsite.upload(dest, path, rel, host)
+                log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
+            if args.keep and dest.method in ("rclone", "rsync"):
+                names = [rel.split("/", 1)[1] for rel, _size, _mtime
+                         in offsite.list_backups(dest, host) if rel.startswith("backup/")]
+                just_written = os.path.basename(plan.dated) if plan.dated else None
+                doomed = lib.dated_backups_to_remove(names, args.keep, just_written)
+                if doomed:
+                    offsite.delete(dest, host, ["backup/" + name for name in doomed])
+                    for name in doomed:
+                        log.line("Removed old backup at %s (--keep %d): backup/%s"
+                                 % (dest, args.keep, name))
+        except offsite.CopyError as e:
+            failures.append("copy to %s failed: %s" % (dest, e))
+            log.line("ERROR: copy to %s failed: %s" % (dest, e))
+    return failures
 
 
 def finish_log(stack, log, plan, items, result, report, started):
@@ -380,13 +587,24 @@ def print_summary(stack, plan, result, report):
 
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    outcome = {}
     try:
         stack = lib.locate_stack(args.dir, __file__)
+        sources = load_settings(stack, args)
+        if args.print_config:
+            print_config(args, sources, sys.stdout)
+            return lib.EXIT_OK
         if args.dry_run:
             return dry_run(stack, args)
-        owner, how = lib.choose_owner(args.user, stack, ask)
-        with lib.signals_raise():
-            return run_backup(stack, args, owner, how)
+        try:
+            owner, how = lib.choose_owner(args.user, stack, ask)
+            with lib.signals_raise():
+                code = run_backup(stack, args, owner, how, outcome)
+        except BaseException:
+            notify_once(args, outcome, ok=False)
+            raise
+        notify_once(args, outcome, ok=code in (lib.EXIT_OK, lib.EXIT_WARNINGS))
+        return code
     except lib.UserError as e:
         lib.say_error(PROG, str(e))
         return e.code
@@ -396,6 +614,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         lib.say_error(PROG, "interrupted; no new backup was written")
         return 130
+
+
+def notify_once(args, outcome, ok, log=None):
+    """GET the notify URL (URL/fail on failure); a failure here is logged,
+    never fatal.  Done inside the run when its log is open, else here."""
+    if not getattr(args, "notify_url", None) or outcome.get("notified"):
+        return
+    outcome["notified"] = True
+    url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
+    try:
+        with urllib.request.urlopen(url, timeout=15) as response:
+            message = "Notified %s: HTTP %d" % (url, response.status)
+    except (OSError, ValueError) as e:
+        message = "Warning: notification to %s failed: %s" % (url, e)
+        if log is None:
+            sys.stderr.write("%s: %s\n" % (PROG, message))
+    if log is not None:
+        log.line(message)
 
 
 if __name__ == "__main__":

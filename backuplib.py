@@ -19,6 +19,7 @@ import fnmatch
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import stat
@@ -142,6 +143,27 @@ def partial_path(final):
 
 def is_partial_name(name):
     return name.startswith(".backup_") and name.endswith(PARTIAL_SUFFIX)
+
+
+DATED_NAME = re.compile(r"^backup_(\d{4}-\d{2}-\d{2}_\d{4})(?:-(\d+))?\.tar\.gz$")
+
+
+def dated_backups_to_remove(names, keep, just_written=None):
+    """The dated archives beyond the newest `keep`, by the time in their name
+    (not mtime, which a copy can change); -2, -3... of one minute are newer
+    than the plain name.  Other files are never chosen, and neither is the
+    archive just written, even if a clock set back makes it look old."""
+    if keep is None:
+        return []
+    dated = []
+    for name in names:
+        match = DATED_NAME.match(name)
+        if match and name != just_written:
+            dated.append((match.group(1), int(match.group(2) or 1), name))
+    dated.sort(reverse=True)
+    if just_written is not None and DATED_NAME.match(just_written):
+        keep -= 1
+    return [name for _stamp, _n, name in dated[max(keep, 0):]]
 
 
 # ---------------------------------------------------------------------------

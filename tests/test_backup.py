@@ -44,7 +44,8 @@ def archive_names(path):
 
 
 def read_log(stack):
-    (path,) = glob.glob(os.path.join(stack, "backups", "logs", "backup_*.log"))[-1:]
+    logs = glob.glob(os.path.join(stack, "backups", "logs", "backup_*.log"))
+    path = max(logs, key=os.path.getmtime)
     with open(path, encoding="utf-8") as f:
         return f.read()
 
