@@ -2,6 +2,7 @@
 decisions, end-to-end runs of backup.main for the rest."""
 import http.server
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -126,6 +127,54 @@ class ConfigTest(StackTestCase):
             self.assertIn(path, err, text)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
         self.assertEqual(self.archives("backup"), [])
+
+
+@unittest.skipUnless(shutil.which("rsync") and shutil.which("rclone"), "needs rsync and rclone")
+class CopyTest(StackTestCase):
+    """backup.py --copy-to end to end; offsite's own tests cover ssh."""
+
+    def setUp(self):
+        super().setUp()
+        self.dest = os.path.join(self.tmp, "usb")
+        os.mkdir(self.dest)
+        self.host_dir = os.path.join(self.dest, backup.host_folder())
+
+    def test_copies_to_two_destinations_with_retention_there(self):
+        old = os.path.join(self.host_dir, "backup")
+        os.makedirs(old)
+        for stamp in ("2026-11-20_0200", "2026-11-21_0200", "2026-11-22_0200"):
+            with open(os.path.join(old, "backup_%s.tar.gz" % stamp), "w") as f:
+                f.write("old")
+        other = os.path.join(self.tmp, "nas")
+        os.mkdir(other)
+        code, _out, err = self.backup("3", "--keep", "2", "--copy-to", "rsync:" + self.dest,
+                                      "--copy-to", "rclone::local:" + other, *USER_ARGS)
+        self.assertEqual((code, err), (0, ""))
+        with open(self.dated, "rb") as f:
+            data = f.read()
+        for root in (self.host_dir, os.path.join(other, backup.host_folder())):
+            for rel in ("backup/backup_2026-11-26_0200.tar.gz", "rolling/backup_4.tar.gz"):
+                with open(os.path.join(root, rel), "rb") as f:
+                    self.assertEqual(f.read(), data, (root, rel))
+        self.assertEqual(sorted(os.listdir(old)), ["backup_2026-11-22_0200.tar.gz",
+                                                   "backup_2026-11-26_0200.tar.gz"])
+        log = read_log(self.stack)
+        self.assertIn("Copied backup/backup_2026-11-26_0200.tar.gz to rsync:%s" % self.dest, log)
+        self.assertIn("Removed old backup at rsync:%s (--keep 2): "
+                      "backup/backup_2026-11-20_0200.tar.gz" % self.dest, log)
+
+    def test_failed_copy_fails_the_run_and_keeps_the_local_backup(self):
+        missing = os.path.join(self.tmp, "unmounted-usb")
+        code, _out, err = self.backup("1", "--copy-to", "rsync:" + self.dest,
+                                      "--copy-to", "rsync:" + missing, *USER_ARGS)
+        self.assertEqual(code, 1)
+        self.assertIn("copy to rsync:%s failed" % missing, err)
+        self.assertIn("the local backup is kept", err)
+        self.assert_verifies(self.dated)
+        self.assertTrue(os.path.exists(os.path.join(self.host_dir, "backup",
+                                                    os.path.basename(self.dated))))
+        self.assertIn("ERROR: copy to rsync:%s failed" % missing, read_log(self.stack))
+        self.assertFalse(os.path.exists(missing))  # never created: it may be a mount point
 
 
 class Recorder(http.server.BaseHTTPRequestHandler):
