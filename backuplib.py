@@ -807,11 +807,11 @@ def run_hook(stack, name, log):
     if not os.path.isfile(path):
         return None
     log.line("Running %s" % name)
-    proc = subprocess.Popen(["bash", "./" + name], cwd=stack, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for raw in proc.stdout:
-        log.line("  %s: %s" % (name, raw.decode("utf-8", "replace").rstrip("\n")))
-    status = proc.wait()
+    with subprocess.Popen(["bash", "./" + name], cwd=stack, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for raw in proc.stdout:
+            log.line("  %s: %s" % (name, raw.decode("utf-8", "replace").rstrip("\n")))
+    status = proc.returncode
     log.line("%s exited with status %d" % (name, status))
     return status
 
@@ -901,6 +901,8 @@ def restart_left_stopped(stack, log, out=None):
     run that died in between (kill -9, power cut) leaves it behind.
     """
     marker = os.path.join(stack, STOPPED_MARKER)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker + ".new")  # killed before its rename: never in force
     try:
         with open(marker, encoding="utf-8") as f:
             services = json.load(f)["services"]

@@ -12,6 +12,7 @@ renamed back, and a run killed at any point is rolled back or completed by
 the next run.  The old items are deleted only after the restore succeeded.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -195,15 +196,17 @@ def read_archive(path, only, unpack=None, progress=None):
                 if rel and lib.item_of(rel) is None and len(summary.skipped) < 1000:
                     summary.skipped.append(rel)
                 continue
+            if member.type in ("chardev", "blockdev"):
+                # Before it counts: an item that holds nothing else is not
+                # staged, so it must not be swapped in (for nothing).
+                summary.warnings.append("skipped device node %s" % rel)
+                continue
             summary.items.add(lib.item_of(rel))
             for path_ in only:
                 if rel == path_ or rel.startswith(path_ + "/"):
                     summary.found_only.add(path_)
             if member.type == "file":
                 summary.bytes += member.size
-            if member.type in ("chardev", "blockdev"):
-                summary.warnings.append("skipped device node %s" % rel)
-                continue
             if unpack is not None:
                 unpack.add(member, rel, reader)
             if progress is not None:
@@ -226,7 +229,13 @@ class Stager:
     def _prepare(self, rel):
         parent = rel.rpartition("/")[0]
         if parent not in self.made:
-            os.makedirs(os.path.join(self.root, parent), exist_ok=True)
+            try:
+                os.makedirs(os.path.join(self.root, parent), exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                # An earlier member put a file where this one needs a folder:
+                # a damaged archive, said in one line like the others.
+                raise lib.ArchiveError("member %r: %r is not a directory in this archive"
+                                       % (rel, parent)) from None
             while parent not in self.made:
                 self.made.add(parent)
                 parent = parent.rpartition("/")[0]
@@ -347,6 +356,7 @@ def swap_in(stack, journal):
         if os.path.lexists(live):
             os.rename(live, os.path.join(aside, unit))
         os.rename(os.path.join(staging, unit), live)
+    keep_parent_times(stack, journal)
     for folder in {os.path.dirname(os.path.join(stack, unit)) for unit in journal["units"]}:
         lib.fsync_dir(folder)
     journal["state"] = "committed"
@@ -372,7 +382,27 @@ def roll_back(stack, journal):
             os.rmdir(os.path.join(stack, parent))
         except OSError:
             pass
+    keep_parent_times(stack, journal)
     lib.fsync_dir(stack)
+
+
+def parent_times(stack, units):
+    """Times of the folders above --only units (volumes/ for volumes/nodered):
+    the renames and mkdirs of a swap must not change their mtime."""
+    times = {}
+    for unit in units:
+        for parent in staging_ancestors(unit):
+            path = os.path.join(stack, parent)
+            if parent != ".tmp" and os.path.isdir(path) and not os.path.islink(path):
+                st = os.stat(path)
+                times[parent] = [st.st_atime_ns, st.st_mtime_ns]
+    return times
+
+
+def keep_parent_times(stack, journal):
+    for parent, times in journal.get("parent_times", {}).items():
+        with contextlib.suppress(OSError):
+            os.utime(os.path.join(stack, parent), ns=tuple(times), follow_symlinks=False)
 
 
 def clean_up(stack, journal):
@@ -476,19 +506,16 @@ def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old):
     os.makedirs(aside, exist_ok=True)
     return {"version": 1, "state": "swapping", "archive": archive, "staging": staging_rel,
             "aside": aside_rel, "units": units, "created_parents": created,
-            "keep_old": keep_old}
+            "keep_old": keep_old, "parent_times": parent_times(stack, units)}
 
 
-def compose_changed(stack, aside_rel):
-    old = os.path.join(stack, aside_rel, "docker-compose.yml")
-    new = os.path.join(stack, "docker-compose.yml")
-    if not os.path.exists(old):
-        return False
+def compose_bytes(stack):
+    """docker-compose.yml's content, or None when there is none."""
     try:
-        with open(old, "rb") as a, open(new, "rb") as b:
-            return a.read() != b.read()
+        with open(os.path.join(stack, "docker-compose.yml"), "rb") as f:
+            return f.read()
     except OSError:
-        return True
+        return None
 
 
 def run_restore(stack, archive, args, owner):
@@ -527,7 +554,12 @@ def run_restore(stack, archive, args, owner):
 def restore_with_log(stack, archive, args, log, out):
     as_root = os.geteuid() == 0
     tmp = os.path.join(stack, ".tmp")
-    token = "%s.%d" % (lib.archive_stamp(lib.now_local()), os.getpid())
+    # A folder kept by --keep-old must never be reused: a second run in the
+    # same minute and process would rename the items over the kept ones.
+    token = lib.first_free_stem(
+        "%s.%d" % (lib.archive_stamp(lib.now_local()), os.getpid()),
+        lambda t: any(os.path.lexists(os.path.join(tmp, prefix + t))
+                      for prefix in (STAGING_PREFIX, ASIDE_PREFIX)))
     staging_rel = ".tmp/" + STAGING_PREFIX + token
     aside_rel = ".tmp/" + ASIDE_PREFIX + token
     staging = os.path.join(stack, staging_rel)
@@ -580,6 +612,7 @@ def restore_with_log(stack, archive, args, log, out):
     compose = None if args.no_stop else lib.open_compose(stack, log)
     report = {}
     hook_status = None
+    old_compose = compose_bytes(stack)  # read now: --in-place deletes it
     with lib.services_stopped(compose, log, report, stack):
         if args.in_place:
             replace_in_place(stack, archive, args.only, units, as_root, log)
@@ -593,16 +626,15 @@ def restore_with_log(stack, archive, args, log, out):
                 clean_up(stack, journal)
                 log.line("The swap failed; every item was put back as it was")
                 raise
-            changed = compose_changed(stack, aside_rel)
-            os.sync()
             clean_up(stack, journal)
-            if args.keep_old:
+            if args.keep_old and any(os.path.lexists(os.path.join(stack, aside_rel, unit))
+                                     for unit in units):
                 out.write("The replaced items are kept in %s\n" % aside_rel)
                 log.line("Replaced items kept in %s" % aside_rel)
-            if changed:
-                message = ("docker-compose.yml changed: run 'docker compose up -d' to apply it")
-                out.write(message + "\n")
-                log.line(message)
+        if old_compose is not None and compose_bytes(stack) != old_compose:
+            message = ("docker-compose.yml changed: run 'docker compose up -d' to apply it")
+            out.write(message + "\n")
+            log.line(message)
         hook_status = lib.run_hook(stack, "post_restore.sh", log)
     if report.get("restart_error"):
         raise lib.UserError("restored, but services could not be started again: %s"
