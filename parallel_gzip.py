@@ -1,0 +1,575 @@
+"""Parallel gzip compression and checked, background gzip decompression.
+
+ParallelGzipWriter compresses a stream on several threads the way pigz does:
+the input is cut into blocks, each block is deflated by its own compressor
+primed with the 32 KiB of data that precede it, and the byte-aligned results
+are concatenated into one ordinary gzip member that every gzip reader accepts.
+Blocks that look incompressible are stored instead of deflated, which saves
+the CPU time deflate would waste on them. Memory stays bounded because at most
+a fixed number of blocks is in flight, and any error (from a worker or from
+the output file, for example a full disk) reaches the caller unchanged.
+
+GzipChunkReader and iter_gunzip decompress on a background thread with a
+bounded queue and never report success for data that zlib could not verify:
+truncation, corruption (including CRC32 and length mismatches in the trailer)
+and trailing garbage each raise their own GzipError subclass.
+"""
+
+import collections
+import concurrent.futures
+import os
+import queue
+import struct
+import threading
+import zlib
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "ParallelGzipWriter",
+    "GzipError",
+    "NotGzipError",
+    "EmptyArchiveError",
+    "TruncatedGzipError",
+    "CorruptGzipError",
+    "GzipChunkReader",
+    "iter_gunzip",
+]
+
+DEFAULT_BLOCK_SIZE = 128 * 1024
+
+# Deflate can refer back at most 32 KiB, so that much history is all a block
+# needs from its predecessor for the ratio to match single-threaded gzip.
+DICTIONARY_SIZE = 32 * 1024
+
+GZIP_MAGIC = b"\x1f\x8b"
+OS_UNIX = 3
+
+# The probe looks at a few slices spread over a block; a block whose slices
+# shrink by less than this fraction at level 1 is stored rather than
+# deflated. For such data deflate gains at most a few percent, at a cost of
+# 20 times the CPU time of storing it.
+PROBE_SLICE_SIZE = 2 * 1024
+PROBE_SLICES = 3
+INCOMPRESSIBLE_RATIO = 0.98
+
+# A stored deflate block holds at most 65535 bytes (16-bit length field).
+MAX_STORED_LENGTH = 0xFFFF
+
+# Compressed input is fed to zlib in pieces of this size: with max_length
+# capping the output, zlib copies the unconsumed input on every call, so
+# small pieces keep highly compressible data from costing quadratic time.
+COMPRESSED_READ_SIZE = 64 * 1024
+
+# How often a blocked background thread looks whether it should stop.
+STOP_POLL_SECONDS = 0.05
+
+
+def default_jobs():
+    """Return the number of CPUs this process may run on."""
+    try:
+        # Unlike os.cpu_count(), this honours CPU affinity (taskset, cgroups
+        # cpusets), so a confined process does not start surplus threads.
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def gzip_header(mtime, level):
+    """Return the 10-byte header of a gzip member without optional fields."""
+    if level >= 9:
+        extra_flags = 2  # maximum compression
+    elif level < 2:
+        extra_flags = 4  # fastest compression
+    else:
+        extra_flags = 0
+    return struct.pack("<2sBBIBB", GZIP_MAGIC, zlib.DEFLATED, 0,
+                       mtime & 0xFFFFFFFF, extra_flags, OS_UNIX)
+
+
+def gzip_trailer(crc, size):
+    """Return the 8-byte trailer: CRC32 and length modulo 2**32."""
+    return struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
+def probe_sample(block):
+    """Return slices from the start, middle and end of block, joined."""
+    length = len(block)
+    if length <= PROBE_SLICE_SIZE * PROBE_SLICES:
+        return bytes(block)
+    last_start = length - PROBE_SLICE_SIZE
+    starts = [last_start * i // (PROBE_SLICES - 1) for i in range(PROBE_SLICES)]
+    return b"".join(block[s:s + PROBE_SLICE_SIZE] for s in starts)
+
+
+def looks_incompressible(block):
+    """Report whether deflating block is very likely a waste of time."""
+    sample = probe_sample(block)
+    if not sample:
+        return False
+    # zlib.compress is a single call (one GIL release) but adds a 2-byte
+    # header and a 4-byte checksum to the raw deflate data.
+    compressed_length = len(zlib.compress(sample, 1)) - 6
+    return compressed_length >= len(sample) * INCOMPRESSIBLE_RATIO
+
+
+def stored_deflate(block, last):
+    """Return block as stored (uncompressed) deflate blocks.
+
+    Every block starts on a byte boundary (the one before it ended with a
+    sync flush or was stored), so stored blocks need no padding bits and
+    are simple enough to build without zlib.
+    """
+    view = memoryview(block)
+    length = len(view)
+    pieces = []
+    start = 0
+    while True:
+        piece = view[start:start + MAX_STORED_LENGTH]
+        start += len(piece)
+        final = 1 if last and start >= length else 0
+        pieces.append(struct.pack("<BHH", final, len(piece), len(piece) ^ 0xFFFF))
+        pieces.append(piece)
+        if start >= length:
+            return b"".join(pieces)
+
+
+def compress_block(block, dictionary, level, last):
+    """Deflate one block into raw deflate data that can be concatenated.
+
+    dictionary is the uncompressed data preceding block (up to 32 KiB); the
+    decompressor has it in its window already, so matches into it are valid.
+    Deflated blocks other than the last end with a sync flush, which
+    byte-aligns the output without ending the deflate stream; only the last
+    block carries the final-block bit.
+    """
+    if level == 0 or looks_incompressible(block):
+        return stored_deflate(block, last)
+    if dictionary:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
+                                      zlib.DEF_MEM_LEVEL,
+                                      zlib.Z_DEFAULT_STRATEGY, dictionary)
+    else:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    flush_mode = zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH
+    return compressor.compress(block) + compressor.flush(flush_mode)
+
+
+def next_dictionary(dictionary, block):
+    """Return the last 32 KiB of the stream after block has been appended."""
+    if len(block) >= DICTIONARY_SIZE:
+        return bytes(block[-DICTIONARY_SIZE:])
+    return (dictionary + bytes(block))[-DICTIONARY_SIZE:]
+
+
+def write_all(fileobj, data):
+    """Write data completely, also to raw files that may write partially."""
+    view = memoryview(data)
+    while view:
+        written = fileobj.write(view)
+        # None is what many file-like wrappers return after a full write.
+        if written is None or written >= len(view):
+            return
+        view = view[written:]
+
+
+class ParallelGzipWriter:
+    """File-like writer producing one gzip member, compressed on threads.
+
+    write() returns once the data is buffered or handed to a worker; it
+    blocks while 2 * jobs blocks are in flight. close() finishes the gzip
+    member but leaves fileobj open. An exception from a worker or from
+    fileobj.write is raised unchanged by the next write() or close(), after
+    the worker threads have been stopped; close() raises it again if called
+    later. After abort(), close() does nothing and the output is incomplete.
+    """
+
+    def __init__(self, fileobj, level=6, jobs=None, block_size=DEFAULT_BLOCK_SIZE,
+                 mtime=0):
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+            raise ValueError("level must be an integer from 0 to 9, not %r" % (level,))
+        if jobs is None:
+            jobs = default_jobs()
+        if jobs < 1:
+            raise ValueError("jobs must be at least 1, not %r" % (jobs,))
+        if block_size < 1:
+            raise ValueError("block_size must be positive, not %r" % (block_size,))
+        self.crc = 0
+        self.size = 0
+        self.compressed_size = 0
+        self._fileobj = fileobj
+        self._level = level
+        self._block_size = block_size
+        self._header = gzip_header(int(mtime), level)
+        self._header_written = False
+        self._buffer = bytearray()
+        self._dictionary = b""
+        self._in_flight = collections.deque()
+        self._max_in_flight = 2 * jobs
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=jobs, thread_name_prefix="parallel-gzip")
+        self._state = "open"
+        self._failure = None
+
+    @property
+    def closed(self):
+        return self._state != "open"
+
+    def writable(self):
+        return True
+
+    def tell(self):
+        """Return the uncompressed position, as gzip.GzipFile does."""
+        return self.size
+
+    def write(self, data):
+        self._check_open()
+        with memoryview(data) as view, view.cast("B") as octets:
+            length = len(octets)
+            if not length:
+                return 0
+            try:
+                self._accept(octets)
+            except BaseException as error:
+                self._fail(error)
+                raise
+        return length
+
+    def close(self):
+        if self._state == "failed":
+            raise self._failure
+        if self._state != "open":
+            return
+        try:
+            self._submit(self._buffer, last=True)
+            self._buffer = bytearray()
+            while self._in_flight:
+                self._emit(self._in_flight.popleft().result())
+            self._emit(gzip_trailer(self.crc, self.size))
+        except BaseException as error:
+            self._fail(error)
+            raise
+        self._state = "closed"
+        self._executor.shutdown(wait=True)
+
+    def abort(self):
+        if self._state in ("closed", "aborted"):
+            return
+        self._state = "aborted"
+        self._stop_workers()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def _check_open(self):
+        if self._state == "failed":
+            raise self._failure
+        if self._state != "open":
+            raise ValueError("write to a %s ParallelGzipWriter" % self._state)
+
+    def _accept(self, octets):
+        self.crc = zlib.crc32(octets, self.crc)
+        self.size += len(octets)
+        room = self._block_size - len(self._buffer)
+        if len(octets) < room:
+            self._buffer += octets
+            return
+        # Whole blocks are cut straight from the caller's data, so large
+        # writes are copied once and never accumulate in the buffer.
+        self._buffer += octets[:room]
+        self._submit(self._buffer, last=False)
+        self._buffer = bytearray()
+        position = room
+        while len(octets) - position >= self._block_size:
+            end = position + self._block_size
+            self._submit(octets[position:end], last=False)
+            position = end
+        self._buffer += octets[position:]
+
+    def _submit(self, block, last):
+        if isinstance(block, memoryview):
+            # The caller may reuse its buffer once write() returns.
+            block = bytes(block)
+        dictionary = self._dictionary
+        self._dictionary = next_dictionary(dictionary, block)
+        self._in_flight.append(self._executor.submit(
+            compress_block, block, dictionary, self._level, last))
+        self._collect()
+
+    def _collect(self):
+        """Write finished blocks in order; wait while the pipeline is full."""
+        in_flight = self._in_flight
+        while in_flight and (len(in_flight) > self._max_in_flight or in_flight[0].done()):
+            self._emit(in_flight.popleft().result())
+
+    def _emit(self, data):
+        if not self._header_written:
+            write_all(self._fileobj, self._header)
+            self._header_written = True
+            self.compressed_size += len(self._header)
+        write_all(self._fileobj, data)
+        self.compressed_size += len(data)
+
+    def _fail(self, error):
+        if self._state == "open":
+            self._state = "failed"
+            self._failure = error
+        self._stop_workers()
+
+    def _stop_workers(self):
+        self._buffer = bytearray()
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        # Blocks already being compressed finish within milliseconds; waiting
+        # for them means no worker thread outlives the writer.
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class GzipError(Exception):
+    """A gzip archive cannot be decompressed; str() is one human line."""
+
+
+class NotGzipError(GzipError):
+    """The data does not start with the gzip magic number."""
+
+
+class EmptyArchiveError(NotGzipError):
+    """The archive has no bytes at all."""
+
+
+class TruncatedGzipError(GzipError):
+    """The data ends before the gzip trailer."""
+
+
+class CorruptGzipError(GzipError):
+    """Invalid deflate data, a CRC32 or length mismatch, or trailing garbage."""
+
+
+def corrupt_gzip_error(error):
+    """Translate a zlib.error raised while decompressing into a GzipError."""
+    message = str(error)
+    detail = message.split(": ", 1)[-1]
+    if "incorrect data check" in message:
+        return CorruptGzipError("gzip CRC32 check failed: archive data is corrupt")
+    if "incorrect length check" in message:
+        return CorruptGzipError("gzip length check failed: archive data is corrupt")
+    if "header" in message or "compression method" in message:
+        return CorruptGzipError("invalid gzip header: %s" % detail)
+    return CorruptGzipError("invalid compressed data: %s" % detail)
+
+
+def gunzip_chunks(read, chunk_size):
+    """Yield the decompressed contents of all gzip members read() returns.
+
+    read(n) returns up to n bytes of compressed data, b"" at the end.
+    """
+    data = read(COMPRESSED_READ_SIZE)
+    if not data:
+        raise EmptyArchiveError("archive is empty")
+    at_end = False
+    first_member = True
+    while True:
+        while len(data) < 2 and not at_end:
+            more = read(COMPRESSED_READ_SIZE)
+            at_end = not more
+            data += more
+        if first_member:
+            if data == GZIP_MAGIC[:1]:
+                raise TruncatedGzipError("archive is truncated inside the gzip header")
+            if data[:2] != GZIP_MAGIC:
+                raise NotGzipError("not a gzip file")
+        elif not data:
+            return
+        elif data[:2] != GZIP_MAGIC:
+            # gzip allows zero padding after the last member (tapes do it).
+            while data:
+                if data.count(0) != len(data):
+                    raise CorruptGzipError("trailing garbage after gzip data")
+                data = read(COMPRESSED_READ_SIZE)
+            return
+        first_member = False
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while True:
+            if not data:
+                data = read(COMPRESSED_READ_SIZE)
+                if not data:
+                    raise TruncatedGzipError(
+                        "archive is truncated: gzip data ends before its trailer")
+            try:
+                chunk = decompressor.decompress(data, chunk_size)
+            except zlib.error as error:
+                raise corrupt_gzip_error(error) from None
+            if chunk:
+                yield chunk
+            if decompressor.eof:
+                data = decompressor.unused_data
+                break
+            data = decompressor.unconsumed_tail
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error
+
+
+class _Stopped(Exception):
+    pass
+
+
+_END = object()
+
+
+class GzipChunkReader:
+    """Iterate over the decompressed contents of a gzip file in chunks.
+
+    Decompression runs on a daemon thread that stays at most queue_depth
+    chunks of chunk_size bytes ahead of the consumer. Iteration raises a
+    GzipError subclass (or the OSError from fileobj) on any problem; data
+    yielded before the error is only trustworthy if no error follows.
+    close() (or leaving the with block) stops the thread. read(size) offers
+    the same data as a file, e.g. for tarfile.open(fileobj=..., mode="r|").
+    """
+
+    def __init__(self, fileobj, chunk_size=256 * 1024, queue_depth=8):
+        if chunk_size < 1 or queue_depth < 1:
+            raise ValueError("chunk_size and queue_depth must be positive")
+        self._fileobj = fileobj
+        self._chunk_size = chunk_size
+        self._queue = queue.Queue(maxsize=queue_depth)
+        self._stop = threading.Event()
+        self._thread = None
+        self._finished = False
+        self._closed = False
+        self._chunk = b""
+        self._position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._position < len(self._chunk):
+            chunk = self._chunk[self._position:]
+            self._chunk, self._position = b"", 0
+            return chunk
+        return self._next_chunk()
+
+    def read(self, size=-1):
+        """Return size bytes (fewer only at the end), or all with size < 0."""
+        if size is None or size < 0:
+            return b"".join(list(self))
+        pieces = []
+        wanted = size
+        while wanted > 0:
+            if self._position >= len(self._chunk):
+                try:
+                    self._chunk, self._position = self._next_chunk(), 0
+                except StopIteration:
+                    break
+            end = self._position + wanted
+            piece = self._chunk[self._position:end]
+            self._position += len(piece)
+            wanted -= len(piece)
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readable(self):
+        return True
+
+    def close(self):
+        self._closed = True
+        self._finished = True
+        self._stop.set()
+        self._chunk, self._position = b"", 0
+        # Emptying the queue wakes a producer blocked on put right away.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        self.close()
+        return False
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+    def _next_chunk(self):
+        if self._closed:
+            # Ending quietly here could pass for the end of the data.
+            raise ValueError("read from a closed GzipChunkReader")
+        if self._finished:
+            raise StopIteration
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_produce_chunks, name="gzip-reader", daemon=True,
+                args=(self._fileobj, self._chunk_size, self._queue, self._stop))
+            self._thread.start()
+        while True:
+            try:
+                item = self._queue.get(timeout=1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._finished = True
+                    raise GzipError("decompression thread ended unexpectedly") from None
+        if item is _END:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._finished = True
+            raise item.error
+        return item
+
+
+def _produce_chunks(fileobj, chunk_size, chunks, stop):
+    """Body of the reader thread; it holds no reference to its reader, so
+    an abandoned reader is collected and its __del__ stops the thread."""
+
+    def read_compressed(size):
+        if stop.is_set():
+            raise _Stopped()
+        return fileobj.read(size)
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=STOP_POLL_SECONDS)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for chunk in gunzip_chunks(read_compressed, chunk_size):
+            if not put(chunk):
+                return
+        put(_END)
+    except _Stopped:
+        pass
+    except BaseException as error:
+        put(_Failure(error))
+
+
+def iter_gunzip(fileobj, chunk_size=256 * 1024, queue_depth=8):
+    """Yield decompressed bytes chunks; raise a GzipError subclass on any problem.
+
+    Decompression runs on a background thread; closing the generator early
+    stops it.
+    """
+    with GzipChunkReader(fileobj, chunk_size, queue_depth) as reader:
+        yield from reader

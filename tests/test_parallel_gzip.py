@@ -1,0 +1,643 @@
+"""Tests for parallel_gzip: gzip compatibility, error propagation, checks."""
+
+import array
+import errno
+import gc
+import gzip
+import io
+import os
+import random
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+import threading
+import unittest
+import zlib
+from unittest import mock
+
+import parallel_gzip
+from parallel_gzip import (
+    CorruptGzipError,
+    EmptyArchiveError,
+    GzipChunkReader,
+    GzipError,
+    NotGzipError,
+    ParallelGzipWriter,
+    TruncatedGzipError,
+    iter_gunzip,
+)
+
+GZIP = shutil.which("gzip")
+TAR = shutil.which("tar")
+PIGZ = shutil.which("pigz")
+
+SMALL_BLOCK = 16 * 1024
+
+
+def text_like(size, seed=1):
+    """Log-file-like lines: compressible about 3:1."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(500)]
+    lines = []
+    length = 0
+    while length < size:
+        line = "2024-05-%02d %02d:%02d sensor=%s value=%d %s\n" % (
+            rng.randint(1, 28), rng.randint(0, 23), rng.randint(0, 59), rng.choice(words),
+            rng.randint(0, 10 ** 6), " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))))
+        lines.append(line)
+        length += len(line)
+    return "".join(lines).encode()[:size]
+
+
+def random_bytes(size, seed=2):
+    return random.Random(seed).getrandbits(8 * size).to_bytes(size, "little") if size else b""
+
+
+def semi_compressible(size, seed=3):
+    """Per 4 KiB: 35% random bytes, then a run of one byte."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        out += random_bytes(1434, rng.randrange(10 ** 9))
+        out += bytes([rng.randrange(256)]) * (4096 - 1434)
+    return bytes(out[:size])
+
+
+def mixed(size, seed=4):
+    rng = random.Random(seed)
+    makers = [text_like, text_like, semi_compressible, semi_compressible, random_bytes]
+    parts = []
+    length = 0
+    while length < size:
+        part = rng.choice(makers)(rng.randint(10_000, 100_000), rng.randrange(10 ** 9))
+        parts.append(part)
+        length += len(part)
+    return b"".join(parts)[:size]
+
+
+def compress(data, writes=None, **options):
+    """Gzip data through a ParallelGzipWriter; return (output, writer)."""
+    output = io.BytesIO()
+    writer = ParallelGzipWriter(output, **options)
+    for piece in writes if writes is not None else [data]:
+        writer.write(piece)
+    writer.close()
+    return output.getvalue(), writer
+
+
+def run(command, data=None):
+    return subprocess.run(command, input=data, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, check=True).stdout
+
+
+def non_daemon_threads(ignore=()):
+    return [thread for thread in threading.enumerate()
+            if not thread.daemon and thread is not threading.main_thread()
+            and thread not in ignore]
+
+
+def live_reader_threads(ignore=()):
+    return [thread for thread in threading.enumerate()
+            if thread.name == "gzip-reader" and thread.is_alive() and thread not in ignore]
+
+
+SAMPLES = {
+    "empty": b"",
+    "one byte": b"x",
+    "block - 1": text_like(SMALL_BLOCK - 1),
+    "block": text_like(SMALL_BLOCK),
+    "block + 1": text_like(SMALL_BLOCK + 1),
+    "3 blocks": text_like(3 * SMALL_BLOCK),
+    "random": random_bytes(5 * SMALL_BLOCK + 7),
+    "zeros": bytes(6 * SMALL_BLOCK),
+    "mixed": mixed(10 * SMALL_BLOCK),
+}
+
+
+class WriterFormatTests(unittest.TestCase):
+
+    def test_round_trip_through_zlib_and_gzip_module(self):
+        for name, data in SAMPLES.items():
+            for jobs in (1, 4):
+                for level in (0, 1, 6, 9):
+                    with self.subTest(sample=name, jobs=jobs, level=level):
+                        output, writer = compress(data, level=level, jobs=jobs,
+                                                  block_size=SMALL_BLOCK)
+                        self.assertEqual(zlib.decompress(output, 31), data)
+                        self.assertEqual(gzip.decompress(output), data)
+                        self.assertEqual(writer.compressed_size, len(output))
+
+    def test_trailer_and_attributes(self):
+        for name, data in SAMPLES.items():
+            with self.subTest(sample=name):
+                output, writer = compress(data, jobs=2, block_size=SMALL_BLOCK)
+                crc, size = struct.unpack("<II", output[-8:])
+                self.assertEqual(crc, zlib.crc32(data))
+                self.assertEqual(size, len(data) % 2 ** 32)
+                self.assertEqual(writer.crc, zlib.crc32(data))
+                self.assertEqual(writer.size, len(data))
+
+    def test_header(self):
+        for level, extra_flags in ((0, 4), (1, 4), (6, 0), (9, 2)):
+            with self.subTest(level=level):
+                output, _ = compress(b"data", level=level, mtime=1700000000)
+                magic, method, flags, mtime, xfl, os_byte = struct.unpack("<2sBBIBB", output[:10])
+                self.assertEqual((magic, method, flags), (b"\x1f\x8b", 8, 0))
+                self.assertEqual((mtime, xfl, os_byte), (1700000000, extra_flags, 3))
+
+    def test_default_block_size_and_jobs(self):
+        data = mixed(3 * parallel_gzip.DEFAULT_BLOCK_SIZE + 100)
+        output, _ = compress(data)
+        self.assertEqual(gzip.decompress(output), data)
+
+    def test_blocks_smaller_than_the_deflate_window(self):
+        for block_size, size in ((1, 3000), (1000, 200_000), (40_000, 200_000)):
+            data = text_like(size)
+            with self.subTest(block_size=block_size):
+                output, _ = compress(data, jobs=3, block_size=block_size)
+                self.assertEqual(gzip.decompress(output), data)
+
+    def test_many_tiny_writes(self):
+        rng = random.Random(5)
+        data = mixed(600_000)
+        writes = []
+        position = 0
+        while position < len(data):
+            step = rng.randint(1, 10)
+            writes.append(data[position:position + step])
+            position += step
+        self.assertGreater(len(writes), 100_000)
+        output, writer = compress(data, writes, jobs=4, block_size=SMALL_BLOCK)
+        self.assertEqual(gzip.decompress(output), data)
+        self.assertEqual(writer.crc, zlib.crc32(data))
+
+    def test_mixed_write_sizes(self):
+        rng = random.Random(6)
+        data = mixed(400_000)
+        writes = []
+        position = 0
+        while position < len(data):
+            step = rng.choice([1, 511, 512, SMALL_BLOCK - 1, SMALL_BLOCK, 3 * SMALL_BLOCK + 5])
+            writes.append(data[position:position + step])
+            position += step
+        output, _ = compress(data, writes, jobs=2, block_size=SMALL_BLOCK)
+        self.assertEqual(gzip.decompress(output), data)
+
+    def test_accepts_bytes_like_objects(self):
+        numbers = array.array("I", range(1000))
+        pieces = [bytearray(b"abc"), memoryview(b"defgh"), numbers]
+        output = io.BytesIO()
+        with ParallelGzipWriter(output, jobs=2) as writer:
+            self.assertEqual([writer.write(piece) for piece in pieces], [3, 5, 4000])
+        self.assertEqual(gzip.decompress(output.getvalue()), b"abcdefgh" + numbers.tobytes())
+
+    def test_level_0_stores(self):
+        data = text_like(300_000)
+        output, _ = compress(data, level=0, block_size=SMALL_BLOCK)
+        self.assertLess(len(output), len(data) + 18 + 5 * (len(data) // 65535 + 20))
+        self.assertEqual(gzip.decompress(output), data)
+
+    def test_incompressible_data_is_stored_not_expanded(self):
+        data = random_bytes(8 * SMALL_BLOCK)
+        for level in (1, 6, 9):
+            with self.subTest(level=level):
+                output, _ = compress(data, level=level, block_size=SMALL_BLOCK)
+                self.assertLess(len(output), len(data) + 200)
+                self.assertEqual(gzip.decompress(output), data)
+
+    def test_probe_tells_random_from_compressible(self):
+        self.assertTrue(parallel_gzip.looks_incompressible(random_bytes(128 * 1024)))
+        self.assertFalse(parallel_gzip.looks_incompressible(text_like(128 * 1024)))
+        self.assertFalse(parallel_gzip.looks_incompressible(semi_compressible(128 * 1024)))
+        # compressible data in only one third of the block is enough
+        part = random_bytes(80 * 1024) + text_like(48 * 1024)
+        self.assertFalse(parallel_gzip.looks_incompressible(part))
+
+    def test_stored_deflate_blocks_decode(self):
+        for size in (0, 1, 65535, 65536, 200_000):
+            data = random_bytes(size)
+            with self.subTest(size=size):
+                raw = parallel_gzip.stored_deflate(data, last=True)
+                self.assertEqual(zlib.decompress(raw, -15), data)
+
+    def test_compressed_size_close_to_gzip(self):
+        if not GZIP:
+            self.skipTest("gzip is not installed")
+        data = mixed(2_000_000, seed=7)
+        reference = len(run([GZIP, "-6", "-c"], data))
+        output, _ = compress(data, level=6, jobs=2)
+        self.assertLess(len(output), reference * 1.02)
+
+    def test_tarfile_in_non_stream_mode(self):
+        content = mixed(100_000)
+        output = io.BytesIO()
+        with ParallelGzipWriter(output, jobs=2, block_size=SMALL_BLOCK) as writer:
+            with tarfile.open(fileobj=writer, mode="w") as tar:
+                info = tarfile.TarInfo("data.bin")
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            self.assertEqual(writer.tell(), writer.size)
+        output.seek(0)
+        with tarfile.open(fileobj=output, mode="r:gz") as tar:
+            self.assertEqual(tar.extractfile("data.bin").read(), content)
+
+    def test_invalid_arguments(self):
+        for options in ({"level": 10}, {"level": -1}, {"level": 1.5}, {"jobs": 0},
+                        {"block_size": 0}):
+            with self.subTest(options=options):
+                with self.assertRaises(ValueError):
+                    ParallelGzipWriter(io.BytesIO(), **options)
+
+
+class WriterLifecycleTests(unittest.TestCase):
+    """Each test checks that no worker thread outlives its writer."""
+
+    def setUp(self):
+        # Threads other test modules may have left running are not ours.
+        self.earlier_threads = set(threading.enumerate())
+
+    def tearDown(self):
+        self.assertEqual(self.leftover_threads(), [])
+
+    def leftover_threads(self):
+        return non_daemon_threads(ignore=self.earlier_threads)
+
+    def test_close_is_idempotent_and_leaves_fileobj_open(self):
+        output = io.BytesIO()
+        writer = ParallelGzipWriter(output, jobs=2)
+        writer.write(b"hello")
+        writer.close()
+        length = len(output.getvalue())
+        writer.close()
+        self.assertFalse(output.closed)
+        self.assertEqual(len(output.getvalue()), length)
+        self.assertTrue(writer.closed)
+        with self.assertRaises(ValueError):
+            writer.write(b"more")
+
+    def test_context_manager_closes_on_success(self):
+        output = io.BytesIO()
+        with ParallelGzipWriter(output, jobs=2) as writer:
+            writer.write(b"payload")
+        self.assertEqual(gzip.decompress(output.getvalue()), b"payload")
+
+    def test_context_manager_aborts_on_exception(self):
+        output = io.BytesIO()
+        with self.assertRaises(KeyError):
+            with ParallelGzipWriter(output, jobs=2, block_size=SMALL_BLOCK) as writer:
+                writer.write(mixed(20 * SMALL_BLOCK))
+                raise KeyError("boom")
+        written = len(output.getvalue())
+        self.assertEqual(written, writer.compressed_size)
+        writer.abort()
+        writer.close()
+        self.assertEqual(len(output.getvalue()), written)
+        with self.assertRaises(zlib.error):
+            zlib.decompress(output.getvalue(), 31)
+
+    def test_pipeline_stays_bounded(self):
+        jobs = 3
+        writer = ParallelGzipWriter(io.BytesIO(), jobs=jobs, block_size=SMALL_BLOCK)
+        data = mixed(40 * SMALL_BLOCK)
+        for start in range(0, len(data), 5000):
+            writer.write(data[start:start + 5000])
+            self.assertLessEqual(len(writer._in_flight), 2 * jobs)
+            self.assertLess(len(writer._buffer), SMALL_BLOCK)
+        writer.write(data)
+        self.assertLessEqual(len(writer._in_flight), 2 * jobs)
+        writer.close()
+
+    def test_disk_full_propagates_from_write(self):
+        data = random_bytes(SMALL_BLOCK)
+        for jobs in (1, 4):
+            with self.subTest(jobs=jobs):
+                writer = ParallelGzipWriter(DiskFull(limit=50_000), jobs=jobs,
+                                            block_size=SMALL_BLOCK)
+                with self.assertRaises(OSError) as caught:
+                    for _ in range(100):
+                        writer.write(data)
+                    self.fail("the disk never filled up")
+                self.assertEqual(caught.exception.errno, errno.ENOSPC)
+                self.assertEqual(self.leftover_threads(), [])
+                with self.assertRaises(OSError) as again:
+                    writer.write(data)
+                self.assertEqual(again.exception.errno, errno.ENOSPC)
+                with self.assertRaises(OSError) as again:
+                    writer.close()
+                self.assertEqual(again.exception.errno, errno.ENOSPC)
+                writer.abort()
+                writer.abort()
+                writer.close()
+
+    def test_disk_full_propagates_from_close(self):
+        output = DiskFull(limit=12)
+        writer = ParallelGzipWriter(output, jobs=2)
+        writer.write(b"small enough to stay buffered until close")
+        with self.assertRaises(OSError) as caught:
+            writer.close()
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        self.assertEqual(self.leftover_threads(), [])
+
+    def test_disk_full_inside_context_manager(self):
+        with self.assertRaises(OSError) as caught:
+            with ParallelGzipWriter(DiskFull(limit=1000), jobs=2, block_size=SMALL_BLOCK) as writer:
+                writer.write(random_bytes(10 * SMALL_BLOCK))
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+
+    def test_worker_exception_propagates_unchanged(self):
+        original = parallel_gzip.compress_block
+        calls = []
+
+        def failing_compress_block(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise MemoryError("worker failed")
+            return original(*args)
+
+        with mock.patch.object(parallel_gzip, "compress_block", failing_compress_block):
+            writer = ParallelGzipWriter(io.BytesIO(), jobs=2, block_size=SMALL_BLOCK)
+            with self.assertRaisesRegex(MemoryError, "worker failed"):
+                for _ in range(50):
+                    writer.write(text_like(SMALL_BLOCK))
+                writer.close()
+        self.assertEqual(self.leftover_threads(), [])
+
+    def test_partial_writes_are_completed(self):
+        output = ShortWrites()
+        data = mixed(6 * SMALL_BLOCK)
+        with ParallelGzipWriter(output, jobs=2, block_size=SMALL_BLOCK) as writer:
+            writer.write(data)
+        self.assertEqual(gzip.decompress(bytes(output.data)), data)
+
+
+class DiskFull(io.RawIOBase):
+    """Output file that fails with ENOSPC once limit bytes are written."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.written = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.written + len(data) > self.limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return len(data)
+
+
+class ShortWrites:
+    """Raw-file-like output that accepts at most 1000 bytes per call."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        accepted = bytes(data[:1000])
+        self.data += accepted
+        return len(accepted)
+
+
+@unittest.skipUnless(GZIP and TAR, "GNU gzip and tar are required")
+class ExternalToolTests(unittest.TestCase):
+
+    def test_gnu_gzip_reads_output(self):
+        for name, data in SAMPLES.items():
+            for level in (0, 6, 9):
+                with self.subTest(sample=name, level=level):
+                    output, _ = compress(data, level=level, jobs=4, block_size=SMALL_BLOCK)
+                    run([GZIP, "-t"], output)
+                    self.assertEqual(run([GZIP, "-dc"], output), data)
+
+    def test_pigz_reads_output(self):
+        if not PIGZ:
+            self.skipTest("pigz is not installed")
+        for name, data in SAMPLES.items():
+            with self.subTest(sample=name):
+                output, _ = compress(data, jobs=4, block_size=SMALL_BLOCK)
+                run([PIGZ, "-t"], output)
+                self.assertEqual(run([PIGZ, "-dc"], output), data)
+
+    def test_tar_stream_through_writer(self):
+        files = {
+            "docker-compose.yml": text_like(3000),
+            "volumes/db/data.bin": mixed(300_000),
+            "volumes/random.jpg": random_bytes(70_000),
+            "empty": b"",
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            archive = os.path.join(directory, "backup.tar.gz")
+            with open(archive, "wb") as target:
+                with ParallelGzipWriter(target, jobs=2, block_size=SMALL_BLOCK) as writer:
+                    with tarfile.open(fileobj=writer, mode="w|") as tar:
+                        for name, content in files.items():
+                            info = tarfile.TarInfo(name)
+                            info.size = len(content)
+                            tar.addfile(info, io.BytesIO(content))
+            listing = run([TAR, "-tzf", archive]).decode().split()
+            self.assertEqual(sorted(listing), sorted(files))
+            extracted = os.path.join(directory, "out")
+            os.mkdir(extracted)
+            run([TAR, "-xzf", archive, "-C", extracted])
+            for name, content in files.items():
+                with open(os.path.join(extracted, name), "rb") as handle:
+                    self.assertEqual(handle.read(), content)
+            with tarfile.open(archive, mode="r:gz") as tar:
+                for name, content in files.items():
+                    self.assertEqual(tar.extractfile(name).read(), content)
+            with open(archive, "rb") as source:
+                with GzipChunkReader(source) as reader:
+                    with tarfile.open(fileobj=reader, mode="r|") as tar:
+                        seen = {member.name: tar.extractfile(member).read()
+                                for member in tar if member.isfile()}
+            self.assertEqual(seen, files)
+
+
+def gunzip(data, **options):
+    return b"".join(iter_gunzip(io.BytesIO(data), **options))
+
+
+class ReaderTests(unittest.TestCase):
+    """Each test checks that no decompression thread is left running."""
+
+    def setUp(self):
+        self.earlier_threads = set(threading.enumerate())
+
+    def tearDown(self):
+        gc.collect()
+        for thread in self.reader_threads():
+            thread.join(5)
+        self.assertEqual(self.reader_threads(), [])
+
+    def reader_threads(self):
+        return live_reader_threads(ignore=self.earlier_threads)
+
+    def test_round_trip(self):
+        for name, data in SAMPLES.items():
+            with self.subTest(sample=name):
+                output, _ = compress(data, jobs=2, block_size=SMALL_BLOCK)
+                self.assertEqual(gunzip(output), data)
+                self.assertEqual(gunzip(gzip.compress(data)), data)
+
+    def test_chunks_respect_chunk_size(self):
+        data = bytes(5_000_000)  # compresses about 1000:1
+        compressed = gzip.compress(data)
+        chunks = list(iter_gunzip(io.BytesIO(compressed), chunk_size=4096, queue_depth=2))
+        self.assertLessEqual(max(len(chunk) for chunk in chunks), 4096)
+        self.assertEqual(b"".join(chunks), data)
+
+    def test_header_with_optional_fields(self):
+        data = text_like(50_000)
+        output = io.BytesIO()
+        with gzip.GzipFile("backup.tar", "wb", fileobj=output, mtime=1) as handle:
+            handle.write(data)
+        self.assertEqual(gunzip(output.getvalue()), data)
+
+    def test_multiple_members(self):
+        first, second = text_like(70_000), random_bytes(30_000)
+        members = gzip.compress(first) + gzip.compress(b"") + compress(second)[0]
+        self.assertEqual(gunzip(members, chunk_size=1000), first + second)
+
+    def test_trailing_zeros_are_accepted(self):
+        data = text_like(10_000)
+        for padding in (1, 2, 1000, 300_000):
+            with self.subTest(padding=padding):
+                self.assertEqual(gunzip(gzip.compress(data) + bytes(padding)), data)
+
+    def test_trailing_garbage_is_an_error(self):
+        compressed = gzip.compress(text_like(10_000))
+        for garbage in (b"x", b"\x1f", b"garbage", bytes(100) + b"x", bytes(200_000) + b"\x01"):
+            with self.subTest(garbage=garbage[-10:]):
+                with self.assertRaises(CorruptGzipError) as caught:
+                    gunzip(compressed + garbage)
+                self.assertEqual(str(caught.exception), "trailing garbage after gzip data")
+
+    def test_truncation_anywhere(self):
+        compressed, _ = compress(mixed(40_000), jobs=2, block_size=SMALL_BLOCK)
+        offsets = set(range(1, 40)) | set(range(len(compressed) - 40, len(compressed)))
+        offsets |= set(range(40, len(compressed) - 40, 997))
+        for offset in sorted(offsets):
+            with self.subTest(offset=offset):
+                with self.assertRaises(TruncatedGzipError) as caught:
+                    gunzip(compressed[:offset], chunk_size=8192)
+                self.assertIn("truncated", str(caught.exception))
+
+    def test_flipped_bytes_in_deflate_data_are_detected(self):
+        compressed = gzip.compress(text_like(2000), mtime=0)
+        # The last deflate byte may hold unused padding bits.
+        for position in range(10, len(compressed) - 9, 3):
+            for mask in (0x01, 0x80):
+                damaged = bytearray(compressed)
+                damaged[position] ^= mask
+                with self.subTest(position=position, mask=mask):
+                    with self.assertRaises(GzipError):
+                        gunzip(bytes(damaged))
+
+    def test_flipped_crc_and_length(self):
+        data = text_like(20_000)
+        compressed = bytearray(compress(data)[0])
+        damaged = bytearray(compressed)
+        damaged[-6] ^= 0x10
+        with self.assertRaisesRegex(CorruptGzipError, "CRC"):
+            gunzip(bytes(damaged))
+        damaged = bytearray(compressed)
+        damaged[-2] ^= 0x10
+        with self.assertRaisesRegex(CorruptGzipError, "length"):
+            gunzip(bytes(damaged))
+
+    def test_corrupt_stored_block(self):
+        compressed = bytearray(compress(random_bytes(100_000))[0])
+        compressed[11] ^= 0xFF  # the LEN field of the first stored block
+        with self.assertRaises(CorruptGzipError):
+            gunzip(bytes(compressed))
+
+    def test_not_gzip(self):
+        for data in (b"x", b"hello world", b"PK\x03\x04" + bytes(100), b"\x1f\x8c" + bytes(20)):
+            with self.subTest(data=data[:8]):
+                with self.assertRaises(NotGzipError) as caught:
+                    gunzip(data)
+                self.assertEqual(str(caught.exception), "not a gzip file")
+
+    def test_bad_header_is_corrupt(self):
+        with self.assertRaises(CorruptGzipError):
+            gunzip(b"\x1f\x8b\x07\x00" + bytes(20))  # compression method 7
+
+    def test_empty_archive(self):
+        with self.assertRaises(EmptyArchiveError) as caught:
+            gunzip(b"")
+        self.assertIsInstance(caught.exception, NotGzipError)
+        self.assertEqual(str(caught.exception), "archive is empty")
+
+    def test_read_errors_propagate(self):
+        compressed = gzip.compress(random_bytes(500_000))
+        with self.assertRaises(OSError) as caught:
+            list(iter_gunzip(FailingReader(compressed)))
+        self.assertEqual(caught.exception.errno, errno.EIO)
+
+    def test_early_stop_of_generator_stops_thread(self):
+        compressed = gzip.compress(bytes(20_000_000), compresslevel=1)
+        chunks = iter_gunzip(io.BytesIO(compressed), chunk_size=1024, queue_depth=2)
+        self.assertEqual(next(chunks), bytes(1024))
+        self.assertEqual(len(self.reader_threads()), 1)
+        chunks.close()
+        self.assertEqual(self.reader_threads(), [])
+
+    def test_break_out_of_loop_stops_thread(self):
+        compressed = gzip.compress(bytes(20_000_000), compresslevel=1)
+        for count, _ in enumerate(iter_gunzip(io.BytesIO(compressed), chunk_size=1024)):
+            if count == 3:
+                break
+        # tearDown checks that the reader thread has ended
+
+    def test_reader_close_and_read(self):
+        data = text_like(300_000)
+        compressed = gzip.compress(data)
+        with GzipChunkReader(io.BytesIO(compressed), chunk_size=10_000) as reader:
+            pieces = []
+            for size in (1, 511, 512, 10_000, 25_000):
+                pieces.append(reader.read(size))
+                self.assertEqual(len(pieces[-1]), size)
+            pieces.append(reader.read())
+            self.assertEqual(reader.read(100), b"")
+        self.assertEqual(b"".join(pieces), data)
+        with self.assertRaises(ValueError):
+            reader.read(1)
+
+    def test_closed_reader_does_not_pretend_the_data_ended(self):
+        reader = GzipChunkReader(io.BytesIO(gzip.compress(text_like(100_000))), chunk_size=1000)
+        next(reader)
+        reader.close()
+        with self.assertRaises(ValueError):
+            next(reader)
+
+    def test_abandoned_reader_thread_ends(self):
+        compressed = gzip.compress(bytes(20_000_000), compresslevel=1)
+        reader = GzipChunkReader(io.BytesIO(compressed), chunk_size=1024, queue_depth=1)
+        next(reader)
+        del reader
+        # tearDown collects garbage and waits for the thread to notice
+
+
+class FailingReader(io.RawIOBase):
+    """Input file whose second read fails with EIO."""
+
+    def __init__(self, data):
+        self.data = data
+        self.reads = 0
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return self.data[:size]
+
+
+if __name__ == "__main__":
+    unittest.main()
