@@ -15,7 +15,6 @@ import configparser
 import errno
 import os
 import shutil
-import socket
 import sys
 import time
 import urllib.request
@@ -397,7 +396,7 @@ def dry_run(stack, args):
         for name in lib.dated_backups_to_remove(os.listdir(folder), args.keep - 1):
             out.write("Would remove (--keep %d): backup/%s\n" % (args.keep, name))
     for dest in args.copy_to:
-        out.write("Would copy to: %s under %s/\n" % (dest, host_folder()))
+        out.write("Would copy to: %s under %s/\n" % (dest, lib.host_folder()))
     out.write("Dry run: nothing was written.\n")
     return lib.EXIT_OK
 
@@ -510,17 +509,12 @@ def remove_old_backups(backups, plan, keep, log):
         log.line("Removed old backup (--keep %d): backup/%s" % (keep, name))
 
 
-def host_folder():
-    """The per-host folder at a destination, so that several Pis can share it."""
-    return socket.gethostname().split(".")[0] or "localhost"
-
-
 def copy_offsite(backups, plan, args, log):
     """Copy the new archive(s) to every destination; a list of failures."""
     if not args.copy_to:
         return []
     import offsite
-    host = host_folder()
+    host = lib.host_folder()
     failures = []
     for dest in args.copy_to:
         try:

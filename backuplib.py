@@ -22,6 +22,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -1066,6 +1067,11 @@ def tree_totals(stack, items, patterns):
             total += entry.st.st_size
             files += 1
     return total, files
+
+
+def host_folder():
+    """The per-host folder at a copy's destination, so Pis can share one."""
+    return socket.gethostname().split(".")[0] or "localhost"
 
 
 def now_local():

@@ -38,6 +38,14 @@ exit codes:
 """
 
 
+def destination(text):
+    import offsite
+    try:
+        return offsite.parse_destination(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,6 +76,12 @@ def build_parser():
                    help="check the archive and say what would be replaced; change nothing")
     p.add_argument("--recover", action="store_true",
                    help="only finish or roll back an interrupted restore, then stop")
+    p.add_argument("--from", dest="source", type=destination, metavar="METHOD:TARGET",
+                   help="fetch FILENAME (e.g. backup/backup_x.tar.gz) from a copy made with "
+                        "backup.py --copy-to into ./backups/, then restore it; with --list, "
+                        "list the backups there")
+    p.add_argument("--from-host", metavar="HOST",
+                   help="the host folder to fetch from (default: this host's name)")
     return p
 
 
@@ -678,11 +692,19 @@ def replace_in_place(stack, archive, only, units, as_root, log):
             from None
 
 
-def print_list(stack, out):
-    backups = os.path.join(stack, "backups")
-    entries = list_backups(backups)
+def print_list(stack, out, source=None, host=None):
+    if source is None:
+        where = os.path.join(stack, "backups")
+        entries = list_backups(where)
+    else:
+        import offsite
+        where = "%s under %s/" % (source, host)
+        try:
+            entries = offsite.list_backups(source, host)
+        except offsite.CopyError as e:
+            raise lib.UserError("cannot list %s: %s" % (where, e)) from None
     if not entries:
-        out.write("No backups in %s\n" % backups)
+        out.write("No backups in %s\n" % where)
         return
     for rel, size, mtime in entries:
         when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
@@ -729,8 +751,9 @@ def main(argv=None) -> int:
             return verify_only(stack, args.verify, out)
         stack = lib.locate_stack(args.dir, __file__)
         args.only = [normalize_only(path) for path in args.only]
+        host = args.from_host or lib.host_folder()
         if args.list:
-            print_list(stack, out)
+            print_list(stack, out, args.source, host)
             return lib.EXIT_OK
         owner = None
         if os.geteuid() == 0:
@@ -738,6 +761,8 @@ def main(argv=None) -> int:
         if args.recover:
             with lib.signals_raise():
                 return run_restore(stack, None, args, owner)
+        if args.source is not None:
+            fetch(stack, args.source, host, args.filename, owner, out)
         archive = resolve_archive(stack, args.filename)
         if archive is None:
             raise lib.UserError("backup file %s not found (looked in %s and as given)"
@@ -764,6 +789,21 @@ def main(argv=None) -> int:
         lib.say_error(PROG, "interrupted; the next run of restore.py finishes or rolls back "
                             "what was under way")
         return 130
+
+
+def fetch(stack, source, host, name, owner, out):
+    """Download NAME from a copy into ./backups/NAME (atomically: a
+    half-fetched archive never takes the name)."""
+    import offsite
+    local = os.path.join(stack, "backups", name)
+    try:
+        offsite.download(source, host, name, local)
+    except (offsite.CopyError, ValueError) as e:
+        raise lib.UserError("cannot fetch %s from %s (host %s): %s" % (name, source, host, e)) \
+            from None
+    for path in (os.path.join(stack, "backups"), os.path.dirname(local), local):
+        lib.chown_to(path, owner)
+    out.write("Fetched %s from %s into %s\n" % (name, source, os.path.relpath(local, stack)))
 
 
 def normalize_only(path):

@@ -10,6 +10,8 @@ import unittest
 
 import backup
 import backuplib as lib
+import restore
+from tests.stacktree import diff_snapshots, snapshot
 from tests.test_backup import USER_ARGS, StackTestCase, read_log, run_main
 
 
@@ -137,7 +139,7 @@ class CopyTest(StackTestCase):
         super().setUp()
         self.dest = os.path.join(self.tmp, "usb")
         os.mkdir(self.dest)
-        self.host_dir = os.path.join(self.dest, backup.host_folder())
+        self.host_dir = os.path.join(self.dest, lib.host_folder())
 
     def test_copies_to_two_destinations_with_retention_there(self):
         old = os.path.join(self.host_dir, "backup")
@@ -152,7 +154,7 @@ class CopyTest(StackTestCase):
         self.assertEqual((code, err), (0, ""))
         with open(self.dated, "rb") as f:
             data = f.read()
-        for root in (self.host_dir, os.path.join(other, backup.host_folder())):
+        for root in (self.host_dir, os.path.join(other, lib.host_folder())):
             for rel in ("backup/backup_2026-11-26_0200.tar.gz", "rolling/backup_4.tar.gz"):
                 with open(os.path.join(root, rel), "rb") as f:
                     self.assertEqual(f.read(), data, (root, rel))
@@ -175,6 +177,54 @@ class CopyTest(StackTestCase):
                                                     os.path.basename(self.dated))))
         self.assertIn("ERROR: copy to rsync:%s failed" % missing, read_log(self.stack))
         self.assertFalse(os.path.exists(missing))  # never created: it may be a mount point
+
+
+@unittest.skipUnless(shutil.which("rsync") and shutil.which("rclone"), "needs rsync and rclone")
+class RestoreFromCopyTest(StackTestCase):
+    """The bare-metal story: the SD card died, the copy is all there is."""
+
+    def test_list_and_restore_from_each_method(self):
+        usb, nas = os.path.join(self.tmp, "usb"), os.path.join(self.tmp, "nas")
+        os.mkdir(usb)
+        os.mkdir(nas)
+        self.assertEqual(self.backup("3", "--copy-to", "rsync:" + usb,
+                                     "--copy-to", "rclone::local:" + nas, *USER_ARGS)[0], 0)
+        before = snapshot(self.stack, skip=("backups", ".tmp", "menu.sh"))
+        for source in ("rsync:" + usb, "rclone::local:" + nas):
+            shutil.rmtree(self.backups)
+            shutil.rmtree(os.path.join(self.stack, "volumes"))
+            code, out, err = run_main(restore, ["--list", "--from", source, "--dir", self.stack])
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual(sorted(line.split()[0] for line in out.splitlines()),
+                             ["backup/backup_2026-11-26_0200.tar.gz", "rolling/backup_4.tar.gz"])
+            code, out, err = run_main(restore, ["backup/backup_2026-11-26_0200.tar.gz", "noask",
+                                                "--from", source, "--dir", self.stack])
+            self.assertEqual((code, err), (0, ""), out)
+            self.assertIn("Fetched backup/backup_2026-11-26_0200.tar.gz from %s" % source, out)
+            self.assert_verifies(self.dated)
+            self.assertEqual(diff_snapshots(before, snapshot(
+                self.stack, skip=("backups", ".tmp", "menu.sh"))), [])
+
+    def test_missing_copy_is_one_clear_error_and_changes_nothing(self):
+        usb = os.path.join(self.tmp, "usb")
+        os.mkdir(usb)
+        before = snapshot(self.stack)
+        code, _out, err = run_main(restore, ["backup/backup_2026-01-01_0000.tar.gz", "noask",
+                                             "--from", "rsync:" + usb, "--dir", self.stack])
+        self.assertEqual(code, 1)
+        self.assertIn("cannot fetch backup/backup_2026-01-01_0000.tar.gz from rsync:", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])
+
+    def test_other_host_folder(self):
+        usb = os.path.join(self.tmp, "usb")
+        os.makedirs(os.path.join(usb, "oldpi", "rolling"))
+        self.assertEqual(self.backup("2", *USER_ARGS)[0], 0)
+        shutil.copy(self.rolling, os.path.join(usb, "oldpi", "rolling", "backup_4.tar.gz"))
+        code, out, err = run_main(restore, ["--list", "--from", "rsync:" + usb,
+                                            "--from-host", "oldpi", "--dir", self.stack])
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("rolling/backup_4.tar.gz"))
 
 
 class Recorder(http.server.BaseHTTPRequestHandler):
