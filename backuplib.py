@@ -447,9 +447,12 @@ def parse_number(field):
 def header_checksum_ok(block):
     """Unsigned sums are the standard; old tars summed signed bytes."""
     stored = parse_number(block[148:156])
-    rest = block[:148] + block[156:]
-    unsigned = sum(rest) + 8 * 32
-    return stored == unsigned or stored == unsigned - 256 * sum(1 for b in rest if b > 127)
+    field = block[148:156]
+    unsigned = sum(block) - sum(field) + 8 * 32
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in block if b > 127) - sum(1 for b in field if b > 127)
+    return stored == unsigned - 256 * high
 
 
 def parse_pax(data):
@@ -605,8 +608,11 @@ class TarReader:
             m.mtime = parse_number(block[136:148])
         link = overrides.get(b"linkpath", block[157:257].split(b"\0", 1)[0])
         m.linkname = link.decode("utf-8", "surrogateescape")
-        m.devmajor = parse_number(block[329:337])
-        m.devminor = parse_number(block[337:345])
+        if kind in ("chardev", "blockdev"):
+            m.devmajor = parse_number(block[329:337])
+            m.devminor = parse_number(block[337:345])
+        else:
+            m.devmajor = m.devminor = 0
         m.offset = offset
         if m.size < 0:
             raise ArchiveError("negative size in tar header at byte %d" % offset)

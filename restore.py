@@ -105,7 +105,11 @@ class MemberPolicy:
     ours, so the result does not depend on tarfile's filters or Python's
     version."""
 
-    def __init__(self):
+    def __init__(self, track_files=True):
+        # Unpacking into a fresh staging folder, a hard link's target can be
+        # checked on disk (the Stager does), and memory then stays flat
+        # however many files the archive holds.
+        self.track_files = track_files
         self.symlinks = set()
         self.files = set()
 
@@ -113,29 +117,45 @@ class MemberPolicy:
         rel = normalize_member_name(member.name)
         if rel == "" and member.type != "dir":
             raise lib.ArchiveError("unsafe member %r: not a directory" % member.name)
+        self._refuse_symlink_on_path(rel, member)
+        if member.type == "hardlink":
+            self._check_link_target(member)
+        if member.type == "symlink":
+            self.symlinks.add(rel)
+            self.files.discard(rel)
+        elif member.type in ("file", "hardlink"):
+            if self.track_files:
+                self.files.add(rel)
+        elif self.files:
+            self.files.discard(rel)
+        return rel
+
+    def _refuse_symlink_on_path(self, rel, member):
         parent = rel
         while "/" in parent:
             parent = parent.rsplit("/", 1)[0]
             if parent in self.symlinks:
                 raise lib.ArchiveError("unsafe member %r: its path goes through the symlink %r"
                                        % (member.name, parent))
-        if member.type == "hardlink":
-            try:
-                target = normalize_member_name(member.linkname)
-            except lib.ArchiveError:
-                target = None
-            if target not in self.files:
-                raise lib.ArchiveError("unsafe member %r: hard link to %r, which is not an "
-                                       "earlier file of this archive"
-                                       % (member.name, member.linkname))
-        if member.type == "symlink":
-            self.symlinks.add(rel)
-            self.files.discard(rel)
-        elif member.type in ("file", "hardlink"):
-            self.files.add(rel)
-        else:
-            self.files.discard(rel)
-        return rel
+
+    def _check_link_target(self, member):
+        """A hard link's target is checked like a member's own path, always;
+        whether it is an earlier file is checked here or, when files are not
+        tracked, on disk by the Stager."""
+        refusal = lib.ArchiveError("unsafe member %r: hard link to %r, which is not an earlier "
+                                   "file of this archive" % (member.name, member.linkname))
+        try:
+            target = normalize_member_name(member.linkname)
+        except lib.ArchiveError:
+            raise refusal from None
+        if target in self.symlinks:
+            raise refusal
+        try:
+            self._refuse_symlink_on_path(target, member)
+        except lib.ArchiveError:
+            raise refusal from None
+        if self.track_files and target not in self.files:
+            raise refusal
 
 
 def restorable(rel, only):
@@ -200,7 +220,7 @@ def read_archive(path, only, unpack=None, progress=None):
     """Read the whole archive with every check; unpack what is restorable
     into unpack (a Stager) when given.  Raises ArchiveError."""
     summary = Summary()
-    policy = MemberPolicy()
+    policy = MemberPolicy(track_files=unpack is None or not unpack.fresh_root)
     with open(path, "rb") as f:
         reader = lib.TarReader(lib.open_archive_chunks(f))
         for member in reader:
@@ -234,9 +254,12 @@ class Stager:
     """Creates members below root, which holds nothing but what this archive
     put there: never follows a link, never writes through one."""
 
-    def __init__(self, root, as_root):
+    def __init__(self, root, as_root, fresh_root=False):
         self.root = root
         self.as_root = as_root
+        # True when root was made empty for this archive: everything in it
+        # then comes from earlier members.
+        self.fresh_root = fresh_root
         self.made = {""}
         self.dirs = []
 
@@ -306,10 +329,17 @@ class Stager:
                 self.made.add(rel)
             self.dirs.append((rel.count("/"), rel, member))
         elif kind == "hardlink":
+            # The policy made sure no folder on the way is a symlink; lstat
+            # makes sure the target itself is not one.
             target = os.path.join(self.root, normalize_member_name(member.linkname))
-            if not os.path.isfile(target) or os.path.islink(target):
-                raise lib.ArchiveError("hard link %r: its target %r is not restored with it"
-                                       % (rel, member.linkname))
+            try:
+                is_file = stat.S_ISREG(os.lstat(target).st_mode)
+            except FileNotFoundError:
+                is_file = False
+            if not is_file:
+                raise lib.ArchiveError("unsafe member %r: hard link to %r, which is not an "
+                                       "earlier file of this archive, or is not restored with "
+                                       "it" % (member.name, member.linkname))
             try:
                 os.link(target, path, follow_symlinks=False)
             except FileExistsError:
@@ -593,7 +623,8 @@ def restore_with_log(stack, archive, args, log, out):
             progress = lib.NoProgress()
             if sys.stderr.isatty():
                 progress = lib.TerminalProgress(estimated_size(archive), label="Unpacking: ")
-            summary = checked(archive, args.only, Stager(staging, as_root), progress, staging)
+            summary = checked(archive, args.only, Stager(staging, as_root, fresh_root=True), progress,
+                              staging)
             progress.finish()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

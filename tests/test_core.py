@@ -226,6 +226,20 @@ class MemberPolicyTest(unittest.TestCase):
                                                            "./volumes/f")]),
                          ["volumes/f", "volumes/h"])
 
+    def test_link_targets_are_checked_even_when_files_are_not_tracked(self):
+        # The staging restore leaves "is it an earlier file" to the disk, but
+        # never the path: a link through an archive symlink reaches outside.
+        for track in (True, False):
+            policy = restore.MemberPolicy(track_files=track)
+            policy.check(member("volumes/l", "symlink", "/etc"))
+            policy.check(member("volumes/f"))
+            for target in ("volumes/l/passwd", "volumes/l", "/etc/passwd", "../x", "a/../../x"):
+                with self.assertRaises(lib.ArchiveError, msg=(track, target)):
+                    policy.check(member("volumes/h", "hardlink", target))
+            self.assertEqual(policy.check(member("volumes/h", "hardlink", "volumes/f")),
+                             "volumes/h")
+        self.assertEqual(restore.MemberPolicy(track_files=False).files, set())
+
     def test_restorable_and_units(self):
         self.assertTrue(restore.restorable("volumes/a", []))
         self.assertFalse(restore.restorable("menu.sh", []))
