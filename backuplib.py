@@ -372,19 +372,26 @@ def write_tar(out, stack, items, patterns, progress, stats):
                 continue
             try:
                 size = st.st_size
-                out.write(tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime))
-                remaining = size
-                while remaining:
-                    chunk = os.read(fd, min(remaining, copy_buffer))
-                    if not chunk:
-                        stats.warnings.append("%s shrank while being read: padded with zeros"
-                                              % entry.rel)
-                        out.write(bytes(remaining))
-                        break
-                    out.write(chunk)
-                    remaining -= len(chunk)
-                if size % BLOCK:
-                    out.write(bytes(BLOCK - size % BLOCK))
+                header = tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime)
+                padding = bytes(-size % BLOCK)
+                data = os.read(fd, size) if size <= copy_buffer else b""
+                if len(data) == size:
+                    # Most files are small: one write for the whole member.
+                    out.write(header + data + padding)
+                else:
+                    out.write(header)
+                    out.write(data)
+                    remaining = size - len(data)
+                    while remaining:
+                        chunk = os.read(fd, min(remaining, copy_buffer))
+                        if not chunk:
+                            stats.warnings.append("%s shrank while being read: padded with "
+                                                  "zeros" % entry.rel)
+                            out.write(bytes(remaining))
+                            break
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                    out.write(padding)
             finally:
                 os.close(fd)
             if st.st_nlink > 1:
@@ -423,6 +430,8 @@ class TarMember:
         return "TarMember(%r, %r)" % (self.name, self.type)
 
 
+_OCTAL = re.compile(rb"[0-7]+")
+_MAX_MTIME = 1 << 40  # about 35,000 years either side of 1970
 _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"1": "hardlink", b"2": "symlink",
           b"3": "chardev", b"4": "blockdev", b"5": "dir", b"6": "fifo"}
 
@@ -438,10 +447,23 @@ def parse_number(field):
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
+    if _OCTAL.fullmatch(text) is None:  # int() would also take "-1", "+7", "7_7"
+        raise ArchiveError("invalid number %r in a tar header" % text)
+    return int(text, 8)
+
+
+def pax_number(records, key, default):
+    """A whole number from a pax record, or ArchiveError."""
+    if key not in records:
+        return default
+    text = records[key]
     try:
-        return int(text, 8)
-    except ValueError:
-        raise ArchiveError("invalid number %r in a tar header" % text) from None
+        value = int(float(text)) if key == b"mtime" else int(text)
+    except (ValueError, OverflowError):
+        value = None
+    if value is None or (value < 0 and key != b"mtime"):
+        raise ArchiveError("invalid pax %s %r" % (key.decode(), text))
+    return value
 
 
 def header_checksum_ok(block):
@@ -513,7 +535,16 @@ class _ChunkStream:
         return data
 
     def pieces(self, n):
-        """Yield memoryviews totalling n bytes; ArchiveError if the stream ends."""
+        """Memoryviews totalling n bytes; ArchiveError if the stream ends."""
+        if len(self._buf) - self._pos >= n:
+            # A small member lies in the current chunk: one slice, no generator.
+            view = memoryview(self._buf)[self._pos:self._pos + n]
+            self._pos += n
+            self.offset += n
+            return (view,)
+        return self._pieces(n)
+
+    def _pieces(self, n):
         while n:
             if self._pos >= len(self._buf) and not self._fill():
                 raise ArchiveError("archive is truncated: the tar data ends early")
@@ -599,12 +630,15 @@ class TarReader:
         m.name = name.decode("utf-8", "surrogateescape")
         m.type = kind
         m.mode = parse_number(block[100:108]) & 0o7777
-        m.uid = int(overrides[b"uid"]) if b"uid" in overrides else parse_number(block[108:116])
-        m.gid = int(overrides[b"gid"]) if b"gid" in overrides else parse_number(block[116:124])
-        m.size = int(overrides[b"size"]) if b"size" in overrides else size
-        if b"mtime" in overrides:
-            m.mtime = int(float(overrides[b"mtime"]))
+        if overrides:
+            m.uid = pax_number(overrides, b"uid", parse_number(block[108:116]))
+            m.gid = pax_number(overrides, b"gid", parse_number(block[116:124]))
+            m.size = pax_number(overrides, b"size", size)
+            m.mtime = pax_number(overrides, b"mtime", parse_number(block[136:148]))
         else:
+            m.uid = parse_number(block[108:116])
+            m.gid = parse_number(block[116:124])
+            m.size = size
             m.mtime = parse_number(block[136:148])
         link = overrides.get(b"linkpath", block[157:257].split(b"\0", 1)[0])
         m.linkname = link.decode("utf-8", "surrogateescape")
@@ -616,6 +650,10 @@ class TarReader:
         m.offset = offset
         if m.size < 0:
             raise ArchiveError("negative size in tar header at byte %d" % offset)
+        # Values the kernel cannot take would fail later as a traceback.
+        if not (0 <= m.uid < 0xFFFFFFFF and 0 <= m.gid < 0xFFFFFFFF
+                and -_MAX_MTIME < m.mtime < _MAX_MTIME):
+            raise ArchiveError("owner or time out of range in tar header at byte %d" % offset)
         return m
 
     def data(self, member):

@@ -174,8 +174,21 @@ class TarFormatTest(unittest.TestCase):
                  (b"\x80" + bytes(6) + b"\x10", 16), (b"  17 \0", 0o17)]
         for field, value in table:
             self.assertEqual(lib.parse_number(field), value)
-        with self.assertRaises(lib.ArchiveError):
-            lib.parse_number(b"12x\0")
+        for bad in (b"12x\0", b"-1\0", b"+7\0", b"7_7\0"):
+            with self.assertRaises(lib.ArchiveError, msg=bad):
+                lib.parse_number(bad)
+
+    def test_hostile_pax_numbers_are_archive_errors(self):
+        for record in (b"uid=abc", b"gid=-5", b"size=1e3", b"mtime=nan", b"mtime=inf",
+                       b"uid=99999999999999999999999999x", b"uid=4294967295",
+                       b"gid=99999999999999999999", b"mtime=1e300"):
+            key, value = record.split(b"=")
+            data = lib.pax_record(key, value)
+            pax = lib.tar_header(b"PaxHeaders/a", b"x", 0o644, 0, 0, len(data), 0)
+            member = lib.tar_header(b"volumes/a", lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
+            stream = pax + data + bytes(-len(data) % 512) + member + bytes(1024)
+            with self.assertRaises(lib.ArchiveError, msg=record):
+                list(lib.TarReader([stream]))
 
     def test_reader_refuses_damaged_headers(self):
         good = lib.tar_header(b"a", lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
