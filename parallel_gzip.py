@@ -52,6 +52,11 @@ PROBE_SLICE_SIZE = 2 * 1024
 PROBE_SLICES = 3
 INCOMPRESSIBLE_RATIO = 0.98
 
+# A block goes out at level 1 when the requested level would make its
+# sample less than 1% smaller: the archive stays within a fraction of a
+# percent of gzip's size at that level, for much less CPU on binary data.
+LEVEL_GAIN_RATIO = 0.99
+
 # A stored deflate block holds at most 65535 bytes (16-bit length field).
 MAX_STORED_LENGTH = 0xFFFF
 
@@ -101,15 +106,28 @@ def probe_sample(block):
     return b"".join(block[s:s + PROBE_SLICE_SIZE] for s in starts)
 
 
-def looks_incompressible(block):
-    """Report whether deflating block is very likely a waste of time."""
-    sample = probe_sample(block)
-    if not sample:
-        return False
+def deflated_length(sample, level):
     # zlib.compress is a single call (one GIL release) but adds a 2-byte
     # header and a 4-byte checksum to the raw deflate data.
-    compressed_length = len(zlib.compress(sample, 1)) - 6
-    return compressed_length >= len(sample) * INCOMPRESSIBLE_RATIO
+    return len(zlib.compress(sample, level)) - 6
+
+
+def block_level(block, level):
+    """The level worth spending on block: 0 (stored) when deflate cannot
+    shrink it, 1 when `level` would not make it even 1% smaller than level 1
+    does (databases of random bytes and runs: the slow levels only search
+    longer for matches that are not there), else `level` itself."""
+    if level == 0:
+        return 0
+    sample = probe_sample(block)
+    if not sample:
+        return level
+    fast = deflated_length(sample, 1)
+    if fast >= len(sample) * INCOMPRESSIBLE_RATIO:
+        return 0
+    if level > 1 and deflated_length(sample, level) >= fast * LEVEL_GAIN_RATIO:
+        return 1
+    return level
 
 
 def stored_deflate(block, last):
@@ -142,7 +160,8 @@ def compress_block(block, dictionary, level, last):
     byte-aligns the output without ending the deflate stream; only the last
     block carries the final-block bit.
     """
-    if level == 0 or looks_incompressible(block):
+    level = block_level(block, level)
+    if level == 0:
         return stored_deflate(block, last)
     if dictionary:
         compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,

@@ -208,13 +208,22 @@ class WriterFormatTests(unittest.TestCase):
                 self.assertLess(len(output), len(data) + 200)
                 self.assertEqual(gzip.decompress(output), data)
 
-    def test_probe_tells_random_from_compressible(self):
-        self.assertTrue(parallel_gzip.looks_incompressible(random_bytes(128 * 1024)))
-        self.assertFalse(parallel_gzip.looks_incompressible(text_like(128 * 1024)))
-        self.assertFalse(parallel_gzip.looks_incompressible(semi_compressible(128 * 1024)))
-        # compressible data in only one third of the block is enough
+    def test_block_level_spends_cpu_only_where_it_pays(self):
+        block = 128 * 1024
         part = random_bytes(80 * 1024) + text_like(48 * 1024)
-        self.assertFalse(parallel_gzip.looks_incompressible(part))
+        table = [
+            (random_bytes(block), 6, 0),       # deflate cannot shrink it: stored
+            (text_like(block), 6, 6),          # level 6 pays on text
+            (semi_compressible(block), 6, 1),  # runs and noise: level 6 gains < 1%
+            (text_like(block), 1, 1),
+            (text_like(block), 0, 0),
+            (b"", 6, 6),
+        ]
+        for data, level, expected in table:
+            with self.subTest(size=len(data), level=level, expected=expected):
+                self.assertEqual(parallel_gzip.block_level(data, level), expected)
+        # Compressible data in one third of a block is enough not to store it.
+        self.assertNotEqual(parallel_gzip.block_level(part, 6), 0)
 
     def test_stored_deflate_blocks_decode(self):
         for size in (0, 1, 65535, 65536, 200_000):
