@@ -175,6 +175,33 @@ class NamesTest(StackTestCase):
         self.assertIn("Removed an unfinished archive", read_log(self.stack))
 
 
+class ProgressTest(StackTestCase):
+    def test_progress_line(self):
+        stream = io.StringIO()
+        progress = lib.TerminalProgress(total_bytes=2_000_000, total_files=4, stream=stream,
+                                        label="Backing up: ")
+        progress.last -= 1  # draw on the first update
+        progress.update(1_000_000, 2)
+        progress.finish()
+        lines = stream.getvalue().split("\r")
+        self.assertIn("Backing up: 1.0 MB  2 files", lines[1])
+        self.assertIn("/s  ETA ", lines[1])
+        self.assertTrue(stream.getvalue().endswith("\n"))
+
+    def test_progress_only_on_a_terminal(self):
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+        terminal = Terminal()
+        with mock.patch("sys.stderr", terminal), mock.patch.object(lib.time, "monotonic",
+                                                                   side_effect=range(10 ** 6)):
+            code = backup.main(["1", "--dir", self.stack] + USER_ARGS)
+        self.assertEqual(code, 0)
+        self.assertIn("\rBacking up: ", terminal.getvalue())
+        self.assertIn("files", terminal.getvalue())
+        # From cron (not a terminal) stderr stays empty: see the other tests' err == "".
+
+
 class LocationTest(StackTestCase):
     def test_outside_iotstack_is_an_error_and_writes_nothing(self):
         elsewhere = os.path.join(self.tmp, "elsewhere")
