@@ -34,6 +34,8 @@ import tempfile
 import time
 import zlib
 
+from backuplib import fsync_dir
+
 METHODS = ("rclone", "rsync", "scp")
 
 # Transfers of multi-gigabyte archives to a slow NAS or a cloud over a Pi's
@@ -427,7 +429,7 @@ def download(dest: Destination, host: str, rel_name: str, local_path: str) -> No
                             % (dest, host, rel_name, got, size))
         _fsync_file(partial)
         os.replace(partial, local_path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         _remove_quietly(partial)
         raise
@@ -443,14 +445,6 @@ def _is_backup_entry(rel_name):
 
 def _fsync_file(path):
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
