@@ -449,6 +449,66 @@ class OwnershipTest(StackTestCase):
         self.assertEqual(os.stat(self.dated).st_uid, user.pw_uid)
 
 
+def python_runs_as(exe, demote):
+    """Whether exe is a Python 3.9+ that the demoted user can run."""
+    try:
+        return subprocess.run([exe, "-c", "import sys; assert sys.version_info >= (3, 9)"],
+                              preexec_fn=demote, stderr=subprocess.DEVNULL).returncode == 0
+    except OSError:
+        return False
+
+
+@unittest.skipUnless(IS_ROOT, "needs root to run the backup as another user")
+class NormalUserTest(StackTestCase):
+    """As a normal user: USER is ignored, unreadable files are warnings."""
+
+    def test_unreadable_file_gives_exit_3_and_a_complete_archive(self):
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user 'nobody'")
+        os.chmod(self.tmp, 0o755)
+        for folder, dirs, files in os.walk(self.stack):
+            for name in dirs + files:
+                os.lchown(os.path.join(folder, name), nobody.pw_uid, nobody.pw_gid)
+        os.chown(self.stack, nobody.pw_uid, nobody.pw_gid)
+        secret = os.path.join(self.stack, "volumes", "mosquitto", "pwfile", "pwfile")
+        os.chown(secret, 0, 0)
+        os.chmod(secret, 0o600)
+        os.chmod(os.path.dirname(secret), 0o755)
+
+        def as_nobody():
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+
+        # nobody may not reach this checkout or pyenv's Python under /root.
+        code = os.path.join(self.tmp, "code")
+        os.mkdir(code)
+        for name in ("backup.py", "backuplib.py", "parallel_gzip.py"):
+            shutil.copy(os.path.join(REPO, name), code)
+        python = next((exe for exe in (sys.executable, "/usr/bin/python3")
+                       if python_runs_as(exe, as_nobody)), None)
+        if python is None:
+            self.skipTest("no Python 3.9+ that the user nobody can run")
+        result = subprocess.run([python, os.path.join(code, "backup.py"), "1", "pi",
+                                 "--dir", self.stack],
+                                preexec_fn=as_nobody, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={"PATH": "/usr/bin:/bin", "HOME": self.tmp})
+        self.assertEqual(result.returncode, lib.EXIT_WARNINGS, result.stderr)
+        self.assertIn(b"Warning: cannot read volumes/mosquitto/pwfile/pwfile", result.stdout)
+        (archive,) = glob.glob(os.path.join(self.backups, "backup", "backup_*.tar.gz"))
+        self.assert_verifies(archive)
+        names = archive_names(archive)
+        self.assertNotIn("volumes/mosquitto/pwfile/pwfile", names)
+        self.assertIn("volumes/mosquitto/pwfile", names)
+        self.assertEqual(os.stat(archive).st_uid, nobody.pw_uid)
+        log = read_log(self.stack)
+        self.assertIn("USER pi ignored: not running as root", log)
+        self.assertIn("Warning: cannot read volumes/mosquitto/pwfile/pwfile", log)
+
+
 @unittest.skipUnless(IS_ROOT, "mounting a small tmpfs needs root")
 class FullDiskTest(StackTestCase):
     scale = 1.0
