@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 EXIT_OK = 0
@@ -671,23 +672,87 @@ def open_archive_chunks(fileobj):
         raise ArchiveError(str(e)) from None
 
 
-def drop_cache(fd):
+def drop_cache(fd, offset=0, length=0):
     """Ask the kernel to forget cached pages, so a read-back reads the disk."""
     with contextlib.suppress(AttributeError, OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def verify_archive(path, expected_members=None):
-    """Read a whole archive: gzip CRC, every tar header.  Returns members."""
-    with open(path, "rb") as f:
-        drop_cache(f.fileno())
-        reader = TarReader(open_archive_chunks(f))
-        for _member in reader:
-            pass
-    if expected_members is not None and reader.members != expected_members:
-        raise ArchiveError("archive holds %d members, %d were written"
-                           % (reader.members, expected_members))
-    return reader.members
+class FollowingVerifier:
+    """Reads an archive back from disk while it is still being written.
+
+    The writer reports how far the file is fsynced; this thread drops those
+    pages from the cache, reads them from the disk, inflates them (gzip CRC
+    at the end) and parses every tar header, so most of the read-back is
+    done by the time the last block is written.  finish() waits for the
+    rest and checks the member count.
+    """
+
+    def __init__(self, path):
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._cond = threading.Condition()
+        self._durable = 0
+        self._finished = False
+        self._cancelled = False
+        self._offset = 0
+        self.members = None
+        self.error = None
+        self._thread = threading.Thread(target=self._run, name="verify", daemon=True)
+        self._thread.start()
+
+    def advance(self, durable, finished=False):
+        with self._cond:
+            self._durable = durable
+            self._finished = finished
+            self._cond.notify()
+
+    def finish(self, size, expected_members):
+        self.advance(size, finished=True)
+        self._thread.join()
+        os.close(self._fd)
+        if self.error is not None:
+            raise self.error
+        if self.members != expected_members:
+            raise ArchiveError("archive holds %d members, %d were written"
+                               % (self.members, expected_members))
+        return self.members
+
+    def cancel(self):
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def _read(self, size):
+        with self._cond:
+            while self._offset >= self._durable and not self._finished and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise ArchiveError("verification cancelled")
+            end = self._durable
+        if self._offset >= end:
+            return b""
+        length = min(size, end - self._offset)
+        drop_cache(self._fd, self._offset, length)
+        data = os.pread(self._fd, length, self._offset)
+        if not data:
+            raise ArchiveError("the archive on disk is shorter than what was written")
+        self._offset += len(data)
+        return data
+
+    def _run(self):
+        from parallel_gzip import GzipError, gunzip_chunks
+        try:
+            reader = TarReader(gunzip_chunks(self._read, 256 * 1024))
+            for _member in reader:
+                pass
+            self.members = reader.members
+        except GzipError as e:
+            self.error = ArchiveError(str(e))
+        except (ArchiveError, OSError) as e:
+            self.error = e if isinstance(e, ArchiveError) else ArchiveError(str(e))
 
 
 # ---------------------------------------------------------------------------
@@ -702,11 +767,18 @@ def fsync_dir(path):
 
 
 class FileSink:
-    """An unbuffered, counting file writer (the gzip writer buffers)."""
+    """An unbuffered, counting file writer (the gzip writer buffers).
 
-    def __init__(self, fd):
+    With on_durable, it fdatasyncs every sync_every bytes and reports how
+    much of the file is on disk, for a FollowingVerifier.
+    """
+
+    def __init__(self, fd, on_durable=None, sync_every=16 << 20):
         self.fd = fd
         self.written = 0
+        self.on_durable = on_durable
+        self.sync_every = sync_every
+        self._synced = 0
 
     def write(self, data):
         view = memoryview(data)
@@ -714,6 +786,10 @@ class FileSink:
             n = os.write(self.fd, view)
             view = view[n:]
             self.written += n
+        if self.on_durable is not None and self.written - self._synced >= self.sync_every:
+            os.fdatasync(self.fd)
+            self._synced = self.written
+            self.on_durable(self.written)
         return len(data)
 
     def flush(self):

@@ -360,9 +360,10 @@ class StackHandlingTest(StackTestCase):
         self.assert_verifies(self.dated)  # the backup itself is good
 
     def test_services_restarted_when_verify_fails(self):
-        def broken(path, expected=None):
+        def broken(verifier, size, expected):
+            verifier.cancel()
             raise lib.ArchiveError("simulated read error")
-        with mock.patch.object(lib, "verify_archive", broken):
+        with mock.patch.object(lib.FollowingVerifier, "finish", broken):
             code, _out, err = self.backup("3", *USER_ARGS)
         self.assertEqual(code, 1)
         self.assertIn("verification of the new archive failed", err)

@@ -1,5 +1,6 @@
 """Table tests for the pure decisions of backuplib, backup.py and restore.py."""
 import datetime
+import gzip
 import io
 import os
 import subprocess
@@ -204,6 +205,46 @@ class TarFormatTest(unittest.TestCase):
         odd = bytearray(lib.tar_header(b"a", b"S", 0o644, 0, 0, 0, 0))
         with self.assertRaisesRegex(lib.ArchiveError, "unsupported"):
             list(lib.TarReader([bytes(odd)]))
+
+
+class FollowingVerifierTest(unittest.TestCase):
+    def archive_bytes(self, members):
+        body = b"".join(lib.tar_header(b"volumes/f%d" % i, lib.TYPE_FILE, 0o644, 0, 0, 3, 0)
+                        + b"abc" + bytes(509) for i in range(members))
+        return gzip.compress(body + bytes(1024))
+
+    def test_reads_only_what_is_durable_and_counts_members(self):
+        data = self.archive_bytes(300)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "a.tar.gz")
+            with open(path, "wb") as f:
+                f.write(data[:1000])
+                f.flush()
+                verifier = lib.FollowingVerifier(path)
+                verifier.advance(1000)
+                f.write(data[1000:])
+            self.assertEqual(verifier.finish(len(data), 300), 300)
+
+    def test_damage_and_wrong_counts_fail(self):
+        data = bytearray(self.archive_bytes(50))
+        data[len(data) // 2] ^= 0xFF
+        cases = [(bytes(data), 50, "CRC|invalid|corrupt"),
+                 (self.archive_bytes(50), 51, "50 members, 51 were written"),
+                 (self.archive_bytes(50)[:-20], 50, "truncated")]
+        with tempfile.TemporaryDirectory() as tmp:
+            for content, members, message in cases:
+                path = os.path.join(tmp, "a.tar.gz")
+                with open(path, "wb") as f:
+                    f.write(content)
+                verifier = lib.FollowingVerifier(path)
+                with self.assertRaisesRegex(lib.ArchiveError, message):
+                    verifier.finish(len(content), members)
+
+    def test_cancel_while_waiting(self):
+        with tempfile.NamedTemporaryFile() as f:
+            verifier = lib.FollowingVerifier(f.name)
+            verifier.cancel()
+        self.assertFalse(verifier._thread.is_alive())
 
 
 class MemberPolicyTest(unittest.TestCase):
