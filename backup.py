@@ -15,6 +15,7 @@ import configparser
 import errno
 import os
 import shutil
+import stat
 import sys
 import time
 import urllib.request
@@ -391,7 +392,7 @@ def dry_run(stack, args):
     count = size = 0
     for entry in lib.iter_entries(stack, items, args.exclude, excluded, notes):
         count += 1
-        if os.path.isfile(entry.path) and not os.path.islink(entry.path):
+        if stat.S_ISREG(entry.st.st_mode):
             size += entry.st.st_size
     out.write("Entries: %d, %s of file data\n" % (count, lib.human_size(size)))
     if excluded:

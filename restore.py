@@ -623,8 +623,8 @@ def restore_with_log(stack, archive, args, log, out):
             progress = lib.NoProgress()
             if sys.stderr.isatty():
                 progress = lib.TerminalProgress(estimated_size(archive), label="Unpacking: ")
-            summary = checked(archive, args.only, Stager(staging, as_root, fresh_root=True), progress,
-                              staging)
+            stager = Stager(staging, as_root, fresh_root=True)
+            summary = checked(archive, args.only, stager, progress, staging)
             progress.finish()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
