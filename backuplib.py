@@ -944,7 +944,8 @@ class StackUnavailable(Exception):
     """docker or its daemon cannot be used; the caller goes on without it."""
 
 
-def _first_line(text):
+def _last_line(text):
+    """The last line that says something: where docker puts the cause."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
 
@@ -977,10 +978,10 @@ class Compose:
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise StackUnavailable("%s: %s" % (" ".join(self.command + list(args[:1])), e)) from None
+            raise StackUnavailable("%s %s: %s" % (" ".join(self.command), args[0], e)) from None
         if result.returncode != 0:
-            raise StackUnavailable("%s %s failed: %s" % (
-                " ".join(self.command), args[0], _first_line(result.stderr.decode("utf-8", "replace"))))
+            cause = _last_line(result.stderr.decode("utf-8", "replace"))
+            raise StackUnavailable("%s %s failed: %s" % (" ".join(self.command), args[0], cause))
         return result.stdout.decode("utf-8", "replace")
 
     def running_services(self):
