@@ -442,6 +442,22 @@ class OwnershipTest(StackTestCase):
         self.assertIn("Backup Owner: sync (default ($SUDO_USER), no terminal to ask)",
                       read_log(self.stack))
 
+    def test_on_a_terminal_root_is_asked_with_the_default_offered(self):
+        user = self.user_with_foreign_group()
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        for typed, expected_uid in (("\n", user.pw_uid), ("root\n", 0)):
+            shutil.rmtree(self.backups, ignore_errors=True)
+            with mock.patch.dict(os.environ, {"SUDO_USER": "sync"}), \
+                    mock.patch("sys.stdin", Terminal(typed)):
+                code, out, _err = self.backup("1")
+            self.assertEqual(code, 0)
+            self.assertIn("Owner of the backup files [sync]: ", out)
+            self.assertEqual(os.stat(self.dated).st_uid, expected_uid, typed)
+
     def test_no_user_defaults_to_the_owner_of_the_stack(self):
         user = self.user_with_foreign_group()
         os.chown(self.stack, user.pw_uid, user.pw_gid)
