@@ -571,13 +571,7 @@ class KillTests(unittest.TestCase):
         for n, run, result, after in self.killed(RENAMES, range(1, total + 2),
                                                  ["--recover"]):
             with self.subTest(rename=n, total=total):
-                if n > total:
-                    self.assertEqual(result.returncode, 0, result.stderr)
-                    self.assertEqual(diff_snapshots(self.new, items(run.stack)), [])
-                    continue
-                self.assert_killed(result)
-                self.assertEqual((after.returncode, after.stderr), (0, ""), after.stdout)
-                outcomes.append(self.assert_recovered(run, after.stdout))
+                outcomes.append(self.judge_attempt(n, total, run, result, after))
         self.assertIn("old", outcomes)
 
     def test_kill_at_sampled_unlinks(self):
@@ -591,14 +585,20 @@ class KillTests(unittest.TestCase):
                         | {total + 1})
             for n, run, result, after in self.killed(syscall, ns, ["--recover"]):
                 with self.subTest(syscall=syscall, n=n, total=total):
-                    if n > total:  # past the last unlink: completes
-                        self.assertEqual(result.returncode, 0, result.stderr)
-                        self.assertEqual(diff_snapshots(self.new, items(run.stack)), [])
-                        continue
-                    self.assert_killed(result)
-                    self.assertEqual((after.returncode, after.stderr), (0, ""), after.stdout)
-                    outcomes.append(self.assert_recovered(run, after.stdout))
+                    outcomes.append(self.judge_attempt(n, total, run, result, after))
         self.assertIn("new", outcomes)
+
+    def judge_attempt(self, n, total, run, result, after):
+        """One attempt killed at the nth call: past the last call it simply
+        completes; otherwise --recover must give exactly the old or the new
+        tree.  Returns "old", "new", or None for a completed run."""
+        if n > total:
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(diff_snapshots(self.new, items(run.stack)), [])
+            return None
+        self.assert_killed(result)
+        self.assertEqual((after.returncode, after.stderr), (0, ""), after.stdout)
+        return self.assert_recovered(run, after.stdout)
 
     def test_recover_in_process(self):
         # restore.main(["--recover"]) in this process, after a kill mid-swap.
