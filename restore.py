@@ -622,7 +622,7 @@ def restore_with_log(stack, archive, args, log, out):
         try:
             progress = lib.NoProgress()
             if sys.stderr.isatty():
-                progress = lib.TerminalProgress(estimated_size(archive), label="Unpacking: ")
+                progress = lib.TerminalProgress(need, label="Unpacking: ")
             stager = Stager(staging, as_root, fresh_root=True)
             summary = checked(archive, args.only, stager, progress, staging)
             progress.finish()
