@@ -4,8 +4,11 @@ ParallelGzipWriter compresses a stream on several threads the way pigz does:
 the input is cut into blocks, each block is deflated by its own compressor
 primed with the 32 KiB of data that precede it, and the byte-aligned results
 are concatenated into one ordinary gzip member that every gzip reader accepts.
-Blocks that look incompressible are stored instead of deflated, which saves
-the CPU time deflate would waste on them. Memory stays bounded because at most
+A small sample of each block picks its encoding: blocks that look
+incompressible are stored, blocks of noise and runs (database pages) are
+coded for runs alone, and the asked level is spent only where it pays, which
+saves the CPU time deflate would waste searching for matches that are not
+there. Memory stays bounded because at most
 a fixed number of blocks is in flight, and any error (from a worker or from
 the output file, for example a full disk) reaches the caller unchanged.
 
@@ -52,10 +55,17 @@ PROBE_SLICE_SIZE = 2 * 1024
 PROBE_SLICES = 3
 INCOMPRESSIBLE_RATIO = 0.98
 
-# A block goes out at level 1 when the requested level would make its
-# sample less than 1% smaller: the archive stays within a fraction of a
-# percent of gzip's size at that level, for much less CPU on binary data.
+# A cheaper encoding is used when its sample comes out at most 1% larger than
+# the best one tried: the archive stays within a fraction of a percent of
+# gzip's size at the asked level, for much less CPU on binary data.
 LEVEL_GAIN_RATIO = 0.99
+
+# How a block goes out: (level, strategy), cheapest first. Z_RLE only looks
+# for runs of one byte, which is all that noise padded with runs (database
+# pages, sparse files) offers; it costs a fraction of a hash-chain search.
+STORED = (0, zlib.Z_DEFAULT_STRATEGY)
+RUNS = (1, zlib.Z_RLE)
+FAST = (1, zlib.Z_DEFAULT_STRATEGY)
 
 # A stored deflate block holds at most 65535 bytes (16-bit length field).
 MAX_STORED_LENGTH = 0xFFFF
@@ -106,28 +116,49 @@ def probe_sample(block):
     return b"".join(block[s:s + PROBE_SLICE_SIZE] for s in starts)
 
 
-def deflated_length(sample, level):
-    # zlib.compress is a single call (one GIL release) but adds a 2-byte
-    # header and a 4-byte checksum to the raw deflate data.
-    return len(zlib.compress(sample, level)) - 6
+def deflated_length(sample, level, strategy=zlib.Z_DEFAULT_STRATEGY):
+    """Length of sample as raw deflate data (without the final flush's
+    few bytes, which every encoding pays alike)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
+                                  zlib.DEF_MEM_LEVEL, strategy)
+    return len(compressor.compress(sample)) + len(compressor.flush(zlib.Z_SYNC_FLUSH))
 
 
-def block_level(block, level):
-    """The level worth spending on block: 0 (stored) when deflate cannot
-    shrink it, 1 when `level` would not make it even 1% smaller than level 1
-    does (databases of random bytes and runs: the slow levels only search
-    longer for matches that are not there), else `level` itself."""
+def block_encoding(block, level):
+    """The cheapest encoding of block that costs no real size: STORED when
+    deflate cannot shrink it; else RUNS, FAST or `level` itself, whichever
+    comes first in that order with a sample at most 1% larger than the
+    others'. Text needs `level`; databases of noise and runs need only RUNS,
+    which the slow levels cannot beat: they search longer for matches that
+    are not there."""
     if level == 0:
-        return 0
+        return STORED
     sample = probe_sample(block)
     if not sample:
-        return level
-    fast = deflated_length(sample, 1)
-    if fast >= len(sample) * INCOMPRESSIBLE_RATIO:
-        return 0
-    if level > 1 and deflated_length(sample, level) >= fast * LEVEL_GAIN_RATIO:
-        return 1
-    return level
+        return (level, zlib.Z_DEFAULT_STRATEGY)
+    # Cheapest questions first: noise and runs (most binary data) are
+    # settled by RUNS and the asked level alone.
+    runs = deflated_length(sample, 1, zlib.Z_RLE)
+    fast = None
+    if runs >= len(sample) * INCOMPRESSIBLE_RATIO:
+        # Byte values are near uniform and nothing repeats at once, but
+        # level 1 may still find repeated strings: store only if it cannot.
+        fast = deflated_length(sample, 1)
+        if fast >= len(sample) * INCOMPRESSIBLE_RATIO:
+            return STORED
+    if level > 1:
+        full = deflated_length(sample, level)
+    else:
+        full = fast = fast or deflated_length(sample, 1)
+    if runs * LEVEL_GAIN_RATIO <= full:
+        return RUNS
+    if level == 1:
+        return FAST
+    # Here `full` beats RUNS by more than 1%; does FAST come close to it?
+    fast = fast or deflated_length(sample, 1)
+    if fast * LEVEL_GAIN_RATIO <= full:
+        return FAST
+    return (level, zlib.Z_DEFAULT_STRATEGY)
 
 
 def stored_deflate(block, last):
@@ -160,15 +191,18 @@ def compress_block(block, dictionary, level, last):
     byte-aligns the output without ending the deflate stream; only the last
     block carries the final-block bit.
     """
-    level = block_level(block, level)
-    if level == 0:
+    encoding = block_encoding(block, level)
+    if encoding == STORED:
         return stored_deflate(block, last)
-    if dictionary:
+    level, strategy = encoding
+    # Runs of one byte never reach back more than a byte, so priming the
+    # window (which hashes all 32 KiB of it) would buy nothing for RUNS.
+    if dictionary and encoding != RUNS:
         compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
-                                      zlib.DEF_MEM_LEVEL,
-                                      zlib.Z_DEFAULT_STRATEGY, dictionary)
+                                      zlib.DEF_MEM_LEVEL, strategy, dictionary)
     else:
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
+                                      zlib.DEF_MEM_LEVEL, strategy)
     flush_mode = zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH
     return compressor.compress(block) + compressor.flush(flush_mode)
 

@@ -66,6 +66,14 @@ def semi_compressible(size, seed=3):
     return bytes(out[:size])
 
 
+def repeated_tokens(size, seed=5):
+    """Random 16-byte tokens drawn from a vocabulary of 300: strings repeat,
+    but no slow search finds longer matches than a quick one does."""
+    rng = random.Random(seed)
+    vocabulary = [random_bytes(16, rng.randrange(10 ** 9)) for _ in range(300)]
+    return b"".join(rng.choice(vocabulary) for _ in range(size // 16 + 1))[:size]
+
+
 def mixed(size, seed=4):
     rng = random.Random(seed)
     makers = [text_like, text_like, semi_compressible, semi_compressible, random_bytes]
@@ -208,22 +216,38 @@ class WriterFormatTests(unittest.TestCase):
                 self.assertLess(len(output), len(data) + 200)
                 self.assertEqual(gzip.decompress(output), data)
 
-    def test_block_level_spends_cpu_only_where_it_pays(self):
+    def test_block_encoding_spends_cpu_only_where_it_pays(self):
         block = 128 * 1024
         part = random_bytes(80 * 1024) + text_like(48 * 1024)
+        stored, runs, fast = parallel_gzip.STORED, parallel_gzip.RUNS, parallel_gzip.FAST
+        level = lambda n: (n, zlib.Z_DEFAULT_STRATEGY)  # noqa: E731
         table = [
-            (random_bytes(block), 6, 0),       # deflate cannot shrink it: stored
-            (text_like(block), 6, 6),          # level 6 pays on text
-            (semi_compressible(block), 6, 1),  # runs and noise: level 6 gains < 1%
-            (text_like(block), 1, 1),
-            (text_like(block), 0, 0),
-            (b"", 6, 6),
+            (random_bytes(block), 6, stored),      # deflate cannot shrink it
+            (random_bytes(block), 1, stored),
+            (text_like(block), 6, level(6)),       # level 6 pays on text
+            (text_like(block), 9, level(9)),
+            (text_like(block), 1, fast),
+            (text_like(block), 0, stored),
+            (semi_compressible(block), 6, runs),   # noise and runs: Z_RLE is enough
+            (semi_compressible(block), 1, runs),
+            (repeated_tokens(block), 6, fast),     # strings repeat: level 6 gains < 1%
+            (bytes(block), 6, runs),
+            (b"", 6, level(6)),
         ]
-        for data, level, expected in table:
-            with self.subTest(size=len(data), level=level, expected=expected):
-                self.assertEqual(parallel_gzip.block_level(data, level), expected)
+        for data, asked, expected in table:
+            with self.subTest(size=len(data), level=asked, expected=expected):
+                self.assertEqual(parallel_gzip.block_encoding(data, asked), expected)
         # Compressible data in one third of a block is enough not to store it.
-        self.assertNotEqual(parallel_gzip.block_level(part, 6), 0)
+        self.assertNotEqual(parallel_gzip.block_encoding(part, 6), stored)
+
+    def test_every_encoding_round_trips_in_one_stream(self):
+        # RUNS blocks are deflated without the preceding 32 KiB as dictionary;
+        # the stream must still decode when they sit between primed blocks.
+        data = (text_like(150_000) + semi_compressible(150_000) + repeated_tokens(150_000)
+                + random_bytes(150_000) + text_like(150_000, seed=9))
+        output, _ = compress(data, level=6, jobs=3, block_size=SMALL_BLOCK)
+        self.assertEqual(gzip.decompress(output), data)
+        self.assertEqual(zlib.decompress(output, 16 + zlib.MAX_WBITS), data)
 
     def test_stored_deflate_blocks_decode(self):
         for size in (0, 1, 65535, 65536, 200_000):
