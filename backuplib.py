@@ -24,10 +24,12 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -240,15 +242,24 @@ def split_ustar_name(name):
     return None
 
 
+_USTAR_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12s")
+
+
+def header_checksum(header):
+    """The sum of the 512 bytes of a header, computed in C: Adler-32's low
+    half is 1 + the sum of the bytes modulo 65521, exact for 256 bytes (at
+    most 65280), so two halves give the whole sum."""
+    return ((zlib.adler32(header[:256]) & 0xFFFF) - 1
+            + (zlib.adler32(header[256:]) & 0xFFFF) - 1)
+
+
 def _ustar_block(name, prefix, typeflag, mode, uid, gid, size, mtime, linkname,
                  devmajor=0, devminor=0):
-    header = b"".join((
-        name.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
-        b"%011o\0" % size, b"%011o\0" % mtime, b"        ", typeflag,
-        linkname.ljust(100, b"\0"), b"ustar\x0000", bytes(64),
-        b"%07o\0" % devmajor, b"%07o\0" % devminor, prefix.ljust(155, b"\0"), bytes(12),
-    ))
-    return b"%s%06o\0 %s" % (header[:148], sum(header), header[156:])
+    header = _USTAR_FIELDS.pack(
+        name, b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size,
+        b"%011o" % mtime, b"        ", typeflag, linkname, b"ustar\x0000", b"", b"",
+        b"%07o" % devmajor, b"%07o" % devminor, prefix, b"")
+    return b"%s%06o\0 %s" % (header[:148], header_checksum(header), header[156:])
 
 
 def tar_header(name, typeflag, mode, uid, gid, size, mtime, linkname=b"",
@@ -323,18 +334,29 @@ def iter_entries(stack, items, patterns, excluded, notes):
 
 
 def _iter_dir(rel, path, patterns, excluded):
+    # A stack of directory listings rather than recursion: each entry is
+    # yielded once, not passed up through a generator per level of depth.
+    listings = [(rel, _sorted_listing(path))]
+    while listings:
+        parent, children = listings[-1]
+        for child in children:
+            child_rel = parent + "/" + child.name
+            st = child.stat(follow_symlinks=False)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
+                excluded.append(child_rel)
+                continue
+            yield Entry(child_rel, child.path, st)
+            if is_dir:
+                listings.append((child_rel, _sorted_listing(child.path)))
+                break
+        else:
+            listings.pop()
+
+
+def _sorted_listing(path):
     with os.scandir(path) as it:
-        children = sorted(it, key=lambda e: e.name)
-    for child in children:
-        child_rel = rel + "/" + child.name
-        st = child.stat(follow_symlinks=False)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
-            excluded.append(child_rel)
-            continue
-        yield Entry(child_rel, child.path, st)
-        if is_dir:
-            yield from _iter_dir(child_rel, child.path, patterns, excluded)
+        return iter(sorted(it, key=lambda e: e.name))
 
 
 class ArchiveStats:
@@ -347,23 +369,35 @@ class ArchiveStats:
         self.warnings = []
 
 
+# Small members are gathered and handed on in batches of about this size:
+# one call per member would cost more than the member's own bytes.
+WRITE_BATCH = 128 * 1024
+READ_CHUNK = 1 << 20
+
+
 def write_tar(out, stack, items, patterns, progress, stats):
     """Write the tar stream of the manifest items to out; fill stats."""
     first_of_inode = {}
-    copy_buffer = 1 << 20
+    batch = bytearray()
+    batch_bytes = batch_files = 0
     for entry in iter_entries(stack, items, patterns, stats.excluded, stats.notes):
+        if len(batch) >= WRITE_BATCH:
+            out.write(batch)
+            batch.clear()
+            progress.update(batch_bytes, batch_files)
+            batch_bytes = batch_files = 0
         st = entry.st
         fmt = stat.S_IFMT(st.st_mode)
         name = os.fsencode(entry.rel)
         mode = stat.S_IMODE(st.st_mode)
         mtime = st.st_mtime_ns // 1_000_000_000
         if fmt == stat.S_IFREG:
-            key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
                 first = first_of_inode.get(key)
                 if first is not None:
-                    out.write(tar_header(name, TYPE_HARDLINK, mode, st.st_uid, st.st_gid,
-                                         0, mtime, first))
+                    batch += tar_header(name, TYPE_HARDLINK, mode, st.st_uid, st.st_gid,
+                                        0, mtime, first)
                     stats.members += 1
                     continue
             try:
@@ -373,50 +407,56 @@ def write_tar(out, stack, items, patterns, progress, stats):
                 continue
             try:
                 size = st.st_size
-                header = tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime)
-                padding = bytes(-size % BLOCK)
-                data = os.read(fd, size) if size <= copy_buffer else b""
+                batch += tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime)
+                data = os.read(fd, size) if size <= READ_CHUNK else b""
                 if len(data) == size:
-                    # Most files are small: one write for the whole member.
-                    out.write(header + data + padding)
+                    batch += data  # most files: read whole, one copy into the batch
                 else:
-                    out.write(header)
+                    out.write(batch)
+                    batch.clear()
                     out.write(data)
-                    remaining = size - len(data)
-                    while remaining:
-                        chunk = os.read(fd, min(remaining, copy_buffer))
-                        if not chunk:
-                            stats.warnings.append("%s shrank while being read: padded with "
-                                                  "zeros" % entry.rel)
-                            out.write(bytes(remaining))
-                            break
-                        out.write(chunk)
-                        remaining -= len(chunk)
-                    out.write(padding)
+                    _copy_rest(out, fd, size - len(data), entry.rel, stats)
+                batch += bytes(-size % BLOCK)
             finally:
                 os.close(fd)
             if st.st_nlink > 1:
                 first_of_inode[key] = name
             stats.files += 1
             stats.bytes += size
-            progress.update(size, 1)
+            batch_bytes += size
+            batch_files += 1
         elif fmt == stat.S_IFDIR:
-            out.write(tar_header(name + b"/", TYPE_DIR, mode, st.st_uid, st.st_gid, 0, mtime))
+            batch += tar_header(name + b"/", TYPE_DIR, mode, st.st_uid, st.st_gid, 0, mtime)
         elif fmt == stat.S_IFLNK:
             target = os.fsencode(os.readlink(entry.path))
-            out.write(tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime, target))
+            batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime, target)
         elif fmt == stat.S_IFIFO:
-            out.write(tar_header(name, TYPE_FIFO, mode, st.st_uid, st.st_gid, 0, mtime))
+            batch += tar_header(name, TYPE_FIFO, mode, st.st_uid, st.st_gid, 0, mtime)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             typeflag = TYPE_CHAR if fmt == stat.S_IFCHR else TYPE_BLOCK
-            out.write(tar_header(name, typeflag, mode, st.st_uid, st.st_gid, 0, mtime, b"",
-                                 os.major(st.st_rdev), os.minor(st.st_rdev)))
+            batch += tar_header(name, typeflag, mode, st.st_uid, st.st_gid, 0, mtime, b"",
+                                os.major(st.st_rdev), os.minor(st.st_rdev))
         else:
             stats.notes.append("skipped socket %s" % entry.rel if fmt == stat.S_IFSOCK
                                else "skipped %s: unsupported file type" % entry.rel)
             continue
         stats.members += 1
-    out.write(ZERO_BLOCK * 2)
+    batch += ZERO_BLOCK * 2
+    out.write(batch)
+    progress.update(batch_bytes, batch_files)
+
+
+def _copy_rest(out, fd, remaining, rel, stats):
+    """Copy a large file's remaining bytes in chunks; a file that shrank
+    since it was stat'ed is padded with zeros to the size in its header."""
+    while remaining:
+        chunk = os.read(fd, min(remaining, READ_CHUNK))
+        if not chunk:
+            stats.warnings.append("%s shrank while being read: padded with zeros" % rel)
+            out.write(bytes(remaining))
+            return
+        out.write(chunk)
+        remaining -= len(chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -471,7 +511,7 @@ def header_checksum_ok(block):
     """Unsigned sums are the standard; old tars summed signed bytes."""
     stored = parse_number(block[148:156])
     field = block[148:156]
-    unsigned = sum(block) - sum(field) + 8 * 32
+    unsigned = header_checksum(block) - sum(field) + 8 * 32
     if stored == unsigned:
         return True
     high = sum(1 for b in block if b > 127) - sum(1 for b in field if b > 127)
