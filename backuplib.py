@@ -477,6 +477,12 @@ _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"1": "hardlink", b"2": "sy
           b"3": "chardev", b"4": "blockdev", b"5": "dir", b"6": "fifo"}
 
 
+# The numeric fields of almost every header GNU tar (or backup.py) writes:
+# mode, uid, gid, size and mtime as zero-padded octal, each NUL-terminated.
+# One match reads all five; anything else takes parse_number field by field.
+_PLAIN_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0")
+
+
 def parse_number(field):
     if field[:1] and field[0] & 0x80:  # GNU base-256
         value = int.from_bytes(field, "big")
@@ -670,17 +676,20 @@ class TarReader:
             kind = "dir"
         m.name = name.decode("utf-8", "surrogateescape")
         m.type = kind
-        m.mode = parse_number(block[100:108]) & 0o7777
-        if overrides:
-            m.uid = pax_number(overrides, b"uid", parse_number(block[108:116]))
-            m.gid = pax_number(overrides, b"gid", parse_number(block[116:124]))
-            m.size = pax_number(overrides, b"size", size)
-            m.mtime = pax_number(overrides, b"mtime", parse_number(block[136:148]))
+        plain = _PLAIN_NUMBERS.match(block, 100)
+        if plain:
+            mode, uid, gid, _size, mtime = [int(group, 8) for group in plain.groups()]
         else:
-            m.uid = parse_number(block[108:116])
-            m.gid = parse_number(block[116:124])
-            m.size = size
-            m.mtime = parse_number(block[136:148])
+            mode, uid, gid, mtime = [parse_number(block[start:end]) for start, end in
+                                     ((100, 108), (108, 116), (116, 124), (136, 148))]
+        m.mode = mode & 0o7777
+        if overrides:
+            m.uid = pax_number(overrides, b"uid", uid)
+            m.gid = pax_number(overrides, b"gid", gid)
+            m.size = pax_number(overrides, b"size", size)
+            m.mtime = pax_number(overrides, b"mtime", mtime)
+        else:
+            m.uid, m.gid, m.size, m.mtime = uid, gid, size, mtime
         link = overrides.get(b"linkpath", block[157:257].split(b"\0", 1)[0])
         m.linkname = link.decode("utf-8", "surrogateescape")
         if kind in ("chardev", "blockdev"):

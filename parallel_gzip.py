@@ -12,18 +12,25 @@ there. Memory stays bounded because at most
 a fixed number of blocks is in flight, and any error (from a worker or from
 the output file, for example a full disk) reaches the caller unchanged.
 
-GzipChunkReader and iter_gunzip decompress on a background thread with a
-bounded queue and never report success for data that zlib could not verify:
-truncation, corruption (including CRC32 and length mismatches in the trailer)
-and trailing garbage each raise their own GzipError subclass.
+iter_gunzip decompresses a regular file in a child process, as gzip does
+for tar, and other file objects on a background thread (GzipChunkReader);
+both keep memory bounded (a pipe, a bounded queue) and never report success
+for data that zlib could not verify: truncation, corruption (including CRC32
+and length mismatches in the trailer) and trailing garbage each raise their
+own GzipError subclass.
 """
 
 import collections
 import concurrent.futures
+import fcntl
+import io
 import os
 import queue
+import signal
+import stat
 import struct
 import threading
+import warnings
 import zlib
 
 __all__ = [
@@ -625,8 +632,152 @@ def _produce_chunks(fileobj, chunk_size, chunks, stop):
 def iter_gunzip(fileobj, chunk_size=256 * 1024, queue_depth=8):
     """Yield decompressed bytes chunks; raise a GzipError subclass on any problem.
 
-    Decompression runs on a background thread; closing the generator early
-    stops it.
+    A regular file is decompressed by a child process (gunzip_file_in_child);
+    other file objects on a background thread. Closing the generator early
+    stops either.
     """
+    if _is_regular_file(fileobj) and hasattr(os, "fork"):
+        yield from gunzip_file_in_child(fileobj)
+        return
     with GzipChunkReader(fileobj, chunk_size, queue_depth) as reader:
         yield from reader
+
+
+def _is_regular_file(fileobj):
+    try:
+        return stat.S_ISREG(os.fstat(fileobj.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+# Errors the child can report, by name; anything else is reported as a
+# GzipError with the child's message.
+_CHILD_ERRORS = {cls.__name__: cls for cls in (
+    GzipError, NotGzipError, EmptyArchiveError, TruncatedGzipError, CorruptGzipError)}
+
+# Linux lets any process grow a pipe to 1 MiB: fewer, larger reads.
+# (fcntl names F_SETPIPE_SZ from Python 3.10 on; 1031 is Linux's value.)
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def gunzip_file_in_child(fileobj, chunk_size=PIPE_SIZE):
+    """Yield the decompressed contents of a regular gzip file, decompressed
+    in a forked child process that writes them to a pipe, as `tar -xz`
+    leaves decompression to gzip.
+
+    In a thread, zlib would release the GIL while it inflates, but every
+    return for more input waits for the caller's Python code to give the GIL
+    back; a process runs on its own core without that hand-off. The child
+    reports how it ended on a second pipe after the last byte: no data is
+    taken as complete unless it says so, and its errors are raised here as
+    the same GzipError subclasses (or OSError) with the same messages.
+    """
+    start = fileobj.tell()
+    source = fileobj.fileno()
+    data_read, data_write = os.pipe()
+    status_read, status_write = os.pipe()
+    try:
+        fcntl.fcntl(data_write, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only means more reads
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() beside other threads; the child
+            # only runs zlib and plain system calls, taking no lock they hold.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except BaseException:
+        for fd in (data_read, data_write, status_read, status_write):
+            os.close(fd)
+        raise
+    if pid == 0:
+        _child_gunzip(source, start, data_write, status_write,
+                      keep=(source, data_write, status_write))
+    os.close(data_write)
+    os.close(status_write)
+    try:
+        while True:
+            chunk = os.read(data_read, chunk_size)
+            if not chunk:
+                break
+            yield chunk
+        status = b""
+        while True:
+            more = os.read(status_read, 4096)
+            if not more:
+                break
+            status += more
+        _raise_child_status(status)
+    finally:
+        os.close(data_read)
+        os.close(status_read)
+        # The child may still be writing, if the caller stopped early.
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _child_gunzip(source, start, data_write, status_write, keep):
+    """Body of the child: never returns, and runs no code of the parent's
+    (no atexit handlers, no buffered output flushed twice)."""
+    status = b"error\nGzipError\ndecompression process failed"
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        _close_other_fds(keep)
+        position = [start]
+
+        def read(size):
+            data = os.pread(source, size, position[0])
+            position[0] += len(data)
+            return data
+
+        for chunk in gunzip_chunks(read, PIPE_SIZE):
+            write_all_fd(data_write, chunk)
+        status = b"ok"
+    except GzipError as error:
+        status = ("error\n%s\n%s" % (type(error).__name__, error)).encode("utf-8", "replace")
+    except OSError as error:
+        status = ("oserror\n%d\n%s" % (error.errno or 0, error.strerror or error)).encode(
+            "utf-8", "replace")
+    except BaseException as error:
+        status = ("error\nGzipError\ndecompression failed: %s" % (error,)).encode(
+            "utf-8", "replace")
+    finally:
+        try:
+            os.close(data_write)
+            write_all_fd(status_write, status)
+        finally:
+            os._exit(0)
+
+
+def _close_other_fds(keep):
+    # The child must not hold the parent's other files open: a lock held
+    # through an inherited descriptor would outlive a killed parent.
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def write_all_fd(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _raise_child_status(status):
+    if status == b"ok":
+        return
+    kind, _, rest = status.decode("utf-8", "replace").partition("\n")
+    if kind == "oserror":
+        number, _, message = rest.partition("\n")
+        raise OSError(int(number), message)
+    if kind == "error":
+        name, _, message = rest.partition("\n")
+        raise _CHILD_ERRORS.get(name, GzipError)(message)
+    # No status at all: the child was killed (out of memory, say).
+    raise GzipError("decompression process ended without finishing")

@@ -262,6 +262,11 @@ class Stager:
         self.fresh_root = fresh_root
         self.made = {""}
         self.dirs = []
+        # A new file already has our ids, and the mode it was opened with
+        # less the umask: chown and chmod are only needed where those differ.
+        self.ids = (os.geteuid(), os.getegid())
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
 
     def _prepare(self, rel):
         parent = rel.rpartition("/")[0]
@@ -288,9 +293,11 @@ class Stager:
     def _meta(self, member, path, fd=None):
         mtime = member.mtime * 1_000_000_000
         if fd is not None:
-            if self.as_root:
+            if self.as_root and (member.uid, member.gid) != self.ids:
                 os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, member.mode)
+            # After chown, which clears set-id bits; those need chmod anyway.
+            if member.mode & ~0o777 or member.mode & self.umask:
+                os.fchmod(fd, member.mode)
             os.utime(fd, ns=(mtime, mtime))
             return
         if self.as_root:
@@ -306,11 +313,14 @@ class Stager:
         kind = member.type
         if kind == "file":
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            # The staging root is private (0700), so a file may have its
+            # final permissions while it is being written.
+            mode = member.mode & 0o777
             try:
-                fd = os.open(path, flags, 0o600)
+                fd = os.open(path, flags, mode)
             except FileExistsError:
                 self._clear(path, rel)
-                fd = os.open(path, flags, 0o600)
+                fd = os.open(path, flags, mode)
             try:
                 for piece in reader.data(member):
                     while piece:

@@ -2,6 +2,7 @@
 
 import array
 import errno
+import fcntl
 import gc
 import gzip
 import io
@@ -653,6 +654,103 @@ class ReaderTests(unittest.TestCase):
         next(reader)
         del reader
         # tearDown collects garbage and waits for the thread to notice
+
+
+class ChildProcessReaderTests(unittest.TestCase):
+    """iter_gunzip on a regular file: decompressed by a forked child."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="gunzip-child-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def tearDown(self):
+        # Every child has been waited for: none is left running or a zombie.
+        with self.assertRaises(ChildProcessError):
+            os.waitpid(-1, os.WNOHANG)
+
+    def file(self, data, name="archive.tar.gz"):
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def gunzip_file(self, data, skip=0):
+        with open(self.file(data), "rb") as f:
+            f.seek(skip)
+            self.assertTrue(parallel_gzip._is_regular_file(f))
+            return b"".join(iter_gunzip(f))
+
+    def error_of(self, data):
+        """The exception each path raises, as (type, message)."""
+        outcomes = []
+        for reader in (gunzip, self.gunzip_file):
+            with self.assertRaises(GzipError) as caught:
+                reader(data)
+            outcomes.append((type(caught.exception), str(caught.exception)))
+        return outcomes
+
+    def test_round_trip(self):
+        for name, data in SAMPLES.items():
+            with self.subTest(sample=name):
+                output, _ = compress(data, jobs=2, block_size=SMALL_BLOCK)
+                self.assertEqual(self.gunzip_file(output), data)
+        big = mixed(3_000_000)
+        self.assertEqual(self.gunzip_file(compress(big, jobs=2)[0]), big)
+
+    def test_starts_where_the_file_is_positioned(self):
+        data = text_like(100_000)
+        self.assertEqual(self.gunzip_file(b"junk" + gzip.compress(data), skip=4), data)
+
+    def test_errors_are_the_threads_errors(self):
+        compressed = compress(text_like(200_000), block_size=SMALL_BLOCK)[0]
+        crc = bytearray(compressed)
+        crc[-6] ^= 0x10
+        cases = {
+            "empty": (b"", EmptyArchiveError),
+            "not gzip": (b"PK\x03\x04" + bytes(100), NotGzipError),
+            "truncated": (compressed[:len(compressed) // 2], TruncatedGzipError),
+            "truncated trailer": (compressed[:-3], TruncatedGzipError),
+            "crc": (bytes(crc), CorruptGzipError),
+            "garbage": (compressed + b"garbage", CorruptGzipError),
+        }
+        for name, (data, expected) in cases.items():
+            with self.subTest(name):
+                thread, child = self.error_of(data)
+                self.assertEqual(child, thread)
+                self.assertIs(child[0], expected)
+
+    def test_read_error_in_the_child_is_raised(self):
+        path = self.file(gzip.compress(b"data"))
+        with open(path, "ab") as f:  # a regular file the child cannot read
+            with self.assertRaises(OSError) as caught:
+                list(parallel_gzip.gunzip_file_in_child(f))
+        self.assertEqual(caught.exception.errno, errno.EBADF)
+
+    def test_stopping_early_ends_the_child(self):
+        path = self.file(gzip.compress(bytes(50_000_000), compresslevel=1))
+        with open(path, "rb") as f:
+            chunks = iter_gunzip(f)
+            self.assertEqual(next(chunks)[:10], bytes(10))
+            chunks.close()
+        # tearDown checks that the child was waited for
+
+    def test_child_holds_no_other_descriptor(self):
+        # A lock taken before the child was forked must go with the parent's
+        # descriptor, not live on in the child.
+        lock_path = self.file(b"", "lock")
+        lock = os.open(lock_path, os.O_RDWR)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = self.file(gzip.compress(bytes(50_000_000), compresslevel=1))
+        with open(path, "rb") as f:
+            chunks = iter_gunzip(f)
+            next(chunks)
+            os.close(lock)
+            other = os.open(lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(other)
+                chunks.close()
 
 
 class FailingReader(io.RawIOBase):
