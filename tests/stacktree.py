@@ -70,6 +70,7 @@ P = {
     "setuid": "volumes/nodered/data/bin/setuid-helper",
     "setgid": "volumes/nodered/data/bin/setgid-helper",
     "readonly": "volumes/grafana/data/readonly.ini",
+    "group_writable": "volumes/grafana/data/shared.ini",
     "sticky_dir": "volumes/nodered/data/tmp",
     "dir_0700": "volumes/mosquitto/pwfile",
     "pwfile": "volumes/mosquitto/pwfile/pwfile",
@@ -425,6 +426,8 @@ class _Builder:
         self.mkdir(P["grafana_dir"] + "/plugins", **gf)  # empty
         self.mkdir(P["grafana_dir"] + "/csv", mode=0o700, **gf)  # empty
         self.write(P["readonly"], "[readonly]\nvalue = 1\n", mode=0o444, **gf)
+        # Wider than a usual umask lets a new file be: restore must chmod it.
+        self.write(P["group_writable"], "[shared]\nvalue = 2\n", mode=0o666, **gf)
         self.write(P["mixed_owner"], "uid 1000, gid 472\n", uid=UID_NODERED, gid=UID_GRAFANA)
         self.mkdir("volumes/grafana/log", **gf)
         self.write("volumes/grafana/log/grafana.log", _text(rng, 1000), mode=0o640, **gf)

@@ -106,6 +106,7 @@ class StackTreeTests(_TmpMixin, unittest.TestCase):
         self.assertEqual(s[P["setuid"]].mode, 0o4755)
         self.assertEqual(s[P["setgid"]].mode, 0o2755)
         self.assertEqual(s[P["readonly"]].mode, 0o444)
+        self.assertEqual(s[P["group_writable"]].mode, 0o666)
         self.assertEqual(s[P["sticky_dir"]].mode, 0o1777)
         self.assertEqual(s[P["dir_0700"]].mode, 0o700)
         self.assertEqual(s[P["old_mtime"]].mtime, stacktree.OLD_MTIME)
