@@ -11,8 +11,11 @@ bench/out/results.md, gives medians, ratios of medians and the targets of the
 performance issue. Wall time is taken around each child process; its CPU time
 and peak RSS come from os.wait4. For fairness os.sync() runs before every
 command, outside the timing, each restore and tar -xzf gets a fresh target,
-and restored trees are deleted only after the last round (on ext4 with
-discard, creating files soon after deleting many is 2-3 times slower). A fake
+and restored trees are deleted only after the last round: ext4 avoids
+reusing inodes freed in the last few minutes, and creating files soon after
+deleting many can be 2-10 times slower, so start a run at least 5 minutes
+after deleting a large tree (an earlier run's work directory), or give
+--workdir on a freshly made filesystem. A fake
 `docker` on PATH (prints nothing, exits 0) leaves stack handling idle.
 --memory-scales reports peak RSS at other tree sizes; --profile runs backup
 and restore under cProfile (main thread only) and prints the top functions;
@@ -245,7 +248,7 @@ class Commands:
 
 def time_commands(commands, rounds, with_pigz, tree_bytes):
     """{label: [Run per round]} after one untimed warm-up of each."""
-    need = (rounds + 1) * 2 * tree_bytes + 4 * tree_bytes // 10 + (200 << 20)
+    need = (rounds + 1) * 3 * tree_bytes + 4 * tree_bytes // 10 + (200 << 20)
     free = backuplib.free_bytes(commands.bench.workdir)
     if need > free:
         raise BenchError("the restored trees are kept until the last round: about %.1f GB "
