@@ -18,7 +18,6 @@ import shutil
 import stat
 import sys
 import time
-import urllib.request
 
 import backuplib as lib
 
@@ -627,6 +626,9 @@ def notify_once(args, outcome, ok, log=None):
         return
     outcome["notified"] = True
     url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
+    # Imported here: it takes longer to import than a small backup takes to
+    # start, and most runs notify nobody.
+    import urllib.request
     try:
         with urllib.request.urlopen(url, timeout=15) as response:
             message = "Notified %s: HTTP %d" % (url, response.status)

@@ -74,8 +74,11 @@ class Bench:
         with open(os.path.join(bin_dir, "docker"), "w") as f:
             f.write(FAKE_DOCKER)
         os.chmod(os.path.join(bin_dir, "docker"), 0o755)
+        # Python caches compiled modules in __pycache__ on a user's machine;
+        # a PYTHONDONTWRITEBYTECODE of the caller's would make every run of
+        # ours compile them again.
         self.env = {key: value for key, value in os.environ.items()
-                    if key not in ("IOTSTACK", "SUDO_USER")}
+                    if key not in ("IOTSTACK", "SUDO_USER", "PYTHONDONTWRITEBYTECODE")}
         self.env["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
         self.count = 0
 

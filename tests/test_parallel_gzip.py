@@ -662,11 +662,24 @@ class ChildProcessReaderTests(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="gunzip-child-")
         self.addCleanup(shutil.rmtree, self.tmp)
+        self.children = []
+        real_fork = os.fork
+
+        def recording_fork():
+            pid = real_fork()
+            if pid:
+                self.children.append(pid)
+            return pid
+
+        patcher = mock.patch.object(parallel_gzip.os, "fork", recording_fork)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
     def tearDown(self):
         # Every child has been waited for: none is left running or a zombie.
-        with self.assertRaises(ChildProcessError):
-            os.waitpid(-1, os.WNOHANG)
+        for pid in self.children:
+            with self.assertRaises(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
     def file(self, data, name="archive.tar.gz"):
         path = os.path.join(self.tmp, name)
@@ -675,10 +688,13 @@ class ChildProcessReaderTests(unittest.TestCase):
         return path
 
     def gunzip_file(self, data, skip=0):
+        forks = len(self.children)
         with open(self.file(data), "rb") as f:
             f.seek(skip)
-            self.assertTrue(parallel_gzip._is_regular_file(f))
-            return b"".join(iter_gunzip(f))
+            try:
+                return b"".join(iter_gunzip(f))
+            finally:
+                self.assertEqual(len(self.children), forks + 1)  # not the thread
 
     def error_of(self, data):
         """The exception each path raises, as (type, message)."""
