@@ -637,7 +637,7 @@ def iter_gunzip(fileobj, chunk_size=256 * 1024, queue_depth=8):
     stops either.
     """
     if _is_regular_file(fileobj) and hasattr(os, "fork"):
-        yield from gunzip_file_in_child(fileobj)
+        yield from gunzip_file_in_child(fileobj, chunk_size)
         return
     with GzipChunkReader(fileobj, chunk_size, queue_depth) as reader:
         yield from reader
@@ -661,7 +661,7 @@ PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def gunzip_file_in_child(fileobj, chunk_size=PIPE_SIZE):
+def gunzip_file_in_child(fileobj, chunk_size=256 * 1024):
     """Yield the decompressed contents of a regular gzip file, decompressed
     in a forked child process that writes them to a pipe, as `tar -xz`
     leaves decompression to gzip.
@@ -672,6 +672,10 @@ def gunzip_file_in_child(fileobj, chunk_size=PIPE_SIZE):
     reports how it ended on a second pipe after the last byte: no data is
     taken as complete unless it says so, and its errors are raised here as
     the same GzipError subclasses (or OSError) with the same messages.
+
+    Chunks are read at most chunk_size bytes at a time: with 1 MiB reads,
+    malloc kept more memory the more data went by (+4.5 MB of peak RSS
+    for 280 MB more), with 256 KiB it does not.
     """
     start = fileobj.tell()
     source = fileobj.fileno()
