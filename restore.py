@@ -262,11 +262,15 @@ class Stager:
         self.fresh_root = fresh_root
         self.made = {""}
         self.dirs = []
-        # A new file already has our ids, and the mode it was opened with
-        # less the umask: chown and chmod are only needed where those differ.
-        self.ids = (os.geteuid(), os.getegid())
+        # A new file has the mode it was opened with less the umask, and our
+        # ids, unless a set-group-ID folder gives it that folder's group:
+        # only a fresh root without that bit (whose new folders then lack it
+        # too) lets chown be skipped for members owned like us.
         self.umask = os.umask(0o077)
         os.umask(self.umask)
+        self.ids = None
+        if fresh_root and not os.stat(root).st_mode & stat.S_ISGID:
+            self.ids = (os.geteuid(), os.getegid())
 
     def _prepare(self, rel):
         parent = rel.rpartition("/")[0]

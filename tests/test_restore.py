@@ -1309,6 +1309,25 @@ class OwnershipTests(RestoreCase):
         self.assertEqual((now[P["setgid"]].mode, now[P["setgid"]].gid), (0o2755, 1000))
         self.assertEqual(now[P["mixed_owner"]][2:4], (1000, 472))
 
+    def test_set_group_id_folders_do_not_change_restored_groups(self):
+        # A new file takes the group of a set-group-ID folder it is made in;
+        # root-owned members must still come back with group 0, whether the
+        # staging folder inherits the bit (.tmp has it) or --in-place
+        # unpacks into a folder that has it.
+        rel = "services/mosquitto/service.yml"
+        self.assertEqual(items(self.stack)[rel][2:4], (0, 0))
+        archive = self.make_backup()
+        for folder in (".tmp", "services", "services/mosquitto"):
+            path = os.path.join(self.stack, folder)
+            os.chown(path, 0, 472)
+            os.chmod(path, 0o2775)
+        for options in (["noask"], ["noask", "--in-place", "--only", "services/mosquitto"]):
+            with self.subTest(options=options):
+                os.chown(os.path.join(self.stack, rel), 1000, 1000)
+                code, out, err = self.restore(archive, *options)
+                self.assertEqual((code, err), (0, ""), out)
+                self.assertEqual(items(self.stack)[rel][2:4], (0, 0))
+
     def test_log_owned_like_backup_logs(self):
         user = some_user()
         os.chown(self.stack, user.pw_uid, user.pw_gid)
