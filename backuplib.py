@@ -199,9 +199,15 @@ def is_excluded(rel, patterns):
     return False
 
 
+# Items by their first path component: item_of runs once per member.
+_ITEMS_BY_TOP = {}
+for _item in ITEM_NAMES:
+    _ITEMS_BY_TOP.setdefault(_item.partition("/")[0], []).append(_item)
+
+
 def item_of(path):
     """The manifest item a member path belongs to, or None."""
-    for item in ITEM_NAMES:
+    for item in _ITEMS_BY_TOP.get(path.partition("/")[0], ()):
         if path == item or path.startswith(item + "/"):
             return item
     return None
@@ -515,9 +521,11 @@ def pax_number(records, key, default):
 
 def header_checksum_ok(block):
     """Unsigned sums are the standard; old tars summed signed bytes."""
-    stored = parse_number(block[148:156])
     field = block[148:156]
     unsigned = header_checksum(block) - sum(field) + 8 * 32
+    if field == b"%06o\0 " % unsigned:  # as GNU tar, tarfile and backup.py write it
+        return True
+    stored = parse_number(field)
     if stored == unsigned:
         return True
     high = sum(1 for b in block if b > 127) - sum(1 for b in field if b > 127)
@@ -637,7 +645,8 @@ class TarReader:
             if not header_checksum_ok(block):
                 raise ArchiveError("corrupt tar header at byte %d of the tar stream" % offset)
             typeflag = block[156:157]
-            size = parse_number(block[124:136])
+            plain = _PLAIN_NUMBERS.match(block, 100)
+            size = int(plain.group(4), 8) if plain else parse_number(block[124:136])
             if typeflag in (b"x", b"g", b"L", b"K"):
                 if size > 16 << 20:
                     raise ArchiveError("oversized extended header at byte %d" % offset)
@@ -652,7 +661,7 @@ class TarReader:
                 elif typeflag == b"K":
                     overrides[b"linkpath"] = data.split(b"\0", 1)[0]
                 continue  # global pax headers carry nothing we apply
-            member = self._member(block, typeflag, size, overrides, offset)
+            member = self._member(block, typeflag, size, overrides, offset, plain)
             overrides = {}
             self._pending = (member.size + -member.size % BLOCK) if member.type == "file" else 0
             self.members += 1
@@ -661,7 +670,7 @@ class TarReader:
         stream.drain()
 
     @staticmethod
-    def _member(block, typeflag, size, overrides, offset):
+    def _member(block, typeflag, size, overrides, offset, plain):
         kind = _KINDS.get(typeflag)
         if kind is None:
             raise ArchiveError("unsupported tar member type %r at byte %d" % (typeflag, offset))
@@ -676,7 +685,6 @@ class TarReader:
             kind = "dir"
         m.name = name.decode("utf-8", "surrogateescape")
         m.type = kind
-        plain = _PLAIN_NUMBERS.match(block, 100)
         if plain:
             mode, uid, gid, _size, mtime = [int(group, 8) for group in plain.groups()]
         else:

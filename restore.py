@@ -112,6 +112,10 @@ class MemberPolicy:
         self.track_files = track_files
         self.symlinks = set()
         self.files = set()
+        # A folder just found to have no symlink on its path: members come
+        # folder by folder, so most need only this comparison.  A new symlink
+        # could lie on that path, so adding one forgets it.
+        self.clear_folder = None
 
     def check(self, member):
         rel = normalize_member_name(member.name)
@@ -123,6 +127,7 @@ class MemberPolicy:
         if member.type == "symlink":
             self.symlinks.add(rel)
             self.files.discard(rel)
+            self.clear_folder = None
         elif member.type in ("file", "hardlink"):
             if self.track_files:
                 self.files.add(rel)
@@ -131,12 +136,16 @@ class MemberPolicy:
         return rel
 
     def _refuse_symlink_on_path(self, rel, member):
+        folder = rel.rpartition("/")[0]
+        if folder == self.clear_folder:
+            return
         parent = rel
         while "/" in parent:
             parent = parent.rsplit("/", 1)[0]
             if parent in self.symlinks:
                 raise lib.ArchiveError("unsafe member %r: its path goes through the symlink %r"
                                        % (member.name, parent))
+        self.clear_folder = folder
 
     def _check_link_target(self, member):
         """A hard link's target is checked like a member's own path, always;
@@ -226,8 +235,9 @@ def read_archive(path, only, unpack=None, progress=None):
         for member in reader:
             rel = policy.check(member)
             summary.members += 1
-            if not restorable(rel, only):
-                if rel and lib.item_of(rel) is None and len(summary.skipped) < 1000:
+            item = lib.item_of(rel)
+            if item is None or (only and not restorable(rel, only)):
+                if rel and item is None and len(summary.skipped) < 1000:
                     summary.skipped.append(rel)
                 continue
             if member.type in ("chardev", "blockdev"):

@@ -111,6 +111,8 @@ class ManifestTest(unittest.TestCase):
             (".tmp/databases_backup/x.sql", ".tmp/databases_backup"), (".tmp/other", None),
             ("docker-compose.yml", "docker-compose.yml"), ("menu.sh", None),
             ("backups/backup/x.tar.gz", None), ("backup.ini", "backup.ini"),
+            (".tmp", None), (".tmp/databases_backupX", None), ("", None),
+            ("extra", "extra"), ("extra/a", "extra"), ("extras/a", None),
         ]
         for path, item in table:
             self.assertEqual(lib.item_of(path), item, path)
@@ -145,6 +147,27 @@ class TarFormatTest(unittest.TestCase):
             self.assertEqual((ours.name, ours.mode, ours.uid, ours.gid, ours.size, ours.mtime,
                               ours.linkname), (name.decode(), mode, uid, gid, size, mtime,
                                                link.decode()))
+
+    def test_header_checksum_forms(self):
+        def with_checksum(header, text):
+            return header[:148] + text + header[156:]
+
+        header = lib.tar_header("volumes/é".encode(), lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
+        field = header[148:156]
+        self.assertRegex(field, rb"^[0-7]{6}\0 $")  # what GNU tar writes
+        unsigned = int(field[:6], 8)
+        # é is two bytes above 127: a tar summing signed bytes gets 512 less.
+        table = [
+            (field, True),
+            (b"%07o\0" % unsigned, True),
+            (b"%6o\0 " % unsigned, True),
+            (b"%06o\0 " % (unsigned - 512), True),
+            (b"%06o\0 " % (unsigned + 1), False),
+            (b"%06o\0 " % (unsigned - 256), False),
+            (b"        ", False),
+        ]
+        for text, ok in table:
+            self.assertEqual(lib.header_checksum_ok(with_checksum(header, text)), ok, text)
 
     def test_gnu_tar_reads_long_names(self):
         name = ("volumes/" + "n" * 120 + "/" + "m" * 140).encode()
@@ -272,6 +295,14 @@ class MemberPolicyTest(unittest.TestCase):
             [member("volumes/h", "hardlink", "volumes/later"), member("volumes/later")],
             [member("volumes/l", "symlink", "f"), member("volumes/h", "hardlink", "volumes/l")],
             [member("./", "file")],
+            # A folder already passed, then made a symlink: its next member
+            # must not pass on the strength of the first.
+            [member("volumes/d/a"), member("volumes/d", "symlink", "/etc"),
+             member("volumes/d/b")],
+            [member("volumes/d/e/a"), member("volumes/d", "symlink", "/etc"),
+             member("volumes/d/e/b")],
+            [member("volumes/d/f"), member("volumes/d", "symlink", "/etc"),
+             member("volumes/h", "hardlink", "volumes/d/f")],
         ]
         for members in refused:
             with self.assertRaises(lib.ArchiveError, msg=[m.name for m in members]):
