@@ -19,11 +19,14 @@ import os
 import shutil
 import stat
 import sys
+import threading
 import time
 
 import backuplib as lib
 
 PROG = "restore.py"
+# Bytes unpacked between two background syncs (see EarlyWriteback).
+WRITEBACK_STEP = 16 << 20
 STAGING_PREFIX = "restore-staging."
 ASIDE_PREFIX = "restore-old."
 
@@ -245,7 +248,7 @@ def read_archive(path, only, unpack=None, progress=None):
                 # staged, so it must not be swapped in (for nothing).
                 summary.warnings.append("skipped device node %s" % rel)
                 continue
-            summary.items.add(lib.item_of(rel))
+            summary.items.add(item)
             for path_ in only:
                 if rel == path_ or rel.startswith(path_ + "/"):
                     summary.found_only.add(path_)
@@ -260,12 +263,66 @@ def read_archive(path, only, unpack=None, progress=None):
     return summary
 
 
+class EarlyWriteback:
+    """Keeps the disk writing the staged files while unpacking goes on.
+
+    Restore syncs before the swap, so that the new files are on disk before
+    the old ones can go.  A sync that starts only then waits for every byte
+    at once, after the unpacking: on an SD card that can be as long as the
+    unpacking itself.  Here a background thread runs os.sync() whenever
+    another `step` bytes were unpacked (never two at once: while one runs,
+    the data keeps coming and the next one takes it all), so the final sync
+    finds little left.  It is only a speed-up: the final sync is what makes
+    the files durable, and a sync changes no data."""
+
+    def __init__(self, step=None):
+        self.step = WRITEBACK_STEP if step is None else step
+        self.unsynced = 0
+        self.syncs = 0
+        self._wanted = threading.Event()
+        self._closing = False
+        self._thread = None  # started by the first step: small restores need none
+
+    def _run(self):
+        while True:
+            self._wanted.wait()
+            if self._closing:
+                return
+            self._wanted.clear()
+            os.sync()
+            self.syncs += 1
+
+    def wrote(self, nbytes):
+        self.unsynced += nbytes
+        if self.unsynced >= self.step:
+            self.unsynced = 0
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="early-writeback",
+                                                daemon=True)
+                self._thread.start()
+            self._wanted.set()
+
+    def close(self):
+        """Stops the thread, after the sync it may be running."""
+        self._closing = True
+        if self._thread is not None:
+            self._wanted.set()
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
 class Stager:
     """Creates members below root, which holds nothing but what this archive
     put there: never follows a link, never writes through one."""
 
-    def __init__(self, root, as_root, fresh_root=False):
+    def __init__(self, root, as_root, fresh_root=False, writeback=None):
         self.root = root
+        self.writeback = writeback  # an EarlyWriteback, told each file's size
         self.as_root = as_root
         # True when root was made empty for this archive: everything in it
         # then comes from earlier members.
@@ -342,6 +399,8 @@ class Stager:
                 self._meta(member, path, fd)
             finally:
                 os.close(fd)
+            if self.writeback is not None:
+                self.writeback.wrote(member.size)
         elif kind == "dir":
             if rel not in self.made:
                 try:
@@ -647,8 +706,9 @@ def restore_with_log(stack, archive, args, log, out):
             progress = lib.NoProgress()
             if sys.stderr.isatty():
                 progress = lib.TerminalProgress(need, label="Unpacking: ")
-            stager = Stager(staging, as_root, fresh_root=True)
-            summary = checked(archive, args.only, stager, progress, staging)
+            with EarlyWriteback() as writeback:
+                stager = Stager(staging, as_root, fresh_root=True, writeback=writeback)
+                summary = checked(archive, args.only, stager, progress, staging)
             progress.finish()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

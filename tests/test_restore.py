@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 import warnings
 from unittest import mock
@@ -233,6 +234,62 @@ class RoundTripTests(RestoreCase):
         code, out, err = self.restore("--yes")
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
+
+
+class EarlyWritebackTests(RestoreCase):
+    """The background syncs while unpacking, and the thread that runs them."""
+
+    def record_syncs(self):
+        # Recorded, not run: what is under test is when and where they run.
+        calls = []
+        patcher = mock.patch("os.sync", lambda: calls.append(threading.current_thread().name))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        step = mock.patch.object(restore, "WRITEBACK_STEP", 1)
+        step.start()
+        self.addCleanup(step.stop)
+        return calls
+
+    def writeback_threads(self):
+        return [t for t in threading.enumerate() if t.name == "early-writeback"]
+
+    def test_syncs_while_unpacking_then_once_more_before_the_swap(self):
+        archive = self.make_backup()
+        expected = items(self.stack)
+        change_tree(self.stack)
+        calls = self.record_syncs()
+        code, out, err = self.restore(archive, "noask")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
+        self.assertIn("early-writeback", calls)
+        # The final sync comes after the thread's last: the thread is gone.
+        self.assertEqual(calls[-1], threading.current_thread().name)
+        self.assertEqual(self.writeback_threads(), [])
+
+    def test_thread_ends_when_unpacking_fails(self):
+        archive = self.make_backup()
+        before = items(self.stack)
+        with open(archive, "rb") as f:
+            data = f.read()
+        with open(archive, "wb") as f:
+            f.write(data[:len(data) * 2 // 3])
+        calls = self.record_syncs()
+        code, out, err = self.restore(archive, "noask")
+        self.assertEqual(code, 1, out)
+        self.assertRegex(err, "truncated.*nothing was changed")
+        self.assertIn("early-writeback", calls)
+        self.assertEqual(self.writeback_threads(), [])
+        self.assertEqual(diff_snapshots(before, items(self.stack)), [])
+        self.assert_no_leftovers()
+
+    def test_no_thread_below_one_step(self):
+        calls = self.record_syncs()
+        writeback = restore.EarlyWriteback(step=100)
+        writeback.wrote(60)
+        writeback.wrote(39)
+        self.assertEqual(self.writeback_threads(), [])
+        writeback.close()
+        self.assertEqual((calls, writeback.syncs), ([], 0))
 
 
 # ---------------------------------------------------------------------------
