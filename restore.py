@@ -23,8 +23,12 @@ import threading
 import time
 
 import backuplib as lib
+import file_writer
 
 PROG = "restore.py"
+# Files sent to the writer process before the Stager waits for it to catch
+# up, whatever comes: this bounds the memory that remembers them.
+SENT_LIMIT = 4096
 # Bytes unpacked between two background syncs (see EarlyWriteback).
 WRITEBACK_STEP = 16 << 20
 STAGING_PREFIX = "restore-staging."
@@ -183,6 +187,12 @@ def replaced_units(held_items, only):
     return sorted(only) if only else sorted(held_items)
 
 
+def path_and_ancestors(rel):
+    """For "a/b/c": "a/b/c", "a/b" and "a"."""
+    parts = rel.split("/")
+    return ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 def staging_ancestors(unit):
     """Ancestors of a unit below the stack directory, outermost first."""
     parts = unit.split("/")[:-1]
@@ -318,9 +328,15 @@ class EarlyWriteback:
 
 class Stager:
     """Creates members below root, which holds nothing but what this archive
-    put there: never follows a link, never writes through one."""
+    put there: never follows a link, never writes through one.
 
-    def __init__(self, root, as_root, fresh_root=False, writeback=None):
+    With writer=True regular files are created by a child process
+    (file_writer), on another core, while this one reads and checks the
+    archive; everything else is created here, after waiting for the child
+    whenever a member touches a path it may not have written yet, so that
+    members take effect in archive order either way."""
+
+    def __init__(self, root, as_root, fresh_root=False, writeback=None, writer=False):
         self.root = root
         self.writeback = writeback  # an EarlyWriteback, told each file's size
         self.as_root = as_root
@@ -338,10 +354,28 @@ class Stager:
         self.ids = None
         if fresh_root and not os.stat(root).st_mode & stat.S_ISGID:
             self.ids = (os.geteuid(), os.getegid())
+        # Regular files are created by a writer process when asked (and
+        # fork exists); sent holds those sent since it last caught up.
+        self.sent = set()
+        self.writer = None
+        if writer and hasattr(os, "fork"):
+            self.writer = file_writer.FileWriterProcess(self.create_file,
+                                                        raisable=(lib.ArchiveError,))
+
+    def _wait_for_writer(self):
+        self.writer.wait()
+        self.sent.clear()
+
+    def close(self):
+        """Stops the writer, if any: nothing is written after this."""
+        if self.writer is not None:
+            self.writer.close()
 
     def _prepare(self, rel):
         parent = rel.rpartition("/")[0]
         if parent not in self.made:
+            if self.sent and any(folder in self.sent for folder in path_and_ancestors(parent)):
+                self._wait_for_writer()  # an error about that file comes first
             try:
                 os.makedirs(os.path.join(self.root, parent), exist_ok=True)
             except (FileExistsError, NotADirectoryError):
@@ -361,21 +395,37 @@ class Stager:
             raise lib.ArchiveError("member %r would replace a directory" % rel)
         os.unlink(path)
 
-    def _meta(self, member, path, fd=None):
+    def _meta(self, member, path):
         mtime = member.mtime * 1_000_000_000
-        if fd is not None:
-            if self.as_root and (member.uid, member.gid) != self.ids:
-                os.fchown(fd, member.uid, member.gid)
-            # After chown, which clears set-id bits; those need chmod anyway.
-            if member.mode & ~0o777 or member.mode & self.umask:
-                os.fchmod(fd, member.mode)
-            os.utime(fd, ns=(mtime, mtime))
-            return
         if self.as_root:
             os.chown(path, member.uid, member.gid, follow_symlinks=False)
         if member.type != "symlink":
             os.chmod(path, member.mode)
         os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+    def create_file(self, rel, mode, uid, gid, mtime, pieces):
+        """Runs in the writer process when there is one."""
+        path = os.path.join(self.root, rel)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        # The staging root is private (0700), so a file may have its
+        # final permissions while it is being written.
+        try:
+            fd = os.open(path, flags, mode & 0o777)
+        except FileExistsError:
+            self._clear(path, rel)
+            fd = os.open(path, flags, mode & 0o777)
+        try:
+            for piece in pieces:
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+            if self.as_root and (uid, gid) != self.ids:
+                os.fchown(fd, uid, gid)
+            # After chown, which clears set-id bits; those need chmod anyway.
+            if mode & ~0o777 or mode & self.umask:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime * 1_000_000_000, mtime * 1_000_000_000))
+        finally:
+            os.close(fd)
 
     def add(self, member, rel, reader):
         if rel == "":
@@ -383,25 +433,23 @@ class Stager:
         path = self._prepare(rel)
         kind = member.type
         if kind == "file":
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            # The staging root is private (0700), so a file may have its
-            # final permissions while it is being written.
-            mode = member.mode & 0o777
-            try:
-                fd = os.open(path, flags, mode)
-            except FileExistsError:
-                self._clear(path, rel)
-                fd = os.open(path, flags, mode)
-            try:
-                for piece in reader.data(member):
-                    while piece:
-                        piece = piece[os.write(fd, piece):]
-                self._meta(member, path, fd)
-            finally:
-                os.close(fd)
+            if self.writer is not None:
+                self.writer.send(rel, member.mode, member.uid, member.gid, member.mtime,
+                                 member.size, reader.data(member))
+                self.sent.add(rel)
+                if len(self.sent) >= SENT_LIMIT:
+                    self._wait_for_writer()
+            else:
+                self.create_file(rel, member.mode, member.uid, member.gid, member.mtime,
+                                 reader.data(member))
             if self.writeback is not None:
                 self.writeback.wrote(member.size)
-        elif kind == "dir":
+            return
+        if rel in self.sent:
+            # The writer may not have created that file yet: what replaces
+            # it must come after it, as in the archive.
+            self._wait_for_writer()
+        if kind == "dir":
             if rel not in self.made:
                 try:
                     os.mkdir(path, 0o700)
@@ -412,9 +460,12 @@ class Stager:
                 self.made.add(rel)
             self.dirs.append((rel.count("/"), rel, member))
         elif kind == "hardlink":
+            target_rel = normalize_member_name(member.linkname)
+            if target_rel in self.sent:
+                self._wait_for_writer()
             # The policy made sure no folder on the way is a symlink; lstat
             # makes sure the target itself is not one.
-            target = os.path.join(self.root, normalize_member_name(member.linkname))
+            target = os.path.join(self.root, target_rel)
             try:
                 is_file = stat.S_ISREG(os.lstat(target).st_mode)
             except FileNotFoundError:
@@ -446,6 +497,9 @@ class Stager:
     def finish(self):
         # Deepest first, after their contents: a read-only directory must not
         # stop its children from being written, and writing them changes mtimes.
+        if self.writer is not None:
+            self.writer.finish()
+            self.sent.clear()
         self.dirs.sort(key=lambda entry: -entry[0])
         for _depth, rel, member in self.dirs:
             self._meta(member, os.path.join(self.root, rel))
@@ -706,8 +760,9 @@ def restore_with_log(stack, archive, args, log, out):
             progress = lib.NoProgress()
             if sys.stderr.isatty():
                 progress = lib.TerminalProgress(need, label="Unpacking: ")
-            with EarlyWriteback() as writeback:
-                stager = Stager(staging, as_root, fresh_root=True, writeback=writeback)
+            with EarlyWriteback() as writeback, contextlib.closing(
+                    Stager(staging, as_root, fresh_root=True, writeback=writeback,
+                           writer=True)) as stager:
                 summary = checked(archive, args.only, stager, progress, staging)
             progress.finish()
         except BaseException:
@@ -785,10 +840,13 @@ def checked(archive, only, stager, progress=None, staging=None):
     except lib.ArchiveError as e:
         raise lib.UserError("%s: %s; nothing was changed" % (os.path.basename(archive), e)) from None
     except OSError as e:
-        if lib.is_disk_full(e) and staging is not None:
+        if staging is None:
+            raise
+        if lib.is_disk_full(e):
             raise lib.UserError("not enough free space to unpack beside the current files; "
                                 "nothing was changed; free some space or use --in-place") from None
-        raise
+        raise lib.UserError("unpacking failed: %s; nothing was changed"
+                            % (e.strerror or e)) from None
 
 
 def replace_in_place(stack, archive, only, units, as_root, log):

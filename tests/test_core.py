@@ -2,8 +2,12 @@
 import datetime
 import gzip
 import io
+import glob
 import os
+import re
+import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import unittest
@@ -338,6 +342,24 @@ class MemberPolicyTest(unittest.TestCase):
                          ["volumes/a", "volumes/b"])
         self.assertEqual(restore.staging_ancestors("volumes/a/b"), ["volumes", "volumes/a"])
         self.assertEqual(restore.staging_ancestors("volumes"), [])
+
+
+class InstallTest(unittest.TestCase):
+    def test_the_files_the_readme_says_to_copy_are_all_it_needs(self):
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+            line = re.search(r"^cp (.*) ~/IOTstack/$", f.read(), re.M)
+        listed = line.group(1).split()
+        modules = sorted(os.path.basename(path) for path in glob.glob(os.path.join(repo, "*.py")))
+        self.assertEqual(sorted(listed), modules)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in listed:
+                shutil.copy(os.path.join(repo, name), tmp)
+            env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+            imports = "; ".join("import %s" % name[:-3] for name in listed)
+            done = subprocess.run([sys.executable, "-c", imports], cwd=tmp, env=env,
+                                  stderr=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import pwd
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from unittest import mock
 
 import backup
 import backuplib as lib
+import file_writer
 import restore
 from tests.stacktree import (
     IS_ROOT, P, build_stack, clear_calls, diff_snapshots, install_fake_docker,
@@ -236,8 +238,9 @@ class RoundTripTests(RestoreCase):
         self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
 
 
-class EarlyWritebackTests(RestoreCase):
-    """The background syncs while unpacking, and the thread that runs them."""
+class UnpackHelperTests(RestoreCase):
+    """What runs beside the unpacking: the thread that syncs in the
+    background, and the process that creates the files."""
 
     def record_syncs(self):
         # Recorded, not run: what is under test is when and where they run.
@@ -281,6 +284,28 @@ class EarlyWritebackTests(RestoreCase):
         self.assertEqual(self.writeback_threads(), [])
         self.assertEqual(diff_snapshots(before, items(self.stack)), [])
         self.assert_no_leftovers()
+
+    def test_a_killed_writer_process_fails_the_restore_and_changes_nothing(self):
+        archive = self.make_backup()
+        before = whole(self.stack)
+        real_send = file_writer.FileWriterProcess.send
+        sent = []
+
+        def send(writer, *args):
+            sent.append(writer.pid)
+            if len(sent) == 50:
+                os.kill(writer.pid, signal.SIGKILL)
+            return real_send(writer, *args)
+
+        with mock.patch.object(file_writer.FileWriterProcess, "send", send):
+            code, out, err = self.restore(archive, "noask")
+        self.assertEqual(code, 1, out)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("ended without finishing; nothing was changed", err)
+        self.assertEqual(diff_snapshots(before, whole(self.stack)), [])
+        self.assert_no_leftovers()
+        with self.assertRaises(ChildProcessError):
+            os.waitpid(sent[0], os.WNOHANG)
 
     def test_no_thread_below_one_step(self):
         calls = self.record_syncs()
@@ -1283,6 +1308,76 @@ class StackTests(RestoreCase):
 
 # ---------------------------------------------------------------------------
 # 7. Interoperability with the old backup.sh and GNU tar
+
+class WriterOrderTests(unittest.TestCase):
+    """With the writer process, members that reuse a path still take effect
+    in archive order: the result, or the error, is the one of the serial
+    Stager."""
+
+    def unpack(self, data, writer):
+        with tempfile.TemporaryDirectory(prefix="writer-order-") as tmp:
+            archive = os.path.join(tmp, "a.tar.gz")
+            with open(archive, "wb") as f:
+                f.write(data)
+            root = os.path.join(tmp, "root")
+            os.mkdir(root, 0o700)
+            stager = restore.Stager(root, IS_ROOT, fresh_root=True, writer=writer)
+            self.assertEqual(stager.writer is not None, writer)
+            try:
+                restore.read_archive(archive, [], stager)
+            except lib.ArchiveError as e:
+                return "error: %s" % e
+            finally:
+                stager.close()
+            return snapshot(root)
+
+    def test_same_result_as_without_the_writer(self):
+        d = member(b"volumes/", lib.TYPE_DIR, mode=0o755)
+        cases = {
+            "file then symlink": [d, member(b"volumes/p", data=b"1"),
+                                  member(b"volumes/p", lib.TYPE_SYMLINK, linkname=b"x")],
+            "file then folder": [d, member(b"volumes/p", data=b"1"),
+                                 member(b"volumes/p/", lib.TYPE_DIR, mode=0o755)],
+            "file then fifo": [d, member(b"volumes/p", data=b"1"),
+                               member(b"volumes/p", lib.TYPE_FIFO)],
+            "file twice": [d, member(b"volumes/p", data=b"1"), member(b"volumes/p", data=b"2")],
+            "symlink then file": [d, member(b"volumes/p", lib.TYPE_SYMLINK, linkname=b"x"),
+                                  member(b"volumes/p", data=b"1")],
+            "hard link to a file just sent": [
+                d, member(b"volumes/t", data=b"1" * 5000),
+                member(b"volumes/l", lib.TYPE_HARDLINK, linkname=b"volumes/t")],
+            "hard link over a file just sent": [
+                d, member(b"volumes/t", data=b"1"), member(b"volumes/l", data=b"2"),
+                member(b"volumes/l", lib.TYPE_HARDLINK, linkname=b"volumes/t")],
+            "file then a file below it": [d, member(b"volumes/p", data=b"1"),
+                                          member(b"volumes/p/q/r", data=b"2")],
+            "folder then file": [d, member(b"volumes/p/", lib.TYPE_DIR, mode=0o755),
+                                 member(b"volumes/p", data=b"1")],
+            "many files then a symlink over the first": (
+                [d] + [member(b"volumes/f%d" % i, data=b"%d" % i) for i in range(300)]
+                + [member(b"volumes/f0", lib.TYPE_SYMLINK, linkname=b"f1")]),
+        }
+        for name, members in cases.items():
+            with self.subTest(name):
+                serial = self.unpack(tar_gz(*members), writer=False)
+                self.assertEqual(self.unpack(tar_gz(*members), writer=True), serial)
+        self.assertRegex(self.unpack(tar_gz(*cases["folder then file"]), True),
+                         "^error: .*would replace a directory")
+        self.assertRegex(self.unpack(tar_gz(*cases["file then a file below it"]), True),
+                         "^error: .*is not a directory")
+        self.assertEqual(self.unpack(tar_gz(*cases["file then symlink"]), True)["volumes/p"].type,
+                         "symlink")
+
+    def test_waits_for_the_writer_every_so_many_files(self):
+        members = [member(b"volumes/", lib.TYPE_DIR, mode=0o755)]
+        members += [member(b"volumes/f%d" % i, data=b"x") for i in range(25)]
+        with mock.patch.object(restore, "SENT_LIMIT", 10), \
+                mock.patch.object(restore.Stager, "_wait_for_writer", autospec=True,
+                                  side_effect=restore.Stager._wait_for_writer) as waited:
+            result = self.unpack(tar_gz(*members), writer=True)
+        self.assertEqual(len(result), 26)
+        self.assertEqual(waited.call_count, 2)
+
 
 class InteropTests(RestoreCase):
     def test_archive_of_the_old_backup_sh(self):

@@ -1,0 +1,244 @@
+"""A child process that creates the unpacked files, beside the one that reads
+the archive.
+
+Restoring, one process reads the tar stream, checks each member and decides
+where it goes; creating a small file then costs half a dozen system calls
+(open, write, chown, chmod, utime, close), more than all the checks.
+FileWriterProcess hands regular files to a forked child through a pipe, as
+records of name, mode, owner, mtime and data batched into few writes, so
+that those calls run on another core while the reader goes on (and gzip
+decompresses on a third).  The child only carries out: it creates each file
+with the caller's create_file, in the order sent, and decides nothing.
+
+How it keeps data safe: records are handled strictly in order; wait()
+returns only once the child has created every file sent before it, so the
+caller can wait before it touches a path the child may still write; an
+error in the child stops it, and the parent raises it, with its type,
+message and errno, at the next send, wait or finish; a child that ends
+without saying it succeeded is an error; close() kills and reaps the child,
+so nothing writes into the staging folder after the caller has given up on
+it.  The child holds no other descriptor of the parent's (a lock must not
+outlive the parent) and leaves by os._exit, running none of its code.
+"""
+import errno
+import fcntl
+import os
+import signal
+import struct
+import warnings
+
+import parallel_gzip
+
+# op, name length, mode, uid, gid, mtime, size; then the name and the data.
+_RECORD = struct.Struct("<BIIIIqQ")
+_FILE, _WAIT, _END = 1, 2, 3
+# A batch is written at this size; os.writev takes at most 1024 buffers.
+BATCH_BYTES = 64 * 1024
+BATCH_BUFFERS = 500
+_READ_SIZE = 1 << 20
+_OK = b"ok"
+
+
+class FileWriterProcess:
+    """Parent side.  create_file(rel, mode, uid, gid, mtime, pieces) runs in
+    the child, once per file sent; exceptions of the types in `raisable`
+    come back as themselves, OSError with its errno, anything else as
+    OSError(EIO)."""
+
+    def __init__(self, create_file, raisable=()):
+        self.raisable = {cls.__name__: cls for cls in raisable}
+        jobs_read, jobs_write = os.pipe()
+        status_read, status_write = os.pipe()
+        try:
+            fcntl.fcntl(jobs_write, parallel_gzip.F_SETPIPE_SZ, parallel_gzip.PIPE_SIZE)
+        except OSError:
+            pass  # a smaller pipe only means more switches
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns about fork() beside other threads; the
+                # child runs only system calls and the caller's create_file.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except BaseException:
+            for fd in (jobs_read, jobs_write, status_read, status_write):
+                os.close(fd)
+            raise
+        if pid == 0:
+            _child(create_file, jobs_read, status_write)
+        os.close(jobs_read)
+        os.close(status_write)
+        self.pid = pid
+        self._jobs, self._status = jobs_write, status_read
+        self._batch = []
+        self._batched = 0
+
+    def send(self, rel, mode, uid, gid, mtime, size, pieces):
+        """Queue a file; pieces (buffers totalling size bytes) may be read
+        after this returns, until the next send, wait or finish."""
+        name = rel.encode("utf-8", "surrogateescape")
+        batch = self._batch
+        batch.append(_RECORD.pack(_FILE, len(name), mode, uid, gid, mtime, size))
+        batch.append(name)
+        self._batched += _RECORD.size + len(name)
+        given = 0
+        for piece in pieces:
+            batch.append(piece)
+            given += len(piece)
+            self._batched += len(piece)
+            if self._batched >= BATCH_BYTES or len(batch) >= BATCH_BUFFERS:
+                self._flush()
+                batch = self._batch
+        if given != size:
+            # The child would take the next record's bytes as data.
+            self.close()
+            raise ValueError("%d bytes given for a file of %d" % (given, size))
+        if self._batched >= BATCH_BYTES or len(batch) >= BATCH_BUFFERS:
+            self._flush()
+
+    def wait(self):
+        """Return once every file sent so far exists, or raise its error."""
+        self._batch.append(_RECORD.pack(_WAIT, 0, 0, 0, 0, 0, 0))
+        self._flush()
+        answer = os.read(self._status, len(_OK))
+        if answer != _OK:
+            self._raise_status(answer + self._read_status() if answer else answer)
+
+    def finish(self):
+        """Wait for every file, then end the child; raise its error if any."""
+        self._batch.append(_RECORD.pack(_END, 0, 0, 0, 0, 0, 0))
+        self._flush()
+        status = self._read_status()
+        self.close()
+        if status != _OK:
+            self._raise_status(status)
+
+    def close(self):
+        """Kill and reap the child; nothing it does can follow."""
+        if self.pid is None:
+            return
+        os.close(self._jobs)
+        os.close(self._status)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        self.pid = None
+        self._batch = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _flush(self):
+        buffers = self._batch
+        self._batch = []
+        self._batched = 0
+        try:
+            while buffers:
+                written = os.writev(self._jobs, buffers)
+                # A pipe takes a whole write unless a signal cuts it short.
+                while written:
+                    if written >= len(buffers[0]):
+                        written -= len(buffers[0])
+                        del buffers[0]
+                    else:
+                        buffers[0] = memoryview(buffers[0])[written:]
+                        written = 0
+        except BrokenPipeError:
+            # The child stopped reading: it failed, and says why.
+            self._raise_status(self._read_status())
+
+    def _read_status(self):
+        status = b""
+        while True:
+            more = os.read(self._status, 4096)
+            if not more:
+                return status
+            status += more
+
+    def _raise_status(self, status):
+        kind, _, rest = status.decode("utf-8", "replace").partition("\n")
+        if kind == "oserror":
+            number, _, message = rest.partition("\n")
+            raise OSError(int(number), message)
+        if kind == "error":
+            name, _, message = rest.partition("\n")
+            if name in self.raisable:
+                raise self.raisable[name](message)
+            raise OSError(errno.EIO, "creating the files failed: %s" % message)
+        raise OSError(errno.EIO, "the process creating the files ended without finishing")
+
+
+def _child(create_file, jobs, status_out):
+    """Body of the child: never returns."""
+    status = b"error\nError\nunknown"
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        parallel_gzip._close_other_fds((jobs, status_out))
+        _serve(create_file, jobs, status_out)
+        status = _OK
+    except OSError as error:
+        status = ("oserror\n%d\n%s" % (error.errno or errno.EIO, error.strerror or error))
+    except BaseException as error:
+        status = "error\n%s\n%s" % (type(error).__name__, error)
+    finally:
+        try:
+            if not isinstance(status, bytes):
+                status = status.encode("utf-8", "replace")
+            parallel_gzip.write_all_fd(status_out, status)
+        finally:
+            os._exit(0)
+
+
+class _Records:
+    """The child's view of the pipe: whole headers and names, data in pieces."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = b""
+        self.pos = 0
+
+    def _fill(self):
+        more = os.read(self.fd, _READ_SIZE)
+        if not more:
+            # The parent went away without saying it was done.
+            raise EOFError("the restoring process stopped sending")
+        rest = len(self.buf) - self.pos
+        self.buf = self.buf[self.pos:] + more if rest else more
+        self.pos = 0
+
+    def take(self, n):
+        while len(self.buf) - self.pos < n:
+            self._fill()
+        data = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return data
+
+    def pieces(self, n):
+        while n:
+            if self.pos >= len(self.buf):
+                self._fill()
+            take = min(n, len(self.buf) - self.pos)
+            yield memoryview(self.buf)[self.pos:self.pos + take]
+            self.pos += take
+            n -= take
+
+
+def _serve(create_file, jobs, status_out):
+    records = _Records(jobs)
+    while True:
+        op, name_length, mode, uid, gid, mtime, size = _RECORD.unpack(records.take(_RECORD.size))
+        if op == _END:
+            return
+        if op == _WAIT:
+            os.write(status_out, _OK)
+            continue
+        rel = records.take(name_length).decode("utf-8", "surrogateescape")
+        pieces = records.pieces(size)
+        create_file(rel, mode, uid, gid, mtime, pieces)
+        for _ in pieces:  # whatever create_file left unread
+            pass

@@ -1,0 +1,193 @@
+"""The writer process: files created in order, errors carried back, no
+process or descriptor left behind."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import unittest
+
+import file_writer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Refused(Exception):
+    pass
+
+
+def exists(pid):
+    """Whether pid is a live process (a zombie is not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class FileWriterTests(unittest.TestCase):
+    def setUp(self):
+        holder = tempfile.TemporaryDirectory(prefix="file-writer-test-")
+        self.addCleanup(holder.cleanup)
+        self.root = holder.name
+        self.log = os.path.join(self.root, "order.log")
+
+    def create_file(self, rel, mode, uid, gid, mtime, pieces):
+        """Runs in the child: writes the file and notes its place in order."""
+        if rel.startswith("refuse"):
+            raise Refused("refused %s" % rel)
+        if rel.startswith("full"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if rel.startswith("bug"):
+            raise ValueError("a bug")
+        if rel.startswith("partly"):
+            next(iter(pieces), None)  # reads one piece and leaves the rest
+            return
+        with open(os.path.join(self.root, rel), "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+        os.utime(os.path.join(self.root, rel), (mtime, mtime))
+        with open(self.log, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("%s %o %d %d\n" % (rel, mode, uid, gid))
+
+    def writer(self):
+        writer = file_writer.FileWriterProcess(self.create_file, raisable=(Refused,))
+        self.addCleanup(writer.close)
+        return writer
+
+    def read(self, rel):
+        with open(os.path.join(self.root, rel), "rb") as f:
+            return f.read()
+
+    def test_files_arrive_whole_and_in_order(self):
+        block = file_writer.BATCH_BYTES
+        sizes = [0, 1, 511, block - 1, block, block + 1, 3 * (1 << 20) + 7]
+        writer = self.writer()
+        expected = {}
+        for i, size in enumerate(sizes):
+            data = (bytes(range(i, 251)) * (size // 240 + 1))[:size]
+            # Given in uneven pieces, as the tar reader hands them over.
+            cut = [data[:size // 3], data[size // 3:size // 2], data[size // 2:]]
+            writer.send("f%d" % i, 0o640, i, 2 * i, 1_000_000 + i, size,
+                        [memoryview(piece) for piece in cut])
+            expected["f%d" % i] = data
+        for i in range(2000):  # many tiny ones: more buffers than one writev takes
+            writer.send("t%d" % i, 0o600, 0, 0, 5, 2, [b"%02d" % (i % 100)])
+            expected["t%d" % i] = b"%02d" % (i % 100)
+        writer.send("named \udcff é", 0o644, 0, 0, 6, 1, [b"x"])
+        expected["named \udcff é"] = b"x"
+        writer.finish()
+        for rel, data in expected.items():
+            self.assertEqual(self.read(rel), data, rel)
+        self.assertEqual(os.stat(os.path.join(self.root, "f2")).st_mtime, 1_000_002)
+        with open(self.log, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+        self.assertEqual([line.rsplit(" ", 3)[0] for line in lines], list(expected))
+        self.assertEqual(lines[3], "f3 640 3 6")
+
+    def test_wait_returns_when_every_file_sent_exists(self):
+        writer = self.writer()
+        for i in range(300):
+            writer.send("w%d" % i, 0o644, 0, 0, 0, 5, [b"hello"])
+            if i % 100 == 99:
+                writer.wait()
+                self.assertTrue(os.path.exists(os.path.join(self.root, "w%d" % i)))
+        writer.finish()
+
+    def test_data_not_matching_the_size_is_refused(self):
+        writer = self.writer()
+        with self.assertRaisesRegex(ValueError, "2 bytes given for a file of 3"):
+            writer.send("a", 0o644, 0, 0, 0, 3, [b"ab"])
+        self.assertIsNone(writer.pid)
+
+    def test_unread_data_is_skipped(self):
+        writer = self.writer()
+        writer.send("partly", 0o644, 0, 0, 0, 300_000, [bytes(100_000), bytes(200_000)])
+        writer.send("after", 0o644, 0, 0, 0, 3, [b"abc"])
+        writer.finish()
+        self.assertEqual(self.read("after"), b"abc")
+
+    def test_errors_come_back_as_they_were(self):
+        cases = [("refuse-me", Refused, "refused refuse-me", None),
+                 ("full", OSError, "No space left on device", errno.ENOSPC),
+                 ("bug", OSError, "creating the files failed: a bug", errno.EIO)]
+        for rel, kind, message, number in cases:
+            for ending in ("wait", "finish"):
+                with self.subTest(rel=rel, ending=ending):
+                    writer = self.writer()
+                    pid = writer.pid
+                    writer.send("ok", 0o644, 0, 0, 0, 1, [b"1"])
+                    writer.send(rel, 0o644, 0, 0, 0, 1, [b"1"])
+                    with self.assertRaises(kind) as caught:
+                        getattr(writer, ending)()
+                    self.assertIn(message, str(caught.exception))
+                    if number is not None:
+                        self.assertEqual(caught.exception.errno, number)
+                    self.assertEqual(self.read("ok"), b"1")
+                    writer.close()
+                    self.assertFalse(exists(pid))
+
+    def test_an_error_stops_the_sender_too(self):
+        # The child stops reading: a sender with much more to send gets the
+        # child's error, not a broken pipe or a hang.
+        writer = self.writer()
+        writer.send("refuse-early", 0o644, 0, 0, 0, 1, [b"1"])
+        with self.assertRaisesRegex(Refused, "refuse-early"):
+            for i in range(200):
+                writer.send("big%d" % i, 0o644, 0, 0, 0, 1 << 20, [bytes(1 << 20)])
+        self.assertFalse(os.path.exists(os.path.join(self.root, "big0")))
+
+    def test_a_killed_child_is_an_error(self):
+        writer = self.writer()
+        writer.send("a", 0o644, 0, 0, 0, 1, [b"1"])
+        writer.wait()
+        os.kill(writer.pid, signal.SIGKILL)
+        with self.assertRaisesRegex(OSError, "ended without finishing"):
+            writer.send("b", 0o644, 0, 0, 0, 4 << 20, [bytes(4 << 20)])
+            writer.finish()
+
+    def test_close_kills_and_reaps(self):
+        writer = self.writer()
+        pid = writer.pid
+        writer.send("a", 0o644, 0, 0, 0, 1, [b"1"])
+        writer.close()
+        self.assertIsNone(writer.pid)
+        with self.assertRaises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        writer.close()  # twice is harmless
+
+    def test_child_holds_no_other_descriptor(self):
+        with open(self.log, "w") as held:
+            writer = self.writer()
+            writer.wait()
+            fds = os.listdir("/proc/%d/fd" % writer.pid)
+            targets = [os.readlink("/proc/%d/fd/%s" % (writer.pid, fd)) for fd in fds]
+            self.assertNotIn(os.path.realpath(held.name), targets)
+            # stdin, stdout, stderr, the job pipe and the status pipe.
+            self.assertLessEqual(len(fds), 5, targets)
+        writer.finish()
+
+    def test_child_ends_when_the_parent_dies(self):
+        script = textwrap.dedent("""
+            import os, sys
+            sys.path.insert(0, %r)
+            import file_writer
+            writer = file_writer.FileWriterProcess(lambda *args: None)
+            print(writer.pid, flush=True)
+            os.kill(os.getpid(), 9)
+        """ % REPO)
+        done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              universal_newlines=True)
+        self.assertEqual(done.returncode, -signal.SIGKILL)
+        pid = int(done.stdout)
+        deadline = time.monotonic() + 10
+        while exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(exists(pid))
+
+
+if __name__ == "__main__":
+    unittest.main()
