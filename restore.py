@@ -24,6 +24,7 @@ import time
 
 import backuplib as lib
 import file_writer
+import parallel_gzip
 
 PROG = "restore.py"
 # Files sent to the writer process before the Stager waits for it to catch
@@ -760,9 +761,11 @@ def restore_with_log(stack, archive, args, log, out):
             progress = lib.NoProgress()
             if sys.stderr.isatty():
                 progress = lib.TerminalProgress(need, label="Unpacking: ")
+            # On one core a writer process would only add copying.
+            writer = parallel_gzip.default_jobs() > 1
             with EarlyWriteback() as writeback, contextlib.closing(
                     Stager(staging, as_root, fresh_root=True, writeback=writeback,
-                           writer=True)) as stager:
+                           writer=writer)) as stager:
                 summary = checked(archive, args.only, stager, progress, staging)
             progress.finish()
         except BaseException:

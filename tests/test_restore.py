@@ -31,6 +31,7 @@ from unittest import mock
 import backup
 import backuplib as lib
 import file_writer
+import parallel_gzip
 import restore
 from tests.stacktree import (
     IS_ROOT, P, build_stack, clear_calls, diff_snapshots, install_fake_docker,
@@ -306,6 +307,17 @@ class UnpackHelperTests(RestoreCase):
         self.assert_no_leftovers()
         with self.assertRaises(ChildProcessError):
             os.waitpid(sent[0], os.WNOHANG)
+
+    def test_no_writer_process_on_one_core(self):
+        archive = self.make_backup()
+        expected = items(self.stack)
+        change_tree(self.stack)
+        with mock.patch.object(parallel_gzip, "default_jobs", return_value=1), \
+                mock.patch.object(file_writer, "FileWriterProcess",
+                                  side_effect=AssertionError("a writer process")):
+            code, out, err = self.restore(archive, "noask")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
 
     def test_no_thread_below_one_step(self):
         calls = self.record_syncs()
