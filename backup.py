@@ -12,6 +12,7 @@ also after errors, Ctrl-C and SIGTERM.
 """
 import argparse
 import configparser
+import contextlib
 import errno
 import os
 import shutil
@@ -290,7 +291,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats):
     it back from disk as it goes.  Returns its size."""
     from parallel_gzip import ParallelGzipWriter
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, lib.ARCHIVE_MODE)
-    verifier = None
+    verifier = sink = None
     try:
         if not args.no_verify:
             verifier = lib.FollowingVerifier(temp)
@@ -302,6 +303,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats):
         except BaseException:
             gz.abort()
             raise
+        sink.close()  # its last report must not follow the verifier's finish
         os.fsync(fd)
         if owner is not None:
             os.fchown(fd, owner.uid, owner.gid)
@@ -311,6 +313,9 @@ def write_archive(stack, items, args, owner, temp, progress, stats):
             finishing.finish(sink.written, stats.members)
         return sink.written
     finally:
+        if sink is not None:
+            with contextlib.suppress(OSError):
+                sink.close()  # no thread syncs a closed (or reused) descriptor
         if verifier is not None:
             verifier.cancel()
         os.close(fd)

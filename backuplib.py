@@ -826,8 +826,13 @@ def fsync_dir(path):
 class FileSink:
     """An unbuffered, counting file writer (the gzip writer buffers).
 
-    With on_durable, it fdatasyncs every sync_every bytes and reports how
-    much of the file is on disk, for a FollowingVerifier.
+    Each time another sync_every bytes were written, a background thread
+    fdatasyncs the file (never twice at once), so the disk writes while
+    compression goes on and the final fsync finds little left; with
+    on_durable it then reports how much of the file is on disk, for a
+    FollowingVerifier.  close() stops the thread, and must come before the
+    final fsync; an fdatasync's error is raised by the next write() or
+    close().
     """
 
     def __init__(self, fd, on_durable=None, sync_every=16 << 20):
@@ -835,22 +840,55 @@ class FileSink:
         self.written = 0
         self.on_durable = on_durable
         self.sync_every = sync_every
-        self._synced = 0
+        self._asked_at = 0
+        self._wanted = threading.Event()
+        self._closing = False
+        self._error = None
+        self._thread = None
 
     def write(self, data):
+        if self._error is not None:
+            raise self._error
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
             self.written += n
-        if self.on_durable is not None and self.written - self._synced >= self.sync_every:
-            os.fdatasync(self.fd)
-            self._synced = self.written
-            self.on_durable(self.written)
+        if self.written - self._asked_at >= self.sync_every:
+            self._asked_at = self.written
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._sync_in_background,
+                                                name="archive-sync", daemon=True)
+                self._thread.start()
+            self._wanted.set()
         return len(data)
+
+    def _sync_in_background(self):
+        while True:
+            self._wanted.wait()
+            if self._closing:
+                return
+            self._wanted.clear()
+            # Everything written before the call is on disk after it.
+            durable = self.written
+            try:
+                os.fdatasync(self.fd)
+            except OSError as error:
+                self._error = error
+                return
+            if self.on_durable is not None:
+                self.on_durable(durable)
 
     def flush(self):
         pass
+
+    def close(self):
+        self._closing = True
+        if self._thread is not None:
+            self._wanted.set()
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def ensure_dir(path, owner):

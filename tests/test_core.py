@@ -1,5 +1,6 @@
 """Table tests for the pure decisions of backuplib, backup.py and restore.py."""
 import datetime
+import errno
 import gzip
 import io
 import glob
@@ -10,7 +11,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import unittest
+from unittest import mock
 
 import backup
 import backuplib as lib
@@ -232,6 +236,62 @@ class TarFormatTest(unittest.TestCase):
         odd = bytearray(lib.tar_header(b"a", b"S", 0o644, 0, 0, 0, 0))
         with self.assertRaisesRegex(lib.ArchiveError, "unsupported"):
             list(lib.TarReader([bytes(odd)]))
+
+
+class FileSinkTest(unittest.TestCase):
+    def sink(self, **kwargs):
+        holder = tempfile.TemporaryDirectory()
+        self.addCleanup(holder.cleanup)
+        fd = os.open(os.path.join(holder.name, "out"), os.O_WRONLY | os.O_CREAT)
+        self.addCleanup(os.close, fd)
+        self.path = os.path.join(holder.name, "out")
+        return lib.FileSink(fd, **kwargs)
+
+    def test_syncs_on_its_thread_and_reports_what_is_durable(self):
+        calls, durable = [], []
+        real = os.fdatasync
+
+        def fdatasync(fd):
+            calls.append(threading.current_thread().name)
+            real(fd)
+
+        sink = self.sink(on_durable=durable.append, sync_every=1000)
+        with mock.patch("os.fdatasync", fdatasync):
+            for _ in range(50):
+                sink.write(b"x" * 300)
+                time.sleep(0.001)
+            deadline = time.monotonic() + 10
+            while not durable and time.monotonic() < deadline:
+                time.sleep(0.01)
+            sink.close()
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b"x" * 15000)
+        self.assertEqual(sink.written, 15000)
+        self.assertTrue(calls)
+        self.assertEqual(set(calls), {"archive-sync"})
+        self.assertEqual(len(durable), len(calls))
+        self.assertEqual(durable, sorted(durable))
+        self.assertTrue(all(1000 <= d <= 15000 for d in durable), durable)
+        self.assertFalse(sink._thread.is_alive())
+
+    def test_no_thread_below_one_step(self):
+        sink = self.sink(sync_every=1000)
+        sink.write(b"x" * 999)
+        sink.close()
+        self.assertIsNone(sink._thread)
+
+    def test_a_sync_error_is_raised_by_the_next_call(self):
+        def failing(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        with mock.patch("os.fdatasync", failing):
+            sink = self.sink(sync_every=10)
+            sink.write(b"x" * 10)
+            sink._thread.join(5)
+            with self.assertRaisesRegex(OSError, "Input/output error"):
+                sink.write(b"y")
+            with self.assertRaisesRegex(OSError, "Input/output error"):
+                sink.close()
 
 
 class FollowingVerifierTest(unittest.TestCase):
