@@ -823,64 +823,53 @@ def fsync_dir(path):
         os.close(fd)
 
 
-class FileSink:
-    """An unbuffered, counting file writer (the gzip writer buffers).
+class BackgroundSync:
+    """Runs sync(done) on a background thread each time another `step`
+    bytes were reported by wrote() (never two at once: while one runs, the
+    data keeps coming and the next takes it all), so the disk writes while
+    the work goes on and a final sync finds little left.  done is how many
+    bytes had been reported when that sync began.  The thread starts at the
+    first step (small jobs need none); close() stops it after the sync it
+    may be running, and must come before the final sync; an OSError from
+    sync ends the thread and is raised by the next wrote() or close()."""
 
-    Each time another sync_every bytes were written, a background thread
-    fdatasyncs the file (never twice at once), so the disk writes while
-    compression goes on and the final fsync finds little left; with
-    on_durable it then reports how much of the file is on disk, for a
-    FollowingVerifier.  close() stops the thread, and must come before the
-    final fsync; an fdatasync's error is raised by the next write() or
-    close().
-    """
+    thread_name = "background-sync"
 
-    def __init__(self, fd, on_durable=None, sync_every=16 << 20):
-        self.fd = fd
-        self.written = 0
-        self.on_durable = on_durable
-        self.sync_every = sync_every
+    def __init__(self, step, sync):
+        self.step = step
+        self.reported = 0
+        self.syncs = 0
+        self._sync = sync
         self._asked_at = 0
         self._wanted = threading.Event()
         self._closing = False
         self._error = None
         self._thread = None
 
-    def write(self, data):
+    def wrote(self, nbytes):
         if self._error is not None:
             raise self._error
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.written += n
-        if self.written - self._asked_at >= self.sync_every:
-            self._asked_at = self.written
+        self.reported += nbytes
+        if self.reported - self._asked_at >= self.step:
+            self._asked_at = self.reported
             if self._thread is None:
-                self._thread = threading.Thread(target=self._sync_in_background,
-                                                name="archive-sync", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self.thread_name,
+                                                daemon=True)
                 self._thread.start()
             self._wanted.set()
-        return len(data)
 
-    def _sync_in_background(self):
+    def _run(self):
         while True:
             self._wanted.wait()
             if self._closing:
                 return
             self._wanted.clear()
-            # Everything written before the call is on disk after it.
-            durable = self.written
             try:
-                os.fdatasync(self.fd)
+                self._sync(self.reported)
             except OSError as error:
                 self._error = error
                 return
-            if self.on_durable is not None:
-                self.on_durable(durable)
-
-    def flush(self):
-        pass
+            self.syncs += 1
 
     def close(self):
         self._closing = True
@@ -889,6 +878,50 @@ class FileSink:
             self._thread.join()
         if self._error is not None:
             raise self._error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class FileSink(BackgroundSync):
+    """An unbuffered, counting file writer (the gzip writer buffers) that
+    fdatasyncs in the background every sync_every bytes; with on_durable it
+    then reports how much of the file is on disk (what was written before
+    the call), for a FollowingVerifier."""
+
+    thread_name = "archive-sync"
+
+    def __init__(self, fd, on_durable=None, sync_every=16 << 20):
+        super().__init__(sync_every, self._fdatasync)
+        self.fd = fd
+        self.on_durable = on_durable
+
+    @property
+    def written(self):
+        return self.reported
+
+    def _fdatasync(self, done):
+        os.fdatasync(self.fd)
+        if self.on_durable is not None:
+            self.on_durable(done)
+
+    def write(self, data):
+        if self._error is not None:
+            raise self._error
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            # Counted as it goes: a sync reports only what it covers.
+            self.reported += n
+        self.wrote(0)
+        return len(data)
+
+    def flush(self):
+        pass
 
 
 def ensure_dir(path, owner):

@@ -21,11 +21,9 @@ it.  The child holds no other descriptor of the parent's (a lock must not
 outlive the parent) and leaves by os._exit, running none of its code.
 """
 import errno
-import fcntl
 import os
 import signal
 import struct
-import warnings
 
 import parallel_gzip
 
@@ -49,26 +47,8 @@ class FileWriterProcess:
 
     def __init__(self, create_file, raisable=()):
         self.raisable = {cls.__name__: cls for cls in raisable}
-        jobs_read, jobs_write = os.pipe()
-        status_read, status_write = os.pipe()
-        try:
-            fcntl.fcntl(jobs_write, parallel_gzip.F_SETPIPE_SZ, parallel_gzip.PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe only means more switches
-        try:
-            with warnings.catch_warnings():
-                # Python 3.12+ warns about fork() beside other threads; the
-                # child runs only system calls and the caller's create_file.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-        except BaseException:
-            for fd in (jobs_read, jobs_write, status_read, status_write):
-                os.close(fd)
-            raise
-        if pid == 0:
-            _child(create_file, jobs_read, status_write)
-        os.close(jobs_read)
-        os.close(status_write)
+        pid, jobs_write, status_read = parallel_gzip.fork_piped_child(
+            lambda jobs, status: _serve(create_file, jobs, status), parent_reads=False)
         self.pid = pid
         self._jobs, self._status = jobs_write, status_read
         self._batch = []
@@ -154,46 +134,14 @@ class FileWriterProcess:
             self._raise_status(self._read_status())
 
     def _read_status(self):
-        status = b""
-        while True:
-            more = os.read(self._status, 4096)
-            if not more:
-                return status
-            status += more
+        return parallel_gzip.read_child_status(self._status)
 
     def _raise_status(self, status):
-        kind, _, rest = status.decode("utf-8", "replace").partition("\n")
-        if kind == "oserror":
-            number, _, message = rest.partition("\n")
-            raise OSError(int(number), message)
-        if kind == "error":
-            name, _, message = rest.partition("\n")
-            if name in self.raisable:
-                raise self.raisable[name](message)
-            raise OSError(errno.EIO, "creating the files failed: %s" % message)
-        raise OSError(errno.EIO, "the process creating the files ended without finishing")
-
-
-def _child(create_file, jobs, status_out):
-    """Body of the child: never returns."""
-    status = b"error\nError\nunknown"
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        parallel_gzip._close_other_fds((jobs, status_out))
-        _serve(create_file, jobs, status_out)
-        status = _OK
-    except OSError as error:
-        status = ("oserror\n%d\n%s" % (error.errno or errno.EIO, error.strerror or error))
-    except BaseException as error:
-        status = "error\n%s\n%s" % (type(error).__name__, error)
-    finally:
-        try:
-            if not isinstance(status, bytes):
-                status = status.encode("utf-8", "replace")
-            parallel_gzip.write_all_fd(status_out, status)
-        finally:
-            os._exit(0)
+        raise parallel_gzip.child_failure(
+            status, self.raisable,
+            unknown=lambda message: OSError(errno.EIO, "creating the files failed: %s" % message),
+            unfinished=lambda: OSError(errno.EIO, "the process creating the files ended "
+                                                  "without finishing"))
 
 
 class _Records:

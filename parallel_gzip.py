@@ -22,6 +22,7 @@ own GzipError subclass.
 
 import collections
 import concurrent.futures
+import errno
 import fcntl
 import io
 import os
@@ -679,56 +680,8 @@ def gunzip_file_in_child(fileobj, chunk_size=256 * 1024):
     """
     start = fileobj.tell()
     source = fileobj.fileno()
-    data_read, data_write = os.pipe()
-    status_read, status_write = os.pipe()
-    try:
-        fcntl.fcntl(data_write, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # a smaller pipe only means more reads
-    try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork() beside other threads; the child
-            # only runs zlib and plain system calls, taking no lock they hold.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-    except BaseException:
-        for fd in (data_read, data_write, status_read, status_write):
-            os.close(fd)
-        raise
-    if pid == 0:
-        _child_gunzip(source, start, data_write, status_write,
-                      keep=(source, data_write, status_write))
-    os.close(data_write)
-    os.close(status_write)
-    try:
-        while True:
-            chunk = os.read(data_read, chunk_size)
-            if not chunk:
-                break
-            yield chunk
-        status = b""
-        while True:
-            more = os.read(status_read, 4096)
-            if not more:
-                break
-            status += more
-        _raise_child_status(status)
-    finally:
-        os.close(data_read)
-        os.close(status_read)
-        # The child may still be writing, if the caller stopped early.
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
-
-def _child_gunzip(source, start, data_write, status_write, keep):
-    """Body of the child: never returns, and runs no code of the parent's
-    (no atexit handlers, no buffered output flushed twice)."""
-    status = b"error\nGzipError\ndecompression process failed"
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        _close_other_fds(keep)
+    def decompress(data_write, _status):
         position = [start]
 
         def read(size):
@@ -738,21 +691,94 @@ def _child_gunzip(source, start, data_write, status_write, keep):
 
         for chunk in gunzip_chunks(read, PIPE_SIZE):
             write_all_fd(data_write, chunk)
-        status = b"ok"
-    except GzipError as error:
-        status = ("error\n%s\n%s" % (type(error).__name__, error)).encode("utf-8", "replace")
-    except OSError as error:
-        status = ("oserror\n%d\n%s" % (error.errno or 0, error.strerror or error)).encode(
-            "utf-8", "replace")
-    except BaseException as error:
-        status = ("error\nGzipError\ndecompression failed: %s" % (error,)).encode(
-            "utf-8", "replace")
+
+    pid, data_read, status_read = fork_piped_child(decompress, parent_reads=True,
+                                                   keep=(source,))
+    try:
+        while True:
+            chunk = os.read(data_read, chunk_size)
+            if not chunk:
+                break
+            yield chunk
+        _raise_child_status(read_child_status(status_read))
     finally:
+        os.close(data_read)
+        os.close(status_read)
+        # The child may still be writing, if the caller stopped early.
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def fork_piped_child(body, parent_reads, keep=()):
+    """Fork a child joined to this process by a data pipe (grown to
+    PIPE_SIZE; from child to parent when parent_reads, else the other way)
+    and a status pipe.  Returns (pid, data_fd, status_fd): the parent's ends.
+
+    In the child, body(data_fd, status_fd) runs with SIGINT, SIGTERM and
+    SIGHUP at their defaults and no descriptor open but its two and keep;
+    then the data end is closed and the status written after anything body
+    wrote there: b"ok", or child_status() of what body raised.  The child
+    leaves by os._exit, running no code of the parent's (no atexit
+    handlers, no buffered output flushed twice).
+    Python 3.12+ warns about fork() beside other threads; body must take no
+    lock another thread may hold (plain system calls and zlib take none).
+    """
+    data_read, data_write = os.pipe()
+    status_read, status_write = os.pipe()
+    try:
+        fcntl.fcntl(data_write, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only means more switches
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except BaseException:
+        for fd in (data_read, data_write, status_read, status_write):
+            os.close(fd)
+        raise
+    child_end, parent_end = (data_write, data_read) if parent_reads else (data_read, data_write)
+    if pid == 0:
+        status = b"error\nError\nthe child process failed"
         try:
-            os.close(data_write)
-            write_all_fd(status_write, status)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            os.close(parent_end)
+            os.close(status_read)
+            _close_other_fds((child_end, status_write) + tuple(keep))
+            body(child_end, status_write)
+            status = b"ok"
+        except BaseException as error:
+            status = child_status(error)
         finally:
-            os._exit(0)
+            try:
+                os.close(child_end)
+                write_all_fd(status_write, status)
+            finally:
+                os._exit(0)
+    os.close(child_end)
+    os.close(status_write)
+    return pid, parent_end, status_read
+
+
+def child_status(error):
+    """How a child says it failed: the errno of an OSError, else the name
+    of the exception's class; then the message."""
+    if isinstance(error, OSError):
+        text = "oserror\n%d\n%s" % (error.errno or errno.EIO, error.strerror or error)
+    else:
+        text = "error\n%s\n%s" % (type(error).__name__, error)
+    return text.encode("utf-8", "replace")
+
+
+def read_child_status(fd):
+    """All a child wrote on its status pipe: empty if it was killed."""
+    status = b""
+    while True:
+        more = os.read(fd, 4096)
+        if not more:
+            return status
+        status += more
 
 
 def _close_other_fds(keep):
@@ -774,14 +800,23 @@ def write_all_fd(fd, data):
 
 
 def _raise_child_status(status):
-    if status == b"ok":
-        return
+    if status != b"ok":
+        raise child_failure(
+            status, _CHILD_ERRORS,
+            unknown=lambda message: GzipError("decompression failed: %s" % message),
+            unfinished=lambda: GzipError("decompression process ended without finishing"))
+
+
+def child_failure(status, known, unknown, unfinished):
+    """The exception a child's status other than b"ok" stands for: an
+    OSError with its errno, a class of `known` (by name) with its message,
+    else unknown(message); unfinished() if the child said nothing (it was
+    killed: out of memory, say)."""
     kind, _, rest = status.decode("utf-8", "replace").partition("\n")
     if kind == "oserror":
         number, _, message = rest.partition("\n")
-        raise OSError(int(number), message)
+        return OSError(int(number), message)
     if kind == "error":
         name, _, message = rest.partition("\n")
-        raise _CHILD_ERRORS.get(name, GzipError)(message)
-    # No status at all: the child was killed (out of memory, say).
-    raise GzipError("decompression process ended without finishing")
+        return known[name](message) if name in known else unknown(message)
+    return unfinished()

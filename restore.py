@@ -19,7 +19,6 @@ import os
 import shutil
 import stat
 import sys
-import threading
 import time
 
 import backuplib as lib
@@ -274,57 +273,20 @@ def read_archive(path, only, unpack=None, progress=None):
     return summary
 
 
-class EarlyWriteback:
+class EarlyWriteback(lib.BackgroundSync):
     """Keeps the disk writing the staged files while unpacking goes on.
 
     Restore syncs before the swap, so that the new files are on disk before
     the old ones can go.  A sync that starts only then waits for every byte
     at once, after the unpacking: on an SD card that can be as long as the
-    unpacking itself.  Here a background thread runs os.sync() whenever
-    another `step` bytes were unpacked (never two at once: while one runs,
-    the data keeps coming and the next one takes it all), so the final sync
-    finds little left.  It is only a speed-up: the final sync is what makes
-    the files durable, and a sync changes no data."""
+    unpacking itself.  Here os.sync() runs in the background whenever
+    another `step` bytes were unpacked.  It is only a speed-up: the final
+    sync is what makes the files durable, and a sync changes no data."""
+
+    thread_name = "early-writeback"
 
     def __init__(self, step=None):
-        self.step = WRITEBACK_STEP if step is None else step
-        self.unsynced = 0
-        self.syncs = 0
-        self._wanted = threading.Event()
-        self._closing = False
-        self._thread = None  # started by the first step: small restores need none
-
-    def _run(self):
-        while True:
-            self._wanted.wait()
-            if self._closing:
-                return
-            self._wanted.clear()
-            os.sync()
-            self.syncs += 1
-
-    def wrote(self, nbytes):
-        self.unsynced += nbytes
-        if self.unsynced >= self.step:
-            self.unsynced = 0
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="early-writeback",
-                                                daemon=True)
-                self._thread.start()
-            self._wanted.set()
-
-    def close(self):
-        """Stops the thread, after the sync it may be running."""
-        self._closing = True
-        if self._thread is not None:
-            self._wanted.set()
-            self._thread.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+        super().__init__(WRITEBACK_STEP if step is None else step, lambda done: os.sync())
 
 
 class Stager:
