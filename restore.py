@@ -187,12 +187,6 @@ def replaced_units(held_items, only):
     return sorted(only) if only else sorted(held_items)
 
 
-def path_and_ancestors(rel):
-    """For "a/b/c": "a/b/c", "a/b" and "a"."""
-    parts = rel.split("/")
-    return ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
-
-
 def staging_ancestors(unit):
     """Ancestors of a unit below the stack directory, outermost first."""
     parts = unit.split("/")[:-1]
@@ -337,7 +331,8 @@ class Stager:
     def _prepare(self, rel):
         parent = rel.rpartition("/")[0]
         if parent not in self.made:
-            if self.sent and any(folder in self.sent for folder in path_and_ancestors(parent)):
+            if self.sent and any(folder in self.sent
+                                 for folder in staging_ancestors(parent) + [parent]):
                 self._wait_for_writer()  # an error about that file comes first
             try:
                 os.makedirs(os.path.join(self.root, parent), exist_ok=True)
