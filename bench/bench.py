@@ -41,7 +41,7 @@ REPO = os.path.dirname(BENCH_DIR)
 OUT_DIR = os.path.join(BENCH_DIR, "out")
 sys.path.insert(0, REPO)
 
-import backuplib  # noqa: E402
+from iotstack_backup import iotstack  # noqa: E402
 
 BACKUP = os.path.join(REPO, "backup.py")
 RESTORE = os.path.join(REPO, "restore.py")
@@ -172,7 +172,7 @@ class Commands:
         self.archive = stack + ".tar.gz"  # our latest archive: what verify and restore read
         self.tar_out = os.path.join(work, "reference.tar.gz")
         self.restored = []  # targets of restore and tar -xzf, deleted by remove_restored()
-        items, _missing = backuplib.manifest_items(
+        items, _missing = iotstack.manifest_items(
             lambda rel: os.path.lexists(os.path.join(stack, rel)))
         self.items = [item.rstrip("/") for item in items]
         self.user = ["root"] if os.geteuid() == 0 else []
@@ -252,7 +252,7 @@ class Commands:
 def time_commands(commands, rounds, with_pigz, tree_bytes):
     """{label: [Run per round]} after one untimed warm-up of each."""
     need = (rounds + 1) * 3 * tree_bytes + 4 * tree_bytes // 10 + (200 << 20)
-    free = backuplib.free_bytes(commands.bench.workdir)
+    free = iotstack.free_bytes(commands.bench.workdir)
     if need > free:
         raise BenchError("the restored trees are kept until the last round: about %.1f GB "
                          "needed, %.1f GB free in %s; use fewer --rounds, a smaller --scale "

@@ -17,10 +17,10 @@ import tempfile
 import unittest
 from unittest import mock
 
-import backup
-import backuplib as lib
 from tests import fake_docker
 from tests.stacktree import IS_ROOT, build_stack, diff_snapshots, snapshot
+from iotstack_backup import (
+    archive_writer, backup, docker_compose, iotstack, progress, run, tarformat)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_SCRIPT = os.path.join(REPO, "backup.py")
@@ -78,7 +78,7 @@ class StackTestCase(unittest.TestCase):
         self.addCleanup(patcher.stop)
         os.environ.pop("IOTSTACK", None)
         os.environ.pop("SUDO_USER", None)
-        clock = mock.patch.object(lib, "now_local", return_value=NOW)
+        clock = mock.patch.object(iotstack, "now_local", return_value=NOW)
         clock.start()
         self.addCleanup(clock.stop)
         self.backups = os.path.join(self.stack, "backups")
@@ -178,11 +178,11 @@ class NamesTest(StackTestCase):
 class ProgressTest(StackTestCase):
     def test_progress_line(self):
         stream = io.StringIO()
-        progress = lib.TerminalProgress(total_bytes=2_000_000, total_files=4, stream=stream,
+        bar = progress.TerminalProgress(total_bytes=2_000_000, total_files=4, stream=stream,
                                         label="Backing up: ")
-        progress.last -= 1  # draw on the first update
-        progress.update(1_000_000, 2)
-        progress.finish()
+        bar.last -= 1  # draw on the first update
+        bar.update(1_000_000, 2)
+        bar.finish()
         lines = stream.getvalue().split("\r")
         self.assertIn("Backing up: 1.0 MB  2 files", lines[1])
         self.assertIn("/s  ETA ", lines[1])
@@ -193,7 +193,7 @@ class ProgressTest(StackTestCase):
             def isatty(self):
                 return True
         terminal = Terminal()
-        with mock.patch("sys.stderr", terminal), mock.patch.object(lib.time, "monotonic",
+        with mock.patch("sys.stderr", terminal), mock.patch.object(progress.time, "monotonic",
                                                                    side_effect=range(10 ** 6)):
             code = backup.main(["1", "--dir", self.stack] + USER_ARGS)
         self.assertEqual(code, 0)
@@ -316,7 +316,7 @@ class StackHandlingTest(StackTestCase):
         self.assertIn("Services Stopped: mosquitto, nodered", log)
         self.assertIn("Services Started: mosquitto, nodered", log)
         self.assertIn("Services stopped and started again: mosquitto, nodered", out)
-        self.assertFalse(os.path.exists(os.path.join(self.stack, lib.STOPPED_MARKER)))
+        self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
 
     def test_failing_pre_backup_stops_before_anything(self):
         self.write_hook("pre_backup.sh", "echo dump failed; exit 3")
@@ -362,8 +362,8 @@ class StackHandlingTest(StackTestCase):
     def test_services_restarted_when_verify_fails(self):
         def broken(verifier, size, expected):
             verifier.cancel()
-            raise lib.ArchiveError("simulated read error")
-        with mock.patch.object(lib.FollowingVerifier, "finish", broken):
+            raise tarformat.ArchiveError("simulated read error")
+        with mock.patch.object(archive_writer.FollowingVerifier, "finish", broken):
             code, _out, err = self.backup("3", *USER_ARGS)
         self.assertEqual(code, 1)
         self.assertIn("verification of the new archive failed", err)
@@ -374,29 +374,29 @@ class StackHandlingTest(StackTestCase):
 
     def test_services_left_stopped_by_a_killed_run_are_started(self):
         fake_docker.set_state(self.docker_state, running=[])
-        lib.write_json_atomically(os.path.join(self.stack, lib.STOPPED_MARKER),
+        iotstack.write_json_atomically(os.path.join(self.stack, docker_compose.STOPPED_MARKER),
                                   {"services": ["mosquitto", "nodered"]})
         code, out, _err = self.backup("1", *USER_ARGS)
         self.assertEqual(code, 0)
         self.assertIn("Started mosquitto, nodered again", out)
         self.assertEqual(fake_docker.read_state(self.docker_state)["running"],
                          {"nodered", "mosquitto"})
-        self.assertFalse(os.path.exists(os.path.join(self.stack, lib.STOPPED_MARKER)))
+        self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
 
 
 class ConcurrencyTest(StackTestCase):
     def test_second_run_exits_at_once(self):
         os.makedirs(os.path.join(self.stack, ".tmp"), exist_ok=True)
-        with open(os.path.join(self.stack, lib.LOCK_NAME), "w") as holder:
+        with open(os.path.join(self.stack, iotstack.LOCK_NAME), "w") as holder:
             fcntl.flock(holder, fcntl.LOCK_EX)
             code, _out, err = self.backup("3", *USER_ARGS)
-        self.assertEqual(code, lib.EXIT_BUSY)
+        self.assertEqual(code, run.EXIT_BUSY)
         self.assertIn("another backup or restore is running", err)
         self.assertFalse(os.path.exists(os.path.join(self.backups, "logs")))
         self.assertFalse(self.calls())
 
     def test_pending_restore_journal_blocks_backup(self):
-        with open(os.path.join(self.stack, lib.JOURNAL_NAME), "w") as f:
+        with open(os.path.join(self.stack, iotstack.JOURNAL_NAME), "w") as f:
             f.write("{}")
         code, _out, err = self.backup("1", *USER_ARGS)
         self.assertEqual(code, 1)
@@ -502,8 +502,9 @@ class NormalUserTest(StackTestCase):
         # nobody may not reach this checkout or pyenv's Python under /root.
         code = os.path.join(self.tmp, "code")
         os.mkdir(code)
-        for name in ("backup.py", "backuplib.py", "parallel_gzip.py"):
-            shutil.copy(os.path.join(REPO, name), code)
+        shutil.copy(os.path.join(REPO, "backup.py"), code)
+        shutil.copytree(os.path.join(REPO, "iotstack_backup"), os.path.join(code, "iotstack_backup"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
         python = next((exe for exe in (sys.executable, "/usr/bin/python3")
                        if python_runs_as(exe, as_nobody)), None)
         if python is None:
@@ -513,7 +514,7 @@ class NormalUserTest(StackTestCase):
                                 preexec_fn=as_nobody, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={"PATH": "/usr/bin:/bin", "HOME": self.tmp})
-        self.assertEqual(result.returncode, lib.EXIT_WARNINGS, result.stderr)
+        self.assertEqual(result.returncode, run.EXIT_WARNINGS, result.stderr)
         self.assertIn(b"Warning: cannot read volumes/mosquitto/pwfile/pwfile", result.stdout)
         (archive,) = glob.glob(os.path.join(self.backups, "backup", "backup_*.tar.gz"))
         self.assert_verifies(archive)
@@ -595,7 +596,7 @@ class KillTest(StackTestCase):
         self.assertGreater(n, 2)
         # The next run cleans up and restarts what a killed run left stopped.
         fake_docker.set_state(self.docker_state, running=[])
-        lib.write_json_atomically(os.path.join(self.stack, lib.STOPPED_MARKER),
+        iotstack.write_json_atomically(os.path.join(self.stack, docker_compose.STOPPED_MARKER),
                                   {"services": ["mosquitto", "nodered"]})
         self.assertEqual(self.backup("3", *USER_ARGS)[0], 0)
         partials = glob.glob(os.path.join(self.backups, "*", ".*.partial"))
@@ -622,7 +623,7 @@ class KillTest(StackTestCase):
                                       "inject=write:signal=SIGTERM:when=%d" % n], "3")
             state = fake_docker.read_state(self.docker_state)
             self.assertEqual(state["running"], {"nodered", "mosquitto"})
-            self.assertFalse(os.path.exists(os.path.join(self.stack, lib.STOPPED_MARKER)))
+            self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
             self.assertEqual(glob.glob(os.path.join(self.backups, "*", ".*.partial")), [])
             if result.returncode == 0:
                 continue

@@ -1,4 +1,4 @@
-"""Table tests for the pure decisions of backuplib, backup.py and restore.py."""
+"""Table tests for the pure decisions of the iotstack_backup package."""
 import datetime
 import errno
 import gzip
@@ -15,14 +15,12 @@ import threading
 import time
 import unittest
 from unittest import mock
+from iotstack_backup import archive_writer, backup, iotstack, restore, settings, tarformat, unpack
 
-import backup
-import backuplib as lib
-import restore
 
 
 def member(name, kind="file", linkname=""):
-    m = lib.TarMember()
+    m = tarformat.TarMember()
     m.name, m.type, m.linkname = name, kind, linkname
     m.mode, m.uid, m.gid, m.size, m.mtime = 0o644, 0, 0, 0, 0
     return m
@@ -33,10 +31,10 @@ class NamesTest(unittest.TestCase):
         # 2026-11-22 is a Sunday.
         for day, expected in [(22, 0), (23, 1), (24, 2), (25, 3), (26, 4), (27, 5), (28, 6)]:
             now = datetime.datetime(2026, 11, day, 2, 0)
-            self.assertEqual(lib.rolling_weekday(now), expected)
+            self.assertEqual(iotstack.rolling_weekday(now), expected)
 
     def test_archive_stamp(self):
-        self.assertEqual(lib.archive_stamp(datetime.datetime(2026, 1, 2, 3, 4)), "2026-01-02_0304")
+        self.assertEqual(iotstack.archive_stamp(datetime.datetime(2026, 1, 2, 3, 4)), "2026-01-02_0304")
 
     def test_first_free_stem(self):
         table = [
@@ -46,7 +44,7 @@ class NamesTest(unittest.TestCase):
             ({"b-2"}, "b"),
         ]
         for taken, expected in table:
-            self.assertEqual(lib.first_free_stem("b", taken.__contains__), expected)
+            self.assertEqual(iotstack.first_free_stem("b", taken.__contains__), expected)
 
     def test_plan_backup(self):
         now = datetime.datetime(2026, 11, 26, 2, 0)
@@ -64,19 +62,19 @@ class NamesTest(unittest.TestCase):
                         .dated.endswith("0200-2.tar.gz"))
 
     def test_partial_names_never_look_like_backups(self):
-        temp = lib.partial_path("/s/backups/rolling/backup_4.tar.gz")
+        temp = iotstack.partial_path("/s/backups/rolling/backup_4.tar.gz")
         name = os.path.basename(temp)
         self.assertTrue(name.startswith("."))
         self.assertTrue(name.endswith(".partial"))
         self.assertFalse(name.endswith(".tar.gz"))
-        self.assertTrue(lib.is_partial_name(name))
-        self.assertFalse(lib.is_partial_name("backup_4.tar.gz"))
+        self.assertTrue(iotstack.is_partial_name(name))
+        self.assertFalse(iotstack.is_partial_name("backup_4.tar.gz"))
 
     def test_backup_type_argument(self):
         for text in ("0", "4", "x", "", "33"):
             with self.assertRaisesRegex(Exception, "1, 2 or 3"):
-                backup.backup_type(text)
-        self.assertEqual([backup.backup_type(t) for t in "123"], [1, 2, 3])
+                settings.backup_type(text)
+        self.assertEqual([settings.backup_type(t) for t in "123"], [1, 2, 3])
 
 
 class ManifestTest(unittest.TestCase):
@@ -91,11 +89,11 @@ class ManifestTest(unittest.TestCase):
             (set(), [], ["services/", "volumes/"]),
         ]
         for present, items, missing in table:
-            self.assertEqual(lib.manifest_items(present.__contains__), (items, missing), present)
+            self.assertEqual(iotstack.manifest_items(present.__contains__), (items, missing), present)
 
     def test_manifest_never_holds_backups_or_tmp(self):
         everything = {"backups", ".tmp", "menu.sh", "services", "volumes"}
-        items, _ = lib.manifest_items(everything.__contains__)
+        items, _ = iotstack.manifest_items(everything.__contains__)
         self.assertEqual(items, ["services/", "volumes/"])
 
     def test_is_excluded(self):
@@ -111,7 +109,7 @@ class ManifestTest(unittest.TestCase):
             ("volumes/a/b.log", [], False),
         ]
         for rel, patterns, expected in table:
-            self.assertEqual(lib.is_excluded(rel, patterns), expected, (rel, patterns))
+            self.assertEqual(iotstack.is_excluded(rel, patterns), expected, (rel, patterns))
 
     def test_item_of(self):
         table = [
@@ -123,7 +121,7 @@ class ManifestTest(unittest.TestCase):
             ("extra", "extra"), ("extra/a", "extra"), ("extras/a", None),
         ]
         for path, item in table:
-            self.assertEqual(lib.item_of(path), item, path)
+            self.assertEqual(iotstack.item_of(path), item, path)
 
 
 class TarFormatTest(unittest.TestCase):
@@ -134,15 +132,15 @@ class TarFormatTest(unittest.TestCase):
     def test_header_is_read_by_tarfile_and_our_reader(self):
         long_dir = "volumes/" + "d" * 90 + "/" + "e" * 90
         table = [
-            (b"volumes/a.txt", lib.TYPE_FILE, 0o4755, 1000, 472, 5, 1_700_000_000, b""),
-            (long_dir.encode() + b"/f.txt", lib.TYPE_FILE, 0o644, 0, 0, 0, 1, b""),
-            (b"v/" + b"x" * 300, lib.TYPE_FILE, 0o600, 3_000_000, 4_000_000, 0, 0, b""),
-            (b"v/link", lib.TYPE_SYMLINK, 0o777, 1, 2, 0, 5, b"/" + b"t" * 150),
-            ("v/ünï cödé".encode(), lib.TYPE_DIR, 0o1777, 0, 0, 0, 7, b""),
-            (b"v/old", lib.TYPE_FILE, 0o644, 0, 0, 0, -86400, b""),
+            (b"volumes/a.txt", tarformat.TYPE_FILE, 0o4755, 1000, 472, 5, 1_700_000_000, b""),
+            (long_dir.encode() + b"/f.txt", tarformat.TYPE_FILE, 0o644, 0, 0, 0, 1, b""),
+            (b"v/" + b"x" * 300, tarformat.TYPE_FILE, 0o600, 3_000_000, 4_000_000, 0, 0, b""),
+            (b"v/link", tarformat.TYPE_SYMLINK, 0o777, 1, 2, 0, 5, b"/" + b"t" * 150),
+            ("v/ünï cödé".encode(), tarformat.TYPE_DIR, 0o1777, 0, 0, 0, 7, b""),
+            (b"v/old", tarformat.TYPE_FILE, 0o644, 0, 0, 0, -86400, b""),
         ]
         for name, kind, mode, uid, gid, size, mtime, link in table:
-            data = lib.tar_header(name, kind, mode, uid, gid, size, mtime, link)
+            data = tarformat.tar_header(name, kind, mode, uid, gid, size, mtime, link)
             data += b"a" * size + bytes(-size % 512)
             self.assertEqual(len(data) % 512, 0)
             (info,) = self.read_back(data)
@@ -151,7 +149,7 @@ class TarFormatTest(unittest.TestCase):
                              (mode, uid, gid, size, mtime))
             self.assertEqual((info.uname, info.gname), ("", ""))
             self.assertEqual(info.linkname, link.decode())
-            (ours,) = list(lib.TarReader([data, bytes(1024)]))
+            (ours,) = list(tarformat.TarReader([data, bytes(1024)]))
             self.assertEqual((ours.name, ours.mode, ours.uid, ours.gid, ours.size, ours.mtime,
                               ours.linkname), (name.decode(), mode, uid, gid, size, mtime,
                                                link.decode()))
@@ -160,7 +158,7 @@ class TarFormatTest(unittest.TestCase):
         def with_checksum(header, text):
             return header[:148] + text + header[156:]
 
-        header = lib.tar_header("volumes/é".encode(), lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
+        header = tarformat.tar_header("volumes/é".encode(), tarformat.TYPE_FILE, 0o644, 0, 0, 0, 0)
         field = header[148:156]
         self.assertRegex(field, rb"^[0-7]{6}\0 $")  # what GNU tar writes
         unsigned = int(field[:6], 8)
@@ -175,11 +173,11 @@ class TarFormatTest(unittest.TestCase):
             (b"        ", False),
         ]
         for text, ok in table:
-            self.assertEqual(lib.header_checksum_ok(with_checksum(header, text)), ok, text)
+            self.assertEqual(tarformat.header_checksum_ok(with_checksum(header, text)), ok, text)
 
     def test_gnu_tar_reads_long_names(self):
         name = ("volumes/" + "n" * 120 + "/" + "m" * 140).encode()
-        data = lib.tar_header(name, lib.TYPE_FILE, 0o640, 1883, 1883, 3, 0) + b"abc" + bytes(509)
+        data = tarformat.tar_header(name, tarformat.TYPE_FILE, 0o640, 1883, 1883, 3, 0) + b"abc" + bytes(509)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "a.tar")
             with open(path, "wb") as f:
@@ -190,52 +188,52 @@ class TarFormatTest(unittest.TestCase):
         self.assertIn(name.decode(), listing)
 
     def test_split_ustar_name(self):
-        self.assertEqual(lib.split_ustar_name(b"a/b"), (b"", b"a/b"))
-        prefix, rest = lib.split_ustar_name(b"p" * 150 + b"/" + b"n" * 99)
+        self.assertEqual(tarformat.split_ustar_name(b"a/b"), (b"", b"a/b"))
+        prefix, rest = tarformat.split_ustar_name(b"p" * 150 + b"/" + b"n" * 99)
         self.assertEqual((len(prefix), len(rest)), (150, 99))
-        self.assertIsNone(lib.split_ustar_name(b"x" * 101))
-        self.assertIsNone(lib.split_ustar_name(b"p" * 156 + b"/n"))
+        self.assertIsNone(tarformat.split_ustar_name(b"x" * 101))
+        self.assertIsNone(tarformat.split_ustar_name(b"p" * 156 + b"/n"))
 
     def test_pax_record_length_counts_itself(self):
         for value in (b"", b"x" * 5, b"x" * 93, b"x" * 994, b"x" * 9995):
-            record = lib.pax_record(b"path", value)
+            record = tarformat.pax_record(b"path", value)
             self.assertEqual(int(record.split(b" ", 1)[0]), len(record))
 
     def test_parse_number(self):
         table = [(b"0000644\0", 0o644), (b"       \0", 0), (b"\0" * 8, 0),
                  (b"\x80" + bytes(6) + b"\x10", 16), (b"  17 \0", 0o17)]
         for field, value in table:
-            self.assertEqual(lib.parse_number(field), value)
+            self.assertEqual(tarformat.parse_number(field), value)
         for bad in (b"12x\0", b"-1\0", b"+7\0", b"7_7\0"):
-            with self.assertRaises(lib.ArchiveError, msg=bad):
-                lib.parse_number(bad)
+            with self.assertRaises(tarformat.ArchiveError, msg=bad):
+                tarformat.parse_number(bad)
 
     def test_hostile_pax_numbers_are_archive_errors(self):
         for record in (b"uid=abc", b"gid=-5", b"size=1e3", b"mtime=nan", b"mtime=inf",
                        b"uid=99999999999999999999999999x", b"uid=4294967295",
                        b"gid=99999999999999999999", b"mtime=1e300"):
             key, value = record.split(b"=")
-            data = lib.pax_record(key, value)
-            pax = lib.tar_header(b"PaxHeaders/a", b"x", 0o644, 0, 0, len(data), 0)
-            member = lib.tar_header(b"volumes/a", lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
+            data = tarformat.pax_record(key, value)
+            pax = tarformat.tar_header(b"PaxHeaders/a", b"x", 0o644, 0, 0, len(data), 0)
+            member = tarformat.tar_header(b"volumes/a", tarformat.TYPE_FILE, 0o644, 0, 0, 0, 0)
             stream = pax + data + bytes(-len(data) % 512) + member + bytes(1024)
-            with self.assertRaises(lib.ArchiveError, msg=record):
-                list(lib.TarReader([stream]))
+            with self.assertRaises(tarformat.ArchiveError, msg=record):
+                list(tarformat.TarReader([stream]))
 
     def test_reader_refuses_damaged_headers(self):
-        good = lib.tar_header(b"a", lib.TYPE_FILE, 0o644, 0, 0, 0, 0)
+        good = tarformat.tar_header(b"a", tarformat.TYPE_FILE, 0o644, 0, 0, 0, 0)
         flipped = bytearray(good)
         flipped[10] ^= 0x01
-        with self.assertRaisesRegex(lib.ArchiveError, "corrupt tar header"):
-            list(lib.TarReader([bytes(flipped)]))
-        with self.assertRaisesRegex(lib.ArchiveError, "truncated"):
-            list(lib.TarReader([good[:300]]))
-        data_member = lib.tar_header(b"a", lib.TYPE_FILE, 0o644, 0, 0, 1000, 0) + b"x" * 600
-        with self.assertRaisesRegex(lib.ArchiveError, "truncated"):
-            list(lib.TarReader([data_member]))
-        odd = bytearray(lib.tar_header(b"a", b"S", 0o644, 0, 0, 0, 0))
-        with self.assertRaisesRegex(lib.ArchiveError, "unsupported"):
-            list(lib.TarReader([bytes(odd)]))
+        with self.assertRaisesRegex(tarformat.ArchiveError, "corrupt tar header"):
+            list(tarformat.TarReader([bytes(flipped)]))
+        with self.assertRaisesRegex(tarformat.ArchiveError, "truncated"):
+            list(tarformat.TarReader([good[:300]]))
+        data_member = tarformat.tar_header(b"a", tarformat.TYPE_FILE, 0o644, 0, 0, 1000, 0) + b"x" * 600
+        with self.assertRaisesRegex(tarformat.ArchiveError, "truncated"):
+            list(tarformat.TarReader([data_member]))
+        odd = bytearray(tarformat.tar_header(b"a", b"S", 0o644, 0, 0, 0, 0))
+        with self.assertRaisesRegex(tarformat.ArchiveError, "unsupported"):
+            list(tarformat.TarReader([bytes(odd)]))
 
 
 class FileSinkTest(unittest.TestCase):
@@ -245,7 +243,7 @@ class FileSinkTest(unittest.TestCase):
         fd = os.open(os.path.join(holder.name, "out"), os.O_WRONLY | os.O_CREAT)
         self.addCleanup(os.close, fd)
         self.path = os.path.join(holder.name, "out")
-        return lib.FileSink(fd, **kwargs)
+        return archive_writer.FileSink(fd, **kwargs)
 
     def test_syncs_on_its_thread_and_reports_what_is_durable(self):
         calls, durable = [], []
@@ -296,7 +294,7 @@ class FileSinkTest(unittest.TestCase):
 
 class FollowingVerifierTest(unittest.TestCase):
     def archive_bytes(self, members):
-        body = b"".join(lib.tar_header(b"volumes/f%d" % i, lib.TYPE_FILE, 0o644, 0, 0, 3, 0)
+        body = b"".join(tarformat.tar_header(b"volumes/f%d" % i, tarformat.TYPE_FILE, 0o644, 0, 0, 3, 0)
                         + b"abc" + bytes(509) for i in range(members))
         return gzip.compress(body + bytes(1024))
 
@@ -307,7 +305,7 @@ class FollowingVerifierTest(unittest.TestCase):
             with open(path, "wb") as f:
                 f.write(data[:1000])
                 f.flush()
-                verifier = lib.FollowingVerifier(path)
+                verifier = archive_writer.FollowingVerifier(path)
                 verifier.advance(1000)
                 f.write(data[1000:])
             self.assertEqual(verifier.finish(len(data), 300), 300)
@@ -323,13 +321,13 @@ class FollowingVerifierTest(unittest.TestCase):
                 path = os.path.join(tmp, "a.tar.gz")
                 with open(path, "wb") as f:
                     f.write(content)
-                verifier = lib.FollowingVerifier(path)
-                with self.assertRaisesRegex(lib.ArchiveError, message):
+                verifier = archive_writer.FollowingVerifier(path)
+                with self.assertRaisesRegex(tarformat.ArchiveError, message):
                     verifier.finish(len(content), members)
 
     def test_cancel_while_waiting(self):
         with tempfile.NamedTemporaryFile() as f:
-            verifier = lib.FollowingVerifier(f.name)
+            verifier = archive_writer.FollowingVerifier(f.name)
             verifier.cancel()
         self.assertFalse(verifier._thread.is_alive())
 
@@ -339,14 +337,14 @@ class MemberPolicyTest(unittest.TestCase):
         ok = [("./volumes/a", "volumes/a"), ("volumes//a/./b/", "volumes/a/b"), ("./", ""),
               ("services", "services")]
         for name, rel in ok:
-            self.assertEqual(restore.normalize_member_name(name), rel)
+            self.assertEqual(unpack.normalize_member_name(name), rel)
         for bad in ("/etc/passwd", "../x", "volumes/../../x", "a/..", "", "a\0b"):
-            with self.assertRaises(lib.ArchiveError, msg=bad):
-                restore.normalize_member_name(bad)
+            with self.assertRaises(tarformat.ArchiveError, msg=bad):
+                unpack.normalize_member_name(bad)
 
     def test_policy(self):
         def run(members):
-            policy = restore.MemberPolicy()
+            policy = unpack.MemberPolicy()
             return [policy.check(m) for m in members]
 
         self.assertEqual(run([member("volumes/l", "symlink", "/etc"), member("volumes/m")]),
@@ -369,7 +367,7 @@ class MemberPolicyTest(unittest.TestCase):
              member("volumes/h", "hardlink", "volumes/d/f")],
         ]
         for members in refused:
-            with self.assertRaises(lib.ArchiveError, msg=[m.name for m in members]):
+            with self.assertRaises(tarformat.ArchiveError, msg=[m.name for m in members]):
                 run(members)
         self.assertEqual(run([member("volumes/f"), member("volumes/h", "hardlink",
                                                            "./volumes/f")]),
@@ -379,47 +377,62 @@ class MemberPolicyTest(unittest.TestCase):
         # The staging restore leaves "is it an earlier file" to the disk, but
         # never the path: a link through an archive symlink reaches outside.
         for track in (True, False):
-            policy = restore.MemberPolicy(track_files=track)
+            policy = unpack.MemberPolicy(track_files=track)
             policy.check(member("volumes/l", "symlink", "/etc"))
             policy.check(member("volumes/f"))
             for target in ("volumes/l/passwd", "volumes/l", "/etc/passwd", "../x", "a/../../x"):
-                with self.assertRaises(lib.ArchiveError, msg=(track, target)):
+                with self.assertRaises(tarformat.ArchiveError, msg=(track, target)):
                     policy.check(member("volumes/h", "hardlink", target))
             self.assertEqual(policy.check(member("volumes/h", "hardlink", "volumes/f")),
                              "volumes/h")
-        self.assertEqual(restore.MemberPolicy(track_files=False).files, set())
+        self.assertEqual(unpack.MemberPolicy(track_files=False).files, set())
 
     def test_restorable_and_units(self):
-        self.assertTrue(restore.restorable("volumes/a", []))
-        self.assertFalse(restore.restorable("menu.sh", []))
-        self.assertFalse(restore.restorable("backups/x", []))
-        self.assertTrue(restore.restorable("volumes/a/b", ["volumes/a"]))
-        self.assertFalse(restore.restorable("volumes/ab", ["volumes/a"]))
-        self.assertFalse(restore.restorable("volumes", ["volumes/a"]))
+        self.assertTrue(unpack.restorable("volumes/a", []))
+        self.assertFalse(unpack.restorable("menu.sh", []))
+        self.assertFalse(unpack.restorable("backups/x", []))
+        self.assertTrue(unpack.restorable("volumes/a/b", ["volumes/a"]))
+        self.assertFalse(unpack.restorable("volumes/ab", ["volumes/a"]))
+        self.assertFalse(unpack.restorable("volumes", ["volumes/a"]))
         self.assertEqual(restore.replaced_units({"volumes", "services"}, []),
                          ["services", "volumes"])
         self.assertEqual(restore.replaced_units({"volumes"}, ["volumes/b", "volumes/a"]),
                          ["volumes/a", "volumes/b"])
-        self.assertEqual(restore.staging_ancestors("volumes/a/b"), ["volumes", "volumes/a"])
-        self.assertEqual(restore.staging_ancestors("volumes"), [])
+        self.assertEqual(unpack.staging_ancestors("volumes/a/b"), ["volumes", "volumes/a"])
+        self.assertEqual(unpack.staging_ancestors("volumes"), [])
 
 
 class InstallTest(unittest.TestCase):
     def test_the_files_the_readme_says_to_copy_are_all_it_needs(self):
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
-            line = re.search(r"^cp (.*) ~/IOTstack/$", f.read(), re.M)
+            line = re.search(r"^cp -r (.*) ~/IOTstack/$", f.read(), re.M)
         listed = line.group(1).split()
-        modules = sorted(os.path.basename(path) for path in glob.glob(os.path.join(repo, "*.py")))
-        self.assertEqual(sorted(listed), modules)
+        top = sorted(os.path.basename(path) for path in glob.glob(os.path.join(repo, "*.py")))
+        self.assertEqual(sorted(listed), sorted(top + ["iotstack_backup"]))
+        package = sorted(os.path.basename(path)[:-3] for path in
+                         glob.glob(os.path.join(repo, "iotstack_backup", "*.py")))
         with tempfile.TemporaryDirectory() as tmp:
             for name in listed:
-                shutil.copy(os.path.join(repo, name), tmp)
+                source = os.path.join(repo, name)
+                if os.path.isdir(source):
+                    shutil.copytree(source, os.path.join(tmp, name),
+                                    ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(source, tmp)
             env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-            imports = "; ".join("import %s" % name[:-3] for name in listed)
+            imports = "; ".join("import iotstack_backup.%s" % name for name in package)
             done = subprocess.run([sys.executable, "-c", imports], cwd=tmp, env=env,
                                   stderr=subprocess.PIPE, universal_newlines=True)
-        self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            for script in ("backup.py", "restore.py"):
+                # From another folder, as cron runs it: the package is found
+                # beside the script.
+                done = subprocess.run([sys.executable, os.path.join(tmp, script), "--help"],
+                                      cwd="/", env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, universal_newlines=True)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn("exit codes:", done.stdout)
 
 
 if __name__ == "__main__":

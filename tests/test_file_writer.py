@@ -9,8 +9,8 @@ import tempfile
 import textwrap
 import time
 import unittest
+from iotstack_backup import file_writer
 
-import file_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +174,7 @@ class FileWriterTests(unittest.TestCase):
         script = textwrap.dedent("""
             import os, sys
             sys.path.insert(0, %r)
-            import file_writer
+            from iotstack_backup import file_writer
             writer = file_writer.FileWriterProcess(lambda *args: None)
             print(writer.pid, flush=True)
             os.kill(os.getpid(), 9)

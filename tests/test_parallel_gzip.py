@@ -1,4 +1,4 @@
-"""Tests for parallel_gzip: gzip compatibility, error propagation, checks."""
+"""Tests for iotstack_backup.pgzip: gzip compatibility, error propagation, checks."""
 
 import array
 import errno
@@ -18,17 +18,16 @@ import unittest
 import zlib
 from unittest import mock
 
-import parallel_gzip
-from parallel_gzip import (
+from iotstack_backup.pgzip import (
     CorruptGzipError,
     EmptyArchiveError,
-    GzipChunkReader,
     GzipError,
     NotGzipError,
     ParallelGzipWriter,
     TruncatedGzipError,
     iter_gunzip,
 )
+from iotstack_backup import pgzip
 
 GZIP = shutil.which("gzip")
 TAR = shutil.which("tar")
@@ -158,7 +157,7 @@ class WriterFormatTests(unittest.TestCase):
                 self.assertEqual((mtime, xfl, os_byte), (1700000000, extra_flags, 3))
 
     def test_default_block_size_and_jobs(self):
-        data = mixed(3 * parallel_gzip.DEFAULT_BLOCK_SIZE + 100)
+        data = mixed(3 * pgzip.DEFAULT_BLOCK_SIZE + 100)
         output, _ = compress(data)
         self.assertEqual(gzip.decompress(output), data)
 
@@ -220,7 +219,7 @@ class WriterFormatTests(unittest.TestCase):
     def test_block_encoding_spends_cpu_only_where_it_pays(self):
         block = 128 * 1024
         part = random_bytes(80 * 1024) + text_like(48 * 1024)
-        stored, runs, fast = parallel_gzip.STORED, parallel_gzip.RUNS, parallel_gzip.FAST
+        stored, runs, fast = pgzip.STORED, pgzip.RUNS, pgzip.FAST
         level = lambda n: (n, zlib.Z_DEFAULT_STRATEGY)  # noqa: E731
         table = [
             (random_bytes(block), 6, stored),      # deflate cannot shrink it
@@ -237,9 +236,9 @@ class WriterFormatTests(unittest.TestCase):
         ]
         for data, asked, expected in table:
             with self.subTest(size=len(data), level=asked, expected=expected):
-                self.assertEqual(parallel_gzip.block_encoding(data, asked), expected)
+                self.assertEqual(pgzip.block_encoding(data, asked), expected)
         # Compressible data in one third of a block is enough not to store it.
-        self.assertNotEqual(parallel_gzip.block_encoding(part, 6), stored)
+        self.assertNotEqual(pgzip.block_encoding(part, 6), stored)
 
     def test_every_encoding_round_trips_in_one_stream(self):
         # RUNS blocks are deflated without the preceding 32 KiB as dictionary;
@@ -254,7 +253,7 @@ class WriterFormatTests(unittest.TestCase):
         for size in (0, 1, 65535, 65536, 200_000):
             data = random_bytes(size)
             with self.subTest(size=size):
-                raw = parallel_gzip.stored_deflate(data, last=True)
+                raw = pgzip.stored_deflate(data, last=True)
                 self.assertEqual(zlib.decompress(raw, -15), data)
 
     def test_compressed_size_close_to_gzip(self):
@@ -382,7 +381,7 @@ class WriterLifecycleTests(unittest.TestCase):
         self.assertEqual(caught.exception.errno, errno.ENOSPC)
 
     def test_worker_exception_propagates_unchanged(self):
-        original = parallel_gzip.compress_block
+        original = pgzip.compress_block
         calls = []
 
         def failing_compress_block(*args):
@@ -391,7 +390,7 @@ class WriterLifecycleTests(unittest.TestCase):
                 raise MemoryError("worker failed")
             return original(*args)
 
-        with mock.patch.object(parallel_gzip, "compress_block", failing_compress_block):
+        with mock.patch.object(pgzip, "compress_block", failing_compress_block):
             writer = ParallelGzipWriter(io.BytesIO(), jobs=2, block_size=SMALL_BLOCK)
             with self.assertRaisesRegex(MemoryError, "worker failed"):
                 for _ in range(50):
@@ -484,8 +483,9 @@ class ExternalToolTests(unittest.TestCase):
                 for name, content in files.items():
                     self.assertEqual(tar.extractfile(name).read(), content)
             with open(archive, "rb") as source:
-                with GzipChunkReader(source) as reader:
-                    with tarfile.open(fileobj=reader, mode="r|") as tar:
+                tar_bytes = io.BytesIO(b"".join(iter_gunzip(source)))
+                with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
+                    if True:
                         seen = {member.name: tar.extractfile(member).read()
                                 for member in tar if member.isfile()}
             self.assertEqual(seen, files)
@@ -496,7 +496,7 @@ def gunzip(data, **options):
 
 
 class ReaderTests(unittest.TestCase):
-    """Each test checks that no decompression thread is left running."""
+    """Each test checks that no thread is left running."""
 
     def setUp(self):
         self.earlier_threads = set(threading.enumerate())
@@ -520,7 +520,7 @@ class ReaderTests(unittest.TestCase):
     def test_chunks_respect_chunk_size(self):
         data = bytes(5_000_000)  # compresses about 1000:1
         compressed = gzip.compress(data)
-        chunks = list(iter_gunzip(io.BytesIO(compressed), chunk_size=4096, queue_depth=2))
+        chunks = list(iter_gunzip(io.BytesIO(compressed), chunk_size=4096))
         self.assertLessEqual(max(len(chunk) for chunk in chunks), 4096)
         self.assertEqual(b"".join(chunks), data)
 
@@ -612,48 +612,19 @@ class ReaderTests(unittest.TestCase):
             list(iter_gunzip(FailingReader(compressed)))
         self.assertEqual(caught.exception.errno, errno.EIO)
 
-    def test_early_stop_of_generator_stops_thread(self):
+    def test_early_stop_of_generator(self):
         compressed = gzip.compress(bytes(20_000_000), compresslevel=1)
-        chunks = iter_gunzip(io.BytesIO(compressed), chunk_size=1024, queue_depth=2)
+        chunks = iter_gunzip(io.BytesIO(compressed), chunk_size=1024)
         self.assertEqual(next(chunks), bytes(1024))
-        self.assertEqual(len(self.reader_threads()), 1)
         chunks.close()
         self.assertEqual(self.reader_threads(), [])
 
-    def test_break_out_of_loop_stops_thread(self):
+    def test_break_out_of_loop(self):
         compressed = gzip.compress(bytes(20_000_000), compresslevel=1)
         for count, _ in enumerate(iter_gunzip(io.BytesIO(compressed), chunk_size=1024)):
             if count == 3:
                 break
-        # tearDown checks that the reader thread has ended
-
-    def test_reader_close_and_read(self):
-        data = text_like(300_000)
-        compressed = gzip.compress(data)
-        with GzipChunkReader(io.BytesIO(compressed), chunk_size=10_000) as reader:
-            pieces = []
-            for size in (1, 511, 512, 10_000, 25_000):
-                pieces.append(reader.read(size))
-                self.assertEqual(len(pieces[-1]), size)
-            pieces.append(reader.read())
-            self.assertEqual(reader.read(100), b"")
-        self.assertEqual(b"".join(pieces), data)
-        with self.assertRaises(ValueError):
-            reader.read(1)
-
-    def test_closed_reader_does_not_pretend_the_data_ended(self):
-        reader = GzipChunkReader(io.BytesIO(gzip.compress(text_like(100_000))), chunk_size=1000)
-        next(reader)
-        reader.close()
-        with self.assertRaises(ValueError):
-            next(reader)
-
-    def test_abandoned_reader_thread_ends(self):
-        compressed = gzip.compress(bytes(20_000_000), compresslevel=1)
-        reader = GzipChunkReader(io.BytesIO(compressed), chunk_size=1024, queue_depth=1)
-        next(reader)
-        del reader
-        # tearDown collects garbage and waits for the thread to notice
+        # tearDown checks that no thread was left behind
 
 
 class ChildProcessReaderTests(unittest.TestCase):
@@ -671,7 +642,7 @@ class ChildProcessReaderTests(unittest.TestCase):
                 self.children.append(pid)
             return pid
 
-        patcher = mock.patch.object(parallel_gzip.os, "fork", recording_fork)
+        patcher = mock.patch.object(pgzip.os, "fork", recording_fork)
         patcher.start()
         self.addCleanup(patcher.stop)
 
@@ -739,7 +710,7 @@ class ChildProcessReaderTests(unittest.TestCase):
         path = self.file(gzip.compress(b"data"))
         with open(path, "ab") as f:  # a regular file the child cannot read
             with self.assertRaises(OSError) as caught:
-                list(parallel_gzip.gunzip_file_in_child(f))
+                list(pgzip.gunzip_file_in_child(f))
         self.assertEqual(caught.exception.errno, errno.EBADF)
 
     def test_stopping_early_ends_the_child(self):

@@ -28,14 +28,12 @@ import unittest
 import warnings
 from unittest import mock
 
-import backup
-import backuplib as lib
-import file_writer
-import parallel_gzip
-import restore
 from tests.stacktree import (
     IS_ROOT, P, build_stack, clear_calls, diff_snapshots, install_fake_docker,
     path_without_docker, read_calls, read_state, set_mode, snapshot)
+from iotstack_backup import (
+    backup, docker_compose, file_writer, iotstack, journal, pgzip, progress, restore, tarformat,
+    unpack)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESTORE_PY = os.path.join(HERE, "restore.py")
@@ -46,7 +44,7 @@ TMP_OWN = {"cache", "databases_backup", "iotstack-backup.lock"}  # .tmp of a fre
 MTIME = 1_700_000_000
 # Left in .tmp/ by a run killed while writing the stopped-services marker:
 # see KillTests.test_no_marker_litter_after_a_kill (a known backuplib bug).
-MARKER_NEW = getattr(lib, "STOPPED_MARKER", ".tmp/iotstack-stopped-services.json") + ".new"
+MARKER_NEW = getattr(docker_compose, "STOPPED_MARKER", ".tmp/iotstack-stopped-services.json") + ".new"
 
 
 # ---------------------------------------------------------------------------
@@ -62,13 +60,13 @@ def call(main, argv):
 
 def items(stack):
     """The backup items only: what a restore may replace."""
-    return {rel: e for rel, e in snapshot(stack).items() if lib.item_of(rel)}
+    return {rel: e for rel, e in snapshot(stack).items() if iotstack.item_of(rel)}
 
 
 def whole(stack):
     """Everything but the restore's own log and the lock file.  .tmp's own
     mtime is left out: the staging folder is made and removed inside it."""
-    snap = snapshot(stack, skip=("backups/logs", lib.LOCK_NAME))
+    snap = snapshot(stack, skip=("backups/logs", iotstack.LOCK_NAME))
     if ".tmp" in snap:
         snap[".tmp"] = snap[".tmp"]._replace(mtime=None)
     return snap
@@ -76,16 +74,16 @@ def whole(stack):
 
 def others(stack):
     """What a restore must never touch: all of whole() but the backup items."""
-    return {rel: e for rel, e in whole(stack).items() if not lib.item_of(rel)}
+    return {rel: e for rel, e in whole(stack).items() if not iotstack.item_of(rel)}
 
 
-def member(name, typeflag=lib.TYPE_FILE, data=b"", linkname=b"", mode=0o644, dev=(0, 0)):
-    header = lib.tar_header(name, typeflag, mode, 0, 0, len(data), MTIME, linkname, *dev)
-    return header + data + bytes(-len(data) % lib.BLOCK)
+def member(name, typeflag=tarformat.TYPE_FILE, data=b"", linkname=b"", mode=0o644, dev=(0, 0)):
+    header = tarformat.tar_header(name, typeflag, mode, 0, 0, len(data), MTIME, linkname, *dev)
+    return header + data + bytes(-len(data) % tarformat.BLOCK)
 
 
 def tar_gz(*members):
-    return gzip.compress(b"".join(members) + bytes(2 * lib.BLOCK))
+    return gzip.compress(b"".join(members) + bytes(2 * tarformat.BLOCK))
 
 
 def sha256(path):
@@ -95,7 +93,7 @@ def sha256(path):
 
 @contextlib.contextmanager
 def hook_pipe_warnings_ignored():
-    """backuplib.run_hook leaves the hook's pipe to the garbage collector; see
+    """iotstack.run_hook leaves the hook's pipe to the garbage collector; see
     OptionTests.test_hook_pipe_is_closed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
@@ -179,8 +177,8 @@ class RestoreCase(unittest.TestCase):
 
     def assert_no_leftovers(self, stack=None):
         names = os.listdir(os.path.join(stack or self.stack, ".tmp"))
-        left = [n for n in names if n.startswith(("restore-", restore.STAGING_PREFIX,
-                                                   restore.ASIDE_PREFIX))]
+        left = [n for n in names if n.startswith(("restore-", journal.STAGING_PREFIX,
+                                                   journal.ASIDE_PREFIX))]
         self.assertEqual(left, [], "left in .tmp/")
 
     def commands(self, verb):
@@ -214,7 +212,7 @@ class RoundTripTests(RestoreCase):
         self.assertTrue(os.path.isfile(os.path.join(self.stack, "post_backup.sh")))
         self.assert_no_leftovers()
         self.assertEqual(set(os.listdir(os.path.join(self.stack, ".tmp"))), TMP_OWN)
-        self.assertFalse(os.path.lexists(os.path.join(self.stack, lib.JOURNAL_NAME)))
+        self.assertFalse(os.path.lexists(os.path.join(self.stack, iotstack.JOURNAL_NAME)))
         self.assertIn("Restored %s" % os.path.basename(archive), out)
         self.assertIn("docker compose up -d", out)
         log = self.restore_log()
@@ -249,7 +247,7 @@ class UnpackHelperTests(RestoreCase):
         patcher = mock.patch("os.sync", lambda: calls.append(threading.current_thread().name))
         patcher.start()
         self.addCleanup(patcher.stop)
-        step = mock.patch.object(restore, "WRITEBACK_STEP", 1)
+        step = mock.patch.object(unpack, "WRITEBACK_STEP", 1)
         step.start()
         self.addCleanup(step.stop)
         return calls
@@ -312,7 +310,7 @@ class UnpackHelperTests(RestoreCase):
         archive = self.make_backup()
         expected = items(self.stack)
         change_tree(self.stack)
-        with mock.patch.object(parallel_gzip, "default_jobs", return_value=1), \
+        with mock.patch.object(pgzip, "default_jobs", return_value=1), \
                 mock.patch.object(file_writer, "FileWriterProcess",
                                   side_effect=AssertionError("a writer process")):
             code, out, err = self.restore(archive, "noask")
@@ -321,7 +319,7 @@ class UnpackHelperTests(RestoreCase):
 
     def test_no_thread_below_one_step(self):
         calls = self.record_syncs()
-        writeback = restore.EarlyWriteback(step=100)
+        writeback = unpack.EarlyWriteback(step=100)
         writeback.wrote(60)
         writeback.wrote(39)
         self.assertEqual(self.writeback_threads(), [])
@@ -342,7 +340,7 @@ class HostileArchiveTests(RestoreCase):
         with open(self.target, "w") as f:
             f.write("outside, must not change\n")
         # Benign members first, so that unpacking has begun when the bad one comes.
-        self.benign = [member(b"volumes/", lib.TYPE_DIR, mode=0o755),
+        self.benign = [member(b"volumes/", tarformat.TYPE_DIR, mode=0o755),
                        member(b"volumes/ok.txt", data=b"fine\n")]
 
     def write(self, data, name="evil.tar.gz"):
@@ -395,22 +393,22 @@ class HostileArchiveTests(RestoreCase):
     def test_write_through_a_symlink(self):
         self.assert_refused(tar_gz(
             *self.benign,
-            member(b"volumes/l", lib.TYPE_SYMLINK, linkname=self.outside.encode()),
+            member(b"volumes/l", tarformat.TYPE_SYMLINK, linkname=self.outside.encode()),
             member(b"volumes/l/x", data=b"x")), "symlink 'volumes/l'")
 
     def test_write_through_a_symlink_chain(self):
         self.assert_refused(tar_gz(
             *self.benign,
-            member(b"volumes/a", lib.TYPE_SYMLINK, linkname=b"b"),
-            member(b"volumes/b", lib.TYPE_SYMLINK, linkname=self.outside.encode()),
+            member(b"volumes/a", tarformat.TYPE_SYMLINK, linkname=b"b"),
+            member(b"volumes/b", tarformat.TYPE_SYMLINK, linkname=self.outside.encode()),
             member(b"volumes/a/x", data=b"x")), "symlink")
 
     def test_write_through_a_symlinked_directory_member(self):
         # A later directory member of the same name does not make it safe.
         self.assert_refused(tar_gz(
             *self.benign,
-            member(b"volumes/l", lib.TYPE_SYMLINK, linkname=self.outside.encode()),
-            member(b"volumes/l/", lib.TYPE_DIR, mode=0o755),
+            member(b"volumes/l", tarformat.TYPE_SYMLINK, linkname=self.outside.encode()),
+            member(b"volumes/l/", tarformat.TYPE_DIR, mode=0o755),
             member(b"volumes/l/x", data=b"x")), "symlink")
 
     def test_hard_link_outside(self):
@@ -418,28 +416,28 @@ class HostileArchiveTests(RestoreCase):
                        b"volumes/../../outside/target.txt"):
             with self.subTest(target=target):
                 self.assert_refused(tar_gz(
-                    *self.benign, member(b"volumes/h", lib.TYPE_HARDLINK, linkname=target)),
+                    *self.benign, member(b"volumes/h", tarformat.TYPE_HARDLINK, linkname=target)),
                     "hard link")
 
     def test_hard_link_to_a_later_or_missing_member(self):
         self.assert_refused(tar_gz(
             *self.benign,
-            member(b"volumes/h", lib.TYPE_HARDLINK, linkname=b"volumes/later"),
+            member(b"volumes/h", tarformat.TYPE_HARDLINK, linkname=b"volumes/later"),
             member(b"volumes/later", data=b"x")), "hard link")
         self.assert_refused(tar_gz(
-            *self.benign, member(b"volumes/h", lib.TYPE_HARDLINK, linkname=b"volumes/nothere")),
+            *self.benign, member(b"volumes/h", tarformat.TYPE_HARDLINK, linkname=b"volumes/nothere")),
             "hard link")
         # To an earlier symlink (whose target could be anything).
         self.assert_refused(tar_gz(
             *self.benign,
-            member(b"volumes/l", lib.TYPE_SYMLINK, linkname=self.target.encode()),
-            member(b"volumes/h", lib.TYPE_HARDLINK, linkname=b"volumes/l")), "hard link")
+            member(b"volumes/l", tarformat.TYPE_SYMLINK, linkname=self.target.encode()),
+            member(b"volumes/h", tarformat.TYPE_HARDLINK, linkname=b"volumes/l")), "hard link")
 
     def test_hard_link_through_a_symlink(self):
         self.assert_refused(tar_gz(
             *self.benign,
-            member(b"volumes/l", lib.TYPE_SYMLINK, linkname=self.outside.encode()),
-            member(b"volumes/h", lib.TYPE_HARDLINK, linkname=b"volumes/l/target.txt")),
+            member(b"volumes/l", tarformat.TYPE_SYMLINK, linkname=self.outside.encode()),
+            member(b"volumes/h", tarformat.TYPE_HARDLINK, linkname=b"volumes/l/target.txt")),
             "hard link")
 
     def test_member_below_a_file(self):
@@ -454,15 +452,15 @@ class HostileArchiveTests(RestoreCase):
                             "not a directory")
         # And the other way round.
         self.assert_refused(tar_gz(
-            *self.benign, member(b"volumes/a/", lib.TYPE_DIR, mode=0o755),
+            *self.benign, member(b"volumes/a/", tarformat.TYPE_DIR, mode=0o755),
             member(b"volumes/a", data=b"x")), "would replace a directory")
 
     def test_device_node_is_skipped_with_a_warning(self):
         archive = self.write(tar_gz(
             *self.benign,
-            member(b"volumes/dev/", lib.TYPE_DIR, mode=0o755),
-            member(b"volumes/dev/null0", lib.TYPE_CHAR, mode=0o666, dev=(1, 3)),
-            member(b"volumes/dev/sda9", lib.TYPE_BLOCK, mode=0o660, dev=(8, 9))))
+            member(b"volumes/dev/", tarformat.TYPE_DIR, mode=0o755),
+            member(b"volumes/dev/null0", tarformat.TYPE_CHAR, mode=0o666, dev=(1, 3)),
+            member(b"volumes/dev/sda9", tarformat.TYPE_BLOCK, mode=0o660, dev=(8, 9))))
         code, out, err = self.restore(archive, "noask")
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(sorted(os.listdir(os.path.join(self.stack, "volumes"))),
@@ -477,9 +475,9 @@ class HostileArchiveTests(RestoreCase):
         # nothing) and the run must not crash half-way through the swap.
         before = items(self.stack)
         archive = self.write(tar_gz(
-            member(b"services/", lib.TYPE_DIR, mode=0o755),
+            member(b"services/", tarformat.TYPE_DIR, mode=0o755),
             member(b"services/only.txt", data=b"x\n"),
-            member(b"volumes/null0", lib.TYPE_CHAR, mode=0o666, dev=(1, 3))))
+            member(b"volumes/null0", tarformat.TYPE_CHAR, mode=0o666, dev=(1, 3))))
         code, out, err = self.restore(archive, "noask")
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(os.listdir(os.path.join(self.stack, "services")), ["only.txt"])
@@ -639,8 +637,8 @@ class KillTests(unittest.TestCase):
         return outcome
 
     def assert_no_journal(self, run):
-        self.assertFalse(os.path.lexists(os.path.join(run.stack, lib.JOURNAL_NAME)))
-        self.assertFalse(os.path.lexists(os.path.join(run.stack, lib.JOURNAL_NAME + ".new")))
+        self.assertFalse(os.path.lexists(os.path.join(run.stack, iotstack.JOURNAL_NAME)))
+        self.assertFalse(os.path.lexists(os.path.join(run.stack, iotstack.JOURNAL_NAME + ".new")))
         names = os.listdir(os.path.join(run.stack, ".tmp"))
         self.assertEqual([n for n in names if n.startswith("restore-")], [])
         self.assertEqual(read_state(run.state)["running"], set(RUNNING))
@@ -659,7 +657,7 @@ class KillTests(unittest.TestCase):
         counts = self.counts(RENAMES)
         self.assertEqual(len(counts), 1, counts)  # rename, or renameat on arm64
         total = sum(counts.values())
-        units = restore.replaced_units({lib.item_of(rel) for rel in self.new}, [])
+        units = restore.replaced_units({iotstack.item_of(rel) for rel in self.new}, [])
         self.assertGreaterEqual(total, 2 * len(units))  # each item renamed under the journal
         outcomes = []
         for n, run, result, after in self.killed(RENAMES, range(1, total + 2),
@@ -701,7 +699,7 @@ class KillTests(unittest.TestCase):
         result = self.script(run, self.archive, "noask", trace=RENAMES,
                              inject="signal=SIGKILL:when=%d" % (len(renames) // 2))
         self.assert_killed(result)
-        self.assertTrue(os.path.lexists(os.path.join(run.stack, lib.JOURNAL_NAME)))
+        self.assertTrue(os.path.lexists(os.path.join(run.stack, iotstack.JOURNAL_NAME)))
         with mock.patch.dict(os.environ, {"PATH": run.env["PATH"]}):
             code, out, err = call(restore.main, ["--recover", "--dir", run.stack])
         self.assertEqual((code, err), (0, ""), out)
@@ -765,7 +763,7 @@ class KillTests(unittest.TestCase):
         renames = self.trace_of(RENAMES)
         # The first rename of an item, after the journal was written.
         journal = [i for i, (_, src) in enumerate(renames)
-                   if src.endswith(lib.JOURNAL_NAME + ".new")][0]
+                   if src.endswith(iotstack.JOURNAL_NAME + ".new")][0]
         n = journal + 2
         self.assertLess(n, len(renames))  # not the journal's commit
         run = self.fresh_run()
@@ -783,7 +781,7 @@ class KillTests(unittest.TestCase):
         mkdirs = self.trace_of(MKDIRS)
         # The first folder made inside the staging folder.
         n = 2 + [i for i, (_, path) in enumerate(mkdirs)
-                 if os.path.basename(path).startswith(restore.STAGING_PREFIX)][0]
+                 if os.path.basename(path).startswith(journal.STAGING_PREFIX)][0]
         self.assertLessEqual(n, len(mkdirs))
         run = self.fresh_run()
         before = whole(run.stack)
@@ -802,7 +800,7 @@ class KillTests(unittest.TestCase):
         marker = [i for i, (_, src) in enumerate(self.trace_of(RENAMES))
                   if src.endswith(MARKER_NEW)]
         if not marker:
-            self.skipTest("backuplib no longer writes %s" % MARKER_NEW)
+            self.skipTest("docker_compose no longer writes %s" % MARKER_NEW)
         n = 1 + marker[0]
         run = self.fresh_run()
         result = self.script(run, self.archive, "noask", trace=RENAMES,
@@ -845,7 +843,7 @@ class SignalTests(RestoreCase):
                 # The swap was complete: the files stay restored.
                 self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
                 self.assert_no_leftovers()
-                self.assertFalse(os.path.lexists(os.path.join(self.stack, lib.JOURNAL_NAME)))
+                self.assertFalse(os.path.lexists(os.path.join(self.stack, iotstack.JOURNAL_NAME)))
                 self.assertEqual(self.running_now(), set(RUNNING))
                 self.assertIn("ERROR:", self.restore_log())
                 os.unlink(hook)
@@ -1012,7 +1010,7 @@ class OptionTests(RestoreCase):
                           "backup/" + os.path.basename(newest),
                           "backup/" + os.path.basename(old)])
         for line, path in zip(lines, (rolling, newest, old)):
-            self.assertIn(lib.human_size(os.path.getsize(path)), line)
+            self.assertIn(progress.human_size(os.path.getsize(path)), line)
         self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])
 
     def test_verify(self):
@@ -1077,7 +1075,7 @@ class OptionTests(RestoreCase):
         with open(archive, "rb") as f:
             data = f.read()
         for name, damaged in (("cut", data[:-100]), ("evil", tar_gz(
-                member(b"volumes/", lib.TYPE_DIR, mode=0o755),
+                member(b"volumes/", tarformat.TYPE_DIR, mode=0o755),
                 member(b"volumes/../evil", data=b"x")))):
             with self.subTest(name):
                 path = os.path.join(self.tmp, name + ".tar.gz")
@@ -1099,11 +1097,11 @@ class OptionTests(RestoreCase):
         code, out, err = self.restore(archive, "noask", "--keep-old")
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
-        where = re.search(r"kept in (\.tmp/%s\S+)" % re.escape(restore.ASIDE_PREFIX), out)
+        where = re.search(r"kept in (\.tmp/%s\S+)" % re.escape(journal.ASIDE_PREFIX), out)
         self.assertTrue(where, out)
         kept = os.path.join(self.stack, where.group(1))
         # The old items, exactly, under the same relative paths.
-        aside = {rel: e for rel, e in snapshot(kept).items() if lib.item_of(rel)}
+        aside = {rel: e for rel, e in snapshot(kept).items() if iotstack.item_of(rel)}
         self.assertEqual(diff_snapshots(old, aside), [])
         self.assertIn("Replaced items kept in", self.restore_log())
         # Another run (or recovery) does not take the kept folder away.
@@ -1216,7 +1214,7 @@ class StackTests(RestoreCase):
         archive = self.make_backup()
         change_tree(self.stack)
         during = []
-        real_swap = restore.swap_in
+        real_swap = journal.swap_in
 
         def spy(stack, journal):
             during.append(read_state(self.state)["running"])
@@ -1280,7 +1278,7 @@ class StackTests(RestoreCase):
         archive = self.make_backup()
         expected = items(self.stack)
         change_tree(self.stack)
-        real_swap = restore.swap_in
+        real_swap = journal.swap_in
 
         def swap_then_break_docker(stack, journal):
             real_swap(stack, journal)
@@ -1301,21 +1299,25 @@ class StackTests(RestoreCase):
 
         def failing_rename(src, dst, *args, **kwargs):
             renames.append(src)
-            if os.path.basename(os.fspath(src)) == "services" and restore.STAGING_PREFIX \
+            if os.path.basename(os.fspath(src)) == "services" and journal.STAGING_PREFIX \
                     not in os.fspath(src):
                 raise OSError(5, "Input/output error (injected)")
             return real_rename(src, dst, *args, **kwargs)
 
         with mock.patch.object(os, "rename", failing_rename):
-            with self.assertRaises(OSError):
-                call(restore.main, [archive, "noask", "--dir", self.stack])
+            code, _out, err = call(restore.main, [archive, "noask", "--dir", self.stack])
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("Input/output error (injected)", err)
+        self.assertNotIn("Traceback", err)
         self.assertTrue(any(os.path.basename(src) == "services" for src in renames))
         self.assertEqual(diff_snapshots(old, items(self.stack)), [])
         self.assertEqual(diff_snapshots(kept, others(self.stack)), [])
-        self.assertFalse(os.path.lexists(os.path.join(self.stack, lib.JOURNAL_NAME)))
+        self.assertFalse(os.path.lexists(os.path.join(self.stack, iotstack.JOURNAL_NAME)))
         self.assert_no_leftovers()
         self.assertEqual(self.running_now(), set(RUNNING))
         self.assertIn("every item was put back", self.restore_log())
+        self.assertIn("Details of the error:", self.restore_log())
 
 
 # ---------------------------------------------------------------------------
@@ -1333,41 +1335,41 @@ class WriterOrderTests(unittest.TestCase):
                 f.write(data)
             root = os.path.join(tmp, "root")
             os.mkdir(root, 0o700)
-            stager = restore.Stager(root, IS_ROOT, fresh_root=True, writer=writer)
+            stager = unpack.Stager(root, IS_ROOT, fresh_root=True, writer=writer)
             self.assertEqual(stager.writer is not None, writer)
             try:
-                restore.read_archive(archive, [], stager)
-            except lib.ArchiveError as e:
+                unpack.read_archive(archive, [], stager)
+            except tarformat.ArchiveError as e:
                 return "error: %s" % e
             finally:
                 stager.close()
             return snapshot(root)
 
     def test_same_result_as_without_the_writer(self):
-        d = member(b"volumes/", lib.TYPE_DIR, mode=0o755)
+        d = member(b"volumes/", tarformat.TYPE_DIR, mode=0o755)
         cases = {
             "file then symlink": [d, member(b"volumes/p", data=b"1"),
-                                  member(b"volumes/p", lib.TYPE_SYMLINK, linkname=b"x")],
+                                  member(b"volumes/p", tarformat.TYPE_SYMLINK, linkname=b"x")],
             "file then folder": [d, member(b"volumes/p", data=b"1"),
-                                 member(b"volumes/p/", lib.TYPE_DIR, mode=0o755)],
+                                 member(b"volumes/p/", tarformat.TYPE_DIR, mode=0o755)],
             "file then fifo": [d, member(b"volumes/p", data=b"1"),
-                               member(b"volumes/p", lib.TYPE_FIFO)],
+                               member(b"volumes/p", tarformat.TYPE_FIFO)],
             "file twice": [d, member(b"volumes/p", data=b"1"), member(b"volumes/p", data=b"2")],
-            "symlink then file": [d, member(b"volumes/p", lib.TYPE_SYMLINK, linkname=b"x"),
+            "symlink then file": [d, member(b"volumes/p", tarformat.TYPE_SYMLINK, linkname=b"x"),
                                   member(b"volumes/p", data=b"1")],
             "hard link to a file just sent": [
                 d, member(b"volumes/t", data=b"1" * 5000),
-                member(b"volumes/l", lib.TYPE_HARDLINK, linkname=b"volumes/t")],
+                member(b"volumes/l", tarformat.TYPE_HARDLINK, linkname=b"volumes/t")],
             "hard link over a file just sent": [
                 d, member(b"volumes/t", data=b"1"), member(b"volumes/l", data=b"2"),
-                member(b"volumes/l", lib.TYPE_HARDLINK, linkname=b"volumes/t")],
+                member(b"volumes/l", tarformat.TYPE_HARDLINK, linkname=b"volumes/t")],
             "file then a file below it": [d, member(b"volumes/p", data=b"1"),
                                           member(b"volumes/p/q/r", data=b"2")],
-            "folder then file": [d, member(b"volumes/p/", lib.TYPE_DIR, mode=0o755),
+            "folder then file": [d, member(b"volumes/p/", tarformat.TYPE_DIR, mode=0o755),
                                  member(b"volumes/p", data=b"1")],
             "many files then a symlink over the first": (
                 [d] + [member(b"volumes/f%d" % i, data=b"%d" % i) for i in range(300)]
-                + [member(b"volumes/f0", lib.TYPE_SYMLINK, linkname=b"f1")]),
+                + [member(b"volumes/f0", tarformat.TYPE_SYMLINK, linkname=b"f1")]),
         }
         for name, members in cases.items():
             with self.subTest(name):
@@ -1381,11 +1383,11 @@ class WriterOrderTests(unittest.TestCase):
                          "symlink")
 
     def test_waits_for_the_writer_every_so_many_files(self):
-        members = [member(b"volumes/", lib.TYPE_DIR, mode=0o755)]
+        members = [member(b"volumes/", tarformat.TYPE_DIR, mode=0o755)]
         members += [member(b"volumes/f%d" % i, data=b"x") for i in range(25)]
-        with mock.patch.object(restore, "SENT_LIMIT", 10), \
-                mock.patch.object(restore.Stager, "_wait_for_writer", autospec=True,
-                                  side_effect=restore.Stager._wait_for_writer) as waited:
+        with mock.patch.object(unpack, "SENT_LIMIT", 10), \
+                mock.patch.object(unpack.Stager, "_wait_for_writer", autospec=True,
+                                  side_effect=unpack.Stager._wait_for_writer) as waited:
             result = self.unpack(tar_gz(*members), writer=True)
         self.assertEqual(len(result), 26)
         self.assertEqual(waited.call_count, 2)
@@ -1394,23 +1396,23 @@ class WriterOrderTests(unittest.TestCase):
 class InteropTests(RestoreCase):
     def test_archive_of_the_old_backup_sh(self):
         expected = {rel: e for rel, e in items(self.stack).items()
-                    if lib.item_of(rel) in ("services", "volumes", "docker-compose.yml")}
+                    if iotstack.item_of(rel) in ("services", "volumes", "docker-compose.yml")}
         archive = os.path.join(self.stack, "backups/backup/backup_old.tar.gz")
         subprocess.run(["tar", "-czf", archive, "./services/", "./volumes/",
                         "./docker-compose.yml", "./menu.sh"], cwd=self.stack, check=True)
         change_tree(self.stack)
         untouched = {rel: e for rel, e in items(self.stack).items()
-                     if lib.item_of(rel) not in ("services", "volumes", "docker-compose.yml")}
+                     if iotstack.item_of(rel) not in ("services", "volumes", "docker-compose.yml")}
         code, out, err = self.restore("backup/backup_old.tar.gz", "noask")
         self.assertEqual((code, err), (0, ""), out)
         now = items(self.stack)
         self.assertEqual(diff_snapshots(expected, {
             rel: e for rel, e in now.items()
-            if lib.item_of(rel) in ("services", "volumes", "docker-compose.yml")}), [])
+            if iotstack.item_of(rel) in ("services", "volumes", "docker-compose.yml")}), [])
         # Items the archive does not hold are left alone, and so is menu.sh.
         self.assertEqual(diff_snapshots(untouched, {
             rel: e for rel, e in now.items()
-            if lib.item_of(rel) not in ("services", "volumes", "docker-compose.yml")}), [])
+            if iotstack.item_of(rel) not in ("services", "volumes", "docker-compose.yml")}), [])
         with open(os.path.join(self.stack, "menu.sh")) as f:
             self.assertTrue(f.read().endswith("# local change\n"))
         self.assertIn("Skipped 1 member(s) that are not part of an IOTstack backup, e.g. "
@@ -1436,7 +1438,7 @@ class LockTests(RestoreCase):
         archive = self.make_backup()
         change_tree(self.stack)
         before = snapshot(self.stack)
-        fd = os.open(os.path.join(self.stack, lib.LOCK_NAME), os.O_RDWR)
+        fd = os.open(os.path.join(self.stack, iotstack.LOCK_NAME), os.O_RDWR)
         self.addCleanup(os.close, fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for argv in ([archive, "noask"], ["--recover"]):
@@ -1572,7 +1574,7 @@ class NoSpaceTests(RestoreCase):
     def test_said_before_unpacking(self):
         # The data fits once, not twice.
         stack, archive, expected = self.stack_and_archive(0.5)
-        self.assertGreater(restore.estimated_size(archive), lib.free_bytes(self.mnt))
+        self.assertGreater(restore.estimated_size(archive), iotstack.free_bytes(self.mnt))
         self.assert_no_space_then_in_place(stack, archive, expected)
 
     def test_disk_full_while_unpacking(self):
@@ -1583,10 +1585,10 @@ class NoSpaceTests(RestoreCase):
         pages = sum(-(-e.size // 4096) * 4096 for e in expected.values()
                     if e.type == "file" and e.link_group in (None, P["hardlink"]))
         self.assertGreater(pages - need, 64 * 1024)
-        filler = lib.free_bytes(self.mnt) - (need + pages) // 2
+        filler = iotstack.free_bytes(self.mnt) - (need + pages) // 2
         with open(os.path.join(self.mnt, "filler"), "wb") as f:
             f.write(bytes(filler // 4096 * 4096))
-        self.assertGreater(lib.free_bytes(self.mnt), need)
+        self.assertGreater(iotstack.free_bytes(self.mnt), need)
         self.assert_no_space_then_in_place(stack, archive, expected)
 
 

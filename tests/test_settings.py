@@ -8,11 +8,9 @@ import tarfile
 import threading
 import unittest
 
-import backup
-import backuplib as lib
-import restore
 from tests.stacktree import diff_snapshots, snapshot
 from tests.test_backup import USER_ARGS, StackTestCase, read_log, run_main
+from iotstack_backup import iotstack, restore, run
 
 
 class RetentionDecisionTest(unittest.TestCase):
@@ -34,7 +32,7 @@ class RetentionDecisionTest(unittest.TestCase):
             ([a, b, c], 1, a, [c, b]),
         ]
         for names, keep, just_written, expected in table:
-            self.assertEqual(lib.dated_backups_to_remove(names, keep, just_written), expected,
+            self.assertEqual(iotstack.dated_backups_to_remove(names, keep, just_written), expected,
                              (names, keep, just_written))
 
 
@@ -139,7 +137,7 @@ class CopyTest(StackTestCase):
         super().setUp()
         self.dest = os.path.join(self.tmp, "usb")
         os.mkdir(self.dest)
-        self.host_dir = os.path.join(self.dest, lib.host_folder())
+        self.host_dir = os.path.join(self.dest, iotstack.host_folder())
 
     def test_copies_to_two_destinations_with_retention_there(self):
         old = os.path.join(self.host_dir, "backup")
@@ -154,7 +152,7 @@ class CopyTest(StackTestCase):
         self.assertEqual((code, err), (0, ""))
         with open(self.dated, "rb") as f:
             data = f.read()
-        for root in (self.host_dir, os.path.join(other, lib.host_folder())):
+        for root in (self.host_dir, os.path.join(other, iotstack.host_folder())):
             for rel in ("backup/backup_2026-11-26_0200.tar.gz", "rolling/backup_4.tar.gz"):
                 with open(os.path.join(root, rel), "rb") as f:
                     self.assertEqual(f.read(), data, (root, rel))
@@ -261,10 +259,10 @@ class NotifyTest(StackTestCase):
     def test_failure_before_the_log_exists_is_notified_too(self):
         import fcntl
         os.makedirs(os.path.join(self.stack, ".tmp"), exist_ok=True)
-        with open(os.path.join(self.stack, lib.LOCK_NAME), "w") as holder:
+        with open(os.path.join(self.stack, iotstack.LOCK_NAME), "w") as holder:
             fcntl.flock(holder, fcntl.LOCK_EX)
             code, _out, _err = self.backup("1", "--notify-url", self.url, *USER_ARGS)
-        self.assertEqual(code, lib.EXIT_BUSY)
+        self.assertEqual(code, run.EXIT_BUSY)
         self.assertEqual(Recorder.paths, ["/ping/abc/fail"])
 
     def test_unreachable_url_is_logged_never_fatal(self):

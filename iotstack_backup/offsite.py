@@ -34,7 +34,7 @@ import tempfile
 import time
 import zlib
 
-from backuplib import fsync_dir
+from .iotstack import fsync_dir
 
 METHODS = ("rclone", "rsync", "scp")
 

@@ -1,4 +1,4 @@
-"""Parallel gzip compression and checked, background gzip decompression.
+"""Parallel gzip compression and checked gzip decompression.
 
 ParallelGzipWriter compresses a stream on several threads the way pigz does:
 the input is cut into blocks, each block is deflated by its own compressor
@@ -6,45 +6,33 @@ primed with the 32 KiB of data that precede it, and the byte-aligned results
 are concatenated into one ordinary gzip member that every gzip reader accepts.
 A small sample of each block picks its encoding: blocks that look
 incompressible are stored, blocks of noise and runs (database pages) are
-coded for runs alone, and the asked level is spent only where it pays, which
-saves the CPU time deflate would waste searching for matches that are not
-there. Memory stays bounded because at most
-a fixed number of blocks is in flight, and any error (from a worker or from
-the output file, for example a full disk) reaches the caller unchanged.
+coded for runs alone, and the asked level is spent only where it pays.
+Memory stays bounded because at most a fixed number of blocks is in flight,
+and any error (from a worker or from the output file, for example a full
+disk) reaches the caller unchanged.
 
-iter_gunzip decompresses a regular file in a child process, as gzip does
-for tar, and other file objects on a background thread (GzipChunkReader);
-both keep memory bounded (a pipe, a bounded queue) and never report success
-for data that zlib could not verify: truncation, corruption (including CRC32
-and length mismatches in the trailer) and trailing garbage each raise their
-own GzipError subclass.
+iter_gunzip decompresses a regular file in a child process, as gzip does for
+tar (other readable objects in this process).  It never reports success for
+data that zlib could not verify: truncation, corruption (including CRC32 and
+length mismatches in the trailer) and trailing garbage each raise their own
+GzipError subclass.  Nothing here knows about IOTstack.
 """
-
 import collections
 import concurrent.futures
-import errno
-import fcntl
 import io
 import os
-import queue
 import signal
 import stat
 import struct
-import threading
-import warnings
 import zlib
 
-__all__ = [
-    "DEFAULT_BLOCK_SIZE",
-    "ParallelGzipWriter",
-    "GzipError",
-    "NotGzipError",
-    "EmptyArchiveError",
-    "TruncatedGzipError",
-    "CorruptGzipError",
-    "GzipChunkReader",
-    "iter_gunzip",
-]
+from .children import (
+    PIPE_SIZE,
+    child_failure,
+    fork_piped_child,
+    read_child_status,
+    write_all_fd,
+)
 
 # Each block pays a fixed price: the probe, a compressor's set-up and
 # flush, and hashing the 32 KiB dictionary it is primed with. At 256 KiB that
@@ -52,40 +40,58 @@ __all__ = [
 # twice that, and larger blocks gain no more.
 DEFAULT_BLOCK_SIZE = 256 * 1024
 
+
 # Deflate can refer back at most 32 KiB, so that much history is all a block
 # needs from its predecessor for the ratio to match single-threaded gzip.
 DICTIONARY_SIZE = 32 * 1024
 
+
 GZIP_MAGIC = b"\x1f\x8b"
+
+
 OS_UNIX = 3
+
 
 # The probe looks at a few slices spread over a block; a block whose slices
 # shrink by less than this fraction at level 1 is stored rather than
 # deflated. For such data deflate gains at most a few percent, at a cost of
 # 20 times the CPU time of storing it.
 PROBE_SLICE_SIZE = 2 * 1024
+
+
 PROBE_SLICES = 3
+
+
 INCOMPRESSIBLE_RATIO = 0.98
+
 
 # A cheaper encoding is used when its sample comes out at most 1% larger than
 # the best one tried: the archive stays within a fraction of a percent of
 # gzip's size at the asked level, for much less CPU on binary data.
 LEVEL_GAIN_RATIO = 0.99
 
+
 # How a block goes out: (level, strategy), cheapest first. Z_RLE only looks
 # for runs of one byte, which is all that noise padded with runs (database
 # pages, sparse files) offers; it costs a fraction of a hash-chain search.
 STORED = (0, zlib.Z_DEFAULT_STRATEGY)
+
+
 RUNS = (1, zlib.Z_RLE)
+
+
 FAST = (1, zlib.Z_DEFAULT_STRATEGY)
+
 
 # A stored deflate block holds at most 65535 bytes (16-bit length field).
 MAX_STORED_LENGTH = 0xFFFF
+
 
 # Compressed input is fed to zlib in pieces of this size: with max_length
 # capping the output, zlib copies the unconsumed input on every call, so
 # small pieces keep highly compressible data from costing quadratic time.
 COMPRESSED_READ_SIZE = 64 * 1024
+
 
 # How often a blocked background thread looks whether it should stop.
 STOP_POLL_SECONDS = 0.05
@@ -479,169 +485,17 @@ def gunzip_chunks(read, chunk_size):
             data = decompressor.unconsumed_tail
 
 
-class _Failure:
-    def __init__(self, error):
-        self.error = error
-
-
-class _Stopped(Exception):
-    pass
-
-
-_END = object()
-
-
-class GzipChunkReader:
-    """Iterate over the decompressed contents of a gzip file in chunks.
-
-    Decompression runs on a daemon thread that stays at most queue_depth
-    chunks of chunk_size bytes ahead of the consumer. Iteration raises a
-    GzipError subclass (or the OSError from fileobj) on any problem; data
-    yielded before the error is only trustworthy if no error follows.
-    close() (or leaving the with block) stops the thread. read(size) offers
-    the same data as a file, e.g. for tarfile.open(fileobj=..., mode="r|").
-    """
-
-    def __init__(self, fileobj, chunk_size=256 * 1024, queue_depth=8):
-        if chunk_size < 1 or queue_depth < 1:
-            raise ValueError("chunk_size and queue_depth must be positive")
-        self._fileobj = fileobj
-        self._chunk_size = chunk_size
-        self._queue = queue.Queue(maxsize=queue_depth)
-        self._stop = threading.Event()
-        self._thread = None
-        self._finished = False
-        self._closed = False
-        self._chunk = b""
-        self._position = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._position < len(self._chunk):
-            chunk = self._chunk[self._position:]
-            self._chunk, self._position = b"", 0
-            return chunk
-        return self._next_chunk()
-
-    def read(self, size=-1):
-        """Return size bytes (fewer only at the end), or all with size < 0."""
-        if size is None or size < 0:
-            return b"".join(list(self))
-        pieces = []
-        wanted = size
-        while wanted > 0:
-            if self._position >= len(self._chunk):
-                try:
-                    self._chunk, self._position = self._next_chunk(), 0
-                except StopIteration:
-                    break
-            end = self._position + wanted
-            piece = self._chunk[self._position:end]
-            self._position += len(piece)
-            wanted -= len(piece)
-            pieces.append(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def readable(self):
-        return True
-
-    def close(self):
-        self._closed = True
-        self._finished = True
-        self._stop.set()
-        self._chunk, self._position = b"", 0
-        # Emptying the queue wakes a producer blocked on put right away.
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc_value, traceback):
-        self.close()
-        return False
-
-    def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-
-    def _next_chunk(self):
-        if self._closed:
-            # Ending quietly here could pass for the end of the data.
-            raise ValueError("read from a closed GzipChunkReader")
-        if self._finished:
-            raise StopIteration
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=_produce_chunks, name="gzip-reader", daemon=True,
-                args=(self._fileobj, self._chunk_size, self._queue, self._stop))
-            self._thread.start()
-        while True:
-            try:
-                item = self._queue.get(timeout=1)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    self._finished = True
-                    raise GzipError("decompression thread ended unexpectedly") from None
-        if item is _END:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, _Failure):
-            self._finished = True
-            raise item.error
-        return item
-
-
-def _produce_chunks(fileobj, chunk_size, chunks, stop):
-    """Body of the reader thread; it holds no reference to its reader, so
-    an abandoned reader is collected and its __del__ stops the thread."""
-
-    def read_compressed(size):
-        if stop.is_set():
-            raise _Stopped()
-        return fileobj.read(size)
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                chunks.put(item, timeout=STOP_POLL_SECONDS)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    try:
-        for chunk in gunzip_chunks(read_compressed, chunk_size):
-            if not put(chunk):
-                return
-        put(_END)
-    except _Stopped:
-        pass
-    except BaseException as error:
-        put(_Failure(error))
-
-
-def iter_gunzip(fileobj, chunk_size=256 * 1024, queue_depth=8):
+def iter_gunzip(fileobj, chunk_size=256 * 1024):
     """Yield decompressed bytes chunks; raise a GzipError subclass on any problem.
 
     A regular file is decompressed by a child process (gunzip_file_in_child);
-    other file objects on a background thread. Closing the generator early
-    stops either.
+    any other readable object (a pipe, a BytesIO) in this process, with the
+    same checks. Closing the generator early stops either.
     """
     if _is_regular_file(fileobj) and hasattr(os, "fork"):
         yield from gunzip_file_in_child(fileobj, chunk_size)
         return
-    with GzipChunkReader(fileobj, chunk_size, queue_depth) as reader:
-        yield from reader
+    yield from gunzip_chunks(fileobj.read, chunk_size)
 
 
 def _is_regular_file(fileobj):
@@ -656,10 +510,13 @@ def _is_regular_file(fileobj):
 _CHILD_ERRORS = {cls.__name__: cls for cls in (
     GzipError, NotGzipError, EmptyArchiveError, TruncatedGzipError, CorruptGzipError)}
 
-# Linux lets any process grow a pipe to 1 MiB: fewer, larger reads.
-# (fcntl names F_SETPIPE_SZ from Python 3.10 on; 1031 is Linux's value.)
-PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+def _raise_child_status(status):
+    if status != b"ok":
+        raise child_failure(
+            status, _CHILD_ERRORS,
+            unknown=lambda message: GzipError("decompression failed: %s" % message),
+            unfinished=lambda: GzipError("decompression process ended without finishing"))
 
 
 def gunzip_file_in_child(fileobj, chunk_size=256 * 1024):
@@ -707,116 +564,3 @@ def gunzip_file_in_child(fileobj, chunk_size=256 * 1024):
         # The child may still be writing, if the caller stopped early.
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-
-
-def fork_piped_child(body, parent_reads, keep=()):
-    """Fork a child joined to this process by a data pipe (grown to
-    PIPE_SIZE; from child to parent when parent_reads, else the other way)
-    and a status pipe.  Returns (pid, data_fd, status_fd): the parent's ends.
-
-    In the child, body(data_fd, status_fd) runs with SIGINT, SIGTERM and
-    SIGHUP at their defaults and no descriptor open but its two and keep;
-    then the data end is closed and the status written after anything body
-    wrote there: b"ok", or child_status() of what body raised.  The child
-    leaves by os._exit, running no code of the parent's (no atexit
-    handlers, no buffered output flushed twice).
-    Python 3.12+ warns about fork() beside other threads; body must take no
-    lock another thread may hold (plain system calls and zlib take none).
-    """
-    data_read, data_write = os.pipe()
-    status_read, status_write = os.pipe()
-    try:
-        fcntl.fcntl(data_write, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # a smaller pipe only means more switches
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-    except BaseException:
-        for fd in (data_read, data_write, status_read, status_write):
-            os.close(fd)
-        raise
-    child_end, parent_end = (data_write, data_read) if parent_reads else (data_read, data_write)
-    if pid == 0:
-        status = b"error\nError\nthe child process failed"
-        try:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            os.close(parent_end)
-            os.close(status_read)
-            _close_other_fds((child_end, status_write) + tuple(keep))
-            body(child_end, status_write)
-            status = b"ok"
-        except BaseException as error:
-            status = child_status(error)
-        finally:
-            try:
-                os.close(child_end)
-                write_all_fd(status_write, status)
-            finally:
-                os._exit(0)
-    os.close(child_end)
-    os.close(status_write)
-    return pid, parent_end, status_read
-
-
-def child_status(error):
-    """How a child says it failed: the errno of an OSError, else the name
-    of the exception's class; then the message."""
-    if isinstance(error, OSError):
-        text = "oserror\n%d\n%s" % (error.errno or errno.EIO, error.strerror or error)
-    else:
-        text = "error\n%s\n%s" % (type(error).__name__, error)
-    return text.encode("utf-8", "replace")
-
-
-def read_child_status(fd):
-    """All a child wrote on its status pipe: empty if it was killed."""
-    status = b""
-    while True:
-        more = os.read(fd, 4096)
-        if not more:
-            return status
-        status += more
-
-
-def _close_other_fds(keep):
-    # The child must not hold the parent's other files open: a lock held
-    # through an inherited descriptor would outlive a killed parent.
-    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def write_all_fd(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _raise_child_status(status):
-    if status != b"ok":
-        raise child_failure(
-            status, _CHILD_ERRORS,
-            unknown=lambda message: GzipError("decompression failed: %s" % message),
-            unfinished=lambda: GzipError("decompression process ended without finishing"))
-
-
-def child_failure(status, known, unknown, unfinished):
-    """The exception a child's status other than b"ok" stands for: an
-    OSError with its errno, a class of `known` (by name) with its message,
-    else unknown(message); unfinished() if the child said nothing (it was
-    killed: out of memory, say)."""
-    kind, _, rest = status.decode("utf-8", "replace").partition("\n")
-    if kind == "oserror":
-        number, _, message = rest.partition("\n")
-        return OSError(int(number), message)
-    if kind == "error":
-        name, _, message = rest.partition("\n")
-        return known[name](message) if name in known else unknown(message)
-    return unfinished()

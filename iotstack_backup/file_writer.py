@@ -25,7 +25,7 @@ import os
 import signal
 import struct
 
-import parallel_gzip
+from . import children
 
 # op, name length, mode, uid, gid, mtime, size; then the name and the data.
 _RECORD = struct.Struct("<BIIIIqQ")
@@ -47,7 +47,7 @@ class FileWriterProcess:
 
     def __init__(self, create_file, raisable=()):
         self.raisable = {cls.__name__: cls for cls in raisable}
-        pid, jobs_write, status_read = parallel_gzip.fork_piped_child(
+        pid, jobs_write, status_read = children.fork_piped_child(
             lambda jobs, status: _serve(create_file, jobs, status), parent_reads=False)
         self.pid = pid
         self._jobs, self._status = jobs_write, status_read
@@ -134,10 +134,10 @@ class FileWriterProcess:
             self._raise_status(self._read_status())
 
     def _read_status(self):
-        return parallel_gzip.read_child_status(self._status)
+        return children.read_child_status(self._status)
 
     def _raise_status(self, status):
-        raise parallel_gzip.child_failure(
+        raise children.child_failure(
             status, self.raisable,
             unknown=lambda message: OSError(errno.EIO, "creating the files failed: %s" % message),
             unfinished=lambda: OSError(errno.EIO, "the process creating the files ended "

@@ -1,0 +1,369 @@
+"""The IOTstack directory: what is in a backup, what things are called, who owns them.
+
+This is the small helper the two commands share.  It finds the stack
+(--dir, $IOTSTACK, the working directory, then where backup.py lives),
+lists the manifest items, names archives and logs (dated, rolling, and -2,
+-3... for runs in the same minute), decides which old backups --keep
+removes, picks the owner of the output when running as root, holds the lock
+that lets one backup or restore run at a time, runs the hooks, and keeps
+the run's log.  How it keeps data safe: names are decided by pure functions
+so that nothing is overwritten except the rolling archive; retention never
+picks the archive just written or a file it did not write; the log is
+opened for appending and never truncated.
+"""
+import contextlib
+import datetime
+import errno
+import fcntl
+import fnmatch
+import json
+import os
+import pwd
+import re
+import socket
+import subprocess
+import sys
+import time
+
+from .run import EXIT_BUSY, EXIT_USAGE, UserError, remember_log
+
+# Items of a backup, in archive order.  services/ and volumes/ are expected;
+# the rest are saved when present.  Directory items end in "/".
+REQUIRED_ITEMS = ("services/", "volumes/")
+
+
+OPTIONAL_ITEMS = (
+    "docker-compose.yml", "docker-compose.override.yml", "compose-override.yml",
+    ".env", "backup.ini", "extra/", ".tmp/databases_backup/", "postbuild.sh",
+    "pre_backup.sh", "post_backup.sh", "post_restore.sh",
+)
+
+
+MANIFEST_ITEMS = REQUIRED_ITEMS + OPTIONAL_ITEMS
+
+
+ITEM_NAMES = tuple(item.rstrip("/") for item in MANIFEST_ITEMS)
+
+
+LOCK_NAME = ".tmp/iotstack-backup.lock"
+
+
+JOURNAL_NAME = ".tmp/restore-journal.json"
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+ARCHIVE_MODE = 0o640  # archives hold secrets (.env, password files)
+
+
+def is_stack_dir(path):
+    return (os.path.isfile(os.path.join(path, "docker-compose.yml"))
+            or os.path.isfile(os.path.join(path, "menu.sh")))
+
+
+def find_stack_dir(option, environ, cwd, script_dir):
+    """The IOTstack directory: --dir, $IOTSTACK, the cwd, then the script's."""
+    if option:
+        return os.path.abspath(option) if os.path.isdir(option) else None
+    if environ.get("IOTSTACK"):
+        path = environ["IOTSTACK"]
+        return os.path.abspath(path) if os.path.isdir(path) else None
+    for candidate in (cwd, script_dir):
+        if candidate and is_stack_dir(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
+# Where backup.py and restore.py are installed: beside this package.
+INSTALL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def locate_stack(option):
+    stack = find_stack_dir(option, os.environ, os.getcwd(), INSTALL_DIR)
+    if stack is None:
+        where = option or os.environ.get("IOTSTACK") or os.getcwd()
+        raise UserError(
+            "%s is not an IOTstack directory (no docker-compose.yml or menu.sh); "
+            "cd into IOTstack or pass --dir" % where)
+    return stack
+
+
+def archive_stamp(now):
+    return now.strftime("%Y-%m-%d_%H%M")
+
+
+def rolling_weekday(now):
+    """Day of the week with Sunday as 0, as the documentation always said."""
+    return now.isoweekday() % 7
+
+
+def first_free_stem(stem, taken):
+    """stem, then stem-2, stem-3...: the first for which taken() is false."""
+    candidate, n = stem, 1
+    while taken(candidate):
+        n += 1
+        candidate = "%s-%d" % (stem, n)
+    return candidate
+
+
+def dated_archive_path(backups, stem):
+    return os.path.join(backups, "backup", "%s.tar.gz" % stem)
+
+
+def rolling_archive_path(backups, now):
+    return os.path.join(backups, "rolling", "backup_%d.tar.gz" % rolling_weekday(now))
+
+
+def log_path(backups, stem):
+    return os.path.join(backups, "logs", "%s.log" % stem)
+
+
+def partial_path(final):
+    folder, name = os.path.split(final)
+    return os.path.join(folder, ".%s.%d%s" % (name, os.getpid(), PARTIAL_SUFFIX))
+
+
+def is_partial_name(name):
+    return name.startswith(".backup_") and name.endswith(PARTIAL_SUFFIX)
+
+
+DATED_NAME = re.compile(r"^backup_(\d{4}-\d{2}-\d{2}_\d{4})(?:-(\d+))?\.tar\.gz$")
+
+
+def dated_backups_to_remove(names, keep, just_written=None):
+    """The dated archives beyond the newest `keep`, by the time in their name
+    (not mtime, which a copy can change); -2, -3... of one minute are newer
+    than the plain name.  Other files are never chosen, and neither is the
+    archive just written, even if a clock set back makes it look old."""
+    if keep is None:
+        return []
+    dated = []
+    for name in names:
+        match = DATED_NAME.match(name)
+        if match and name != just_written:
+            dated.append((match.group(1), int(match.group(2) or 1), name))
+    dated.sort(reverse=True)
+    if just_written is not None and DATED_NAME.match(just_written):
+        keep -= 1
+    return [name for _stamp, _n, name in dated[max(keep, 0):]]
+
+
+def manifest_items(exists):
+    """(items to archive, required items that are missing), in archive order."""
+    items = [item for item in MANIFEST_ITEMS if exists(item.rstrip("/"))]
+    missing = [item for item in REQUIRED_ITEMS if item not in items]
+    return items, missing
+
+
+def is_excluded(rel, patterns):
+    """True when a pattern matches the path relative to the stack, or its name.
+
+    A pattern ending in "/" matches directories only: the caller passes
+    directory paths with a trailing "/".
+    """
+    name = rel.rstrip("/").rsplit("/", 1)[-1]
+    for pattern in patterns:
+        if pattern.endswith("/") and not rel.endswith("/"):
+            continue
+        bare = pattern.rstrip("/") if pattern.endswith("/") else pattern
+        target = rel.rstrip("/")
+        if fnmatch.fnmatchcase(target, bare.lstrip("./") if bare.startswith("./") else bare):
+            return True
+        if "/" not in bare and fnmatch.fnmatchcase(name, bare):
+            return True
+    return False
+
+
+# Items by their first path component: item_of runs once per member.
+_ITEMS_BY_TOP = {}
+
+
+for _item in ITEM_NAMES:
+    _ITEMS_BY_TOP.setdefault(_item.partition("/")[0], []).append(_item)
+
+
+def item_of(path):
+    """The manifest item a member path belongs to, or None."""
+    for item in _ITEMS_BY_TOP.get(path.partition("/")[0], ()):
+        if path == item or path.startswith(item + "/"):
+            return item
+    return None
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path, owner):
+    """Create a folder of ours if needed; as root give it to the owner.
+
+    Folders left to root by the old script are given back too (IOTstack #254).
+    """
+    created = False
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+        created = True
+    if owner is not None:
+        os.chown(path, owner.uid, owner.gid)
+    return created
+
+
+def chown_to(path, owner):
+    if owner is not None:
+        os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+
+
+class Owner:
+    def __init__(self, name, uid, gid):
+        self.name, self.uid, self.gid = name, uid, gid
+
+    def __repr__(self):
+        return "Owner(%r, %d, %d)" % (self.name, self.uid, self.gid)
+
+
+def lookup_owner(name):
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise UserError("unknown user %r" % name, EXIT_USAGE) from None
+    return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def default_owner_name(stack, environ):
+    """$SUDO_USER, else the owner of the IOTstack directory."""
+    sudo_user = environ.get("SUDO_USER")
+    if sudo_user and sudo_user != "root":
+        return sudo_user, "$SUDO_USER"
+    uid = os.stat(stack).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name, "owner of %s" % stack
+    except KeyError:
+        return "root", "default"
+
+
+def choose_owner(requested, stack, ask):
+    """The user the output belongs to when running as root; None otherwise.
+
+    ask(prompt, default) is called only on a terminal with no user given.
+    Returns (Owner or None, how it was chosen).
+    """
+    if os.geteuid() != 0:
+        return None, "not root: files belong to the running user"
+    if requested:
+        return lookup_owner(requested), "given"
+    name, source = default_owner_name(stack, os.environ)
+    if sys.stdin is not None and sys.stdin.isatty():
+        answer = ask("Owner of the backup files [%s]: " % name, name)
+        if answer and answer != name:
+            return lookup_owner(answer), "typed"
+        return lookup_owner(name), "default (%s), confirmed" % source
+    return lookup_owner(name), "default (%s), no terminal to ask" % source
+
+
+@contextlib.contextmanager
+def stack_lock(stack, owner=None):
+    """One backup or restore per stack.  flock dies with the process."""
+    tmp = os.path.join(stack, ".tmp")
+    if not os.path.isdir(tmp):
+        os.makedirs(tmp, exist_ok=True)
+        if owner is not None:
+            os.chown(tmp, owner.uid, owner.gid)
+    path = os.path.join(stack, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UserError("cannot open the lock file %s: %s" % (path, e.strerror)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            raise UserError("another backup or restore is running on %s%s"
+                            % (stack, " (%s)" % holder if holder else ""), EXIT_BUSY) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ("%s pid %d since %s\n" % (os.path.basename(sys.argv[0]), os.getpid(),
+                                                  time.strftime("%H:%M:%S"))).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_hook(stack, name, log):
+    """Run ./name with bash if present; its output goes to the log.
+
+    Returns None when there is no hook, else the exit status.
+    """
+    path = os.path.join(stack, name)
+    if not os.path.isfile(path):
+        return None
+    log.line("Running %s" % name)
+    with subprocess.Popen(["bash", "./" + name], cwd=stack, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for raw in proc.stdout:
+            log.line("  %s: %s" % (name, raw.decode("utf-8", "replace").rstrip("\n")))
+    status = proc.returncode
+    log.line("%s exited with status %d" % (name, status))
+    return status
+
+
+def write_json_atomically(path, data):
+    temp = path + ".new"
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+class RunLog:
+    """Lines for the log file; opened in append mode, so never truncated."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.lines = []
+        self._file = None
+        if path is not None:
+            self._file = open(path, "a", encoding="utf-8", errors="replace")
+            remember_log(path)
+
+    def line(self, text):
+        self.lines.append(text)
+        if self._file is not None:
+            try:
+                self._file.write(text + "\n")
+                self._file.flush()
+            except OSError:
+                pass  # a full disk must not hide the real error
+
+    def field(self, name, value):
+        self.line("%s: %s" % (name, value))
+
+    def close(self):
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+def host_folder():
+    """The per-host folder at a copy's destination, so Pis can share one."""
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def now_local():
+    return datetime.datetime.now()
+
+
+def free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(error):
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -1,0 +1,448 @@
+"""Restore an IOTstack backup: the interface of scripts/restore.sh, all or nothing.
+
+    python3 restore.py [FILENAME] [noask]
+
+The archive is unpacked into a staging folder inside the IOTstack directory
+while every header, every member's safety and the gzip CRC are checked;
+nothing live changes until all of that has passed.  Then, with the stack
+stopped, each item being replaced is renamed aside and its staged copy
+renamed in, under a journal in .tmp/: if anything fails the old items are
+renamed back, and a run killed at any point is rolled back or completed by
+the next run.  The old items are deleted only after the restore succeeded.
+"""
+import argparse
+import contextlib
+import datetime
+import os
+import shutil
+import sys
+import time
+
+from . import docker_compose, iotstack, pgzip, progress, run, tarformat
+from .journal import (
+    ASIDE_PREFIX,
+    STAGING_PREFIX,
+    clean_up,
+    prepare_journal,
+    recover,
+    roll_back,
+    swap_in,
+)
+from .unpack import (
+    EarlyWriteback,
+    Stager,
+    check_units,
+    normalize_member_name,
+    read_archive,
+)
+
+PROG = "restore.py"
+
+
+EPILOG = """\
+exit codes:
+  0  restored (or: verified, listed, recovered)
+  1  failed: the archive is damaged or unsafe, or a step failed; the IOTstack
+     directory is as it was (post_restore.sh failing also gives 1, with the
+     files restored)
+  2  bad arguments, archive not found, or no confirmation
+  4  another backup or restore of this stack is running
+"""
+
+
+def destination(text):
+    from . import offsite
+    try:
+        return offsite.parse_destination(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Restore an IOTstack backup made by backup.py or by IOTstack's "
+                    "scripts/backup.sh: checked in full first, then swapped in all at once.")
+    p.add_argument("filename", nargs="?", default="backup.tar.gz", metavar="FILENAME",
+                   help="the archive, looked up under ./backups/ first (so "
+                        "backup/backup_x.tar.gz works), then as given; default backup.tar.gz")
+    p.add_argument("noask", nargs="?", metavar="noask",
+                   help="any second argument skips the confirmation question")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--dir", metavar="DIR",
+                   help="the IOTstack directory (default: $IOTSTACK, else the current "
+                        "directory, else the one holding restore.py)")
+    p.add_argument("--only", action="append", default=[], metavar="PATH",
+                   help="restore only this subtree, e.g. volumes/nodered; repeatable")
+    p.add_argument("--keep-old", action="store_true",
+                   help="keep the replaced items in .tmp/ instead of deleting them")
+    p.add_argument("--in-place", action="store_true",
+                   help="when there is no room to stage: after the same checks, delete the "
+                        "items and unpack over them (the original's way; no rollback)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="do not stop the running services during the swap")
+    p.add_argument("--list", action="store_true", help="list the backups present, newest first")
+    p.add_argument("--verify", metavar="FILE",
+                   help="check an archive in full (gzip CRC, headers, safety); change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the archive and say what would be replaced; change nothing")
+    p.add_argument("--recover", action="store_true",
+                   help="only finish or roll back an interrupted restore, then stop")
+    p.add_argument("--from", dest="source", type=destination, metavar="METHOD:TARGET",
+                   help="fetch FILENAME (e.g. backup/backup_x.tar.gz) from a copy made with "
+                        "backup.py --copy-to into ./backups/, then restore it; with --list, "
+                        "list the backups there")
+    p.add_argument("--from-host", metavar="HOST",
+                   help="the host folder to fetch from (default: this host's name)")
+    return p
+
+
+def replaced_units(held_items, only):
+    """What is swapped as a whole: the --only paths, else the items held."""
+    return sorted(only) if only else sorted(held_items)
+
+
+def list_backups(backups):
+    """(relative name, size, mtime) of every archive, newest first."""
+    found = []
+    for folder in ("backup", "rolling", ""):
+        path = os.path.join(backups, folder)
+        if not os.path.isdir(path):
+            continue
+        for name in os.listdir(path):
+            full = os.path.join(path, name)
+            if name.endswith((".tar.gz", ".tgz")) and not name.startswith(".") \
+                    and os.path.isfile(full):
+                st = os.stat(full)
+                found.append((os.path.join(folder, name) if folder else name,
+                              st.st_size, st.st_mtime))
+    found.sort(key=lambda entry: (-entry[2], entry[0]))
+    return found
+
+
+def resolve_archive(stack, filename):
+    """Under ./backups/ first, as documented; then as given."""
+    for candidate in (os.path.join(stack, "backups", filename), filename):
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
+def ask_yes(archive, stack):
+    try:
+        answer = input("Restore %s into %s, replacing what it holds. Continue [y/N]? "
+                       % (archive, stack))
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def estimated_size(path):
+    """The gzip trailer's length (mod 4 GiB), at least the file's size."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")
+    except OSError:
+        isize = 0
+    return max(isize, size)
+
+
+def compose_bytes(stack):
+    """docker-compose.yml's content, or None when there is none."""
+    try:
+        with open(os.path.join(stack, "docker-compose.yml"), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def run_restore(stack, archive, args, owner):
+    started = time.monotonic()
+    now = iotstack.now_local()
+    backups = os.path.join(stack, "backups")
+    out = sys.stdout
+    with iotstack.stack_lock(stack, owner):
+        for folder in ("", "logs"):
+            iotstack.ensure_dir(os.path.join(backups, folder), owner)
+        stem = iotstack.first_free_stem("restore_" + iotstack.archive_stamp(now),
+                                   lambda s: os.path.exists(iotstack.log_path(backups, s)))
+        log = iotstack.RunLog(iotstack.log_path(backups, stem))
+        iotstack.chown_to(log.path, owner)
+        try:
+            log.field("Started At", now.isoformat(timespec="seconds"))
+            log.field("Current Directory", stack)
+            recover(stack, log, out)
+            if args.recover:
+                out.write("Nothing else to do (--recover).\n")
+                return run.EXIT_OK
+            log.field("Archive", archive)
+            code = restore_with_log(stack, archive, args, log, out)
+            log.field("Duration (s)", "%.1f" % (time.monotonic() - started))
+            log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
+            out.write("Log: %s\n" % os.path.relpath(log.path, stack))
+            return code
+        except BaseException as e:
+            log.line("ERROR: %s" % (e or type(e).__name__))
+            log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
+            raise
+        finally:
+            log.close()
+
+
+def restore_with_log(stack, archive, args, log, out):
+    as_root = os.geteuid() == 0
+    tmp = os.path.join(stack, ".tmp")
+    # A folder kept by --keep-old must never be reused: a second run in the
+    # same minute and process would rename the items over the kept ones.
+    token = iotstack.first_free_stem(
+        "%s.%d" % (iotstack.archive_stamp(iotstack.now_local()), os.getpid()),
+        lambda t: any(os.path.lexists(os.path.join(tmp, prefix + t))
+                      for prefix in (STAGING_PREFIX, ASIDE_PREFIX)))
+    staging_rel = ".tmp/" + STAGING_PREFIX + token
+    aside_rel = ".tmp/" + ASIDE_PREFIX + token
+    staging = os.path.join(stack, staging_rel)
+
+    # 1. Read, check and (unless --in-place) unpack: nothing live changes.
+    if args.in_place:
+        summary = checked(archive, args.only, None)
+    else:
+        need, free = estimated_size(archive), iotstack.free_bytes(tmp)
+        if need > free:
+            raise run.UserError(
+                "not enough free space to unpack beside the current files (about %s needed, "
+                "%s free); free some space or use --in-place" % (progress.human_size(need),
+                                                                 progress.human_size(free)))
+        os.mkdir(staging, 0o700)
+        try:
+            bar = progress.NoProgress()
+            if sys.stderr.isatty():
+                bar = progress.TerminalProgress(need, label="Unpacking: ")
+            # On one core a writer process would only add copying.
+            writer = pgzip.default_jobs() > 1
+            with EarlyWriteback() as writeback, contextlib.closing(
+                    Stager(staging, as_root, fresh_root=True, writeback=writeback,
+                           writer=writer)) as stager:
+                summary = checked(archive, args.only, stager, bar, staging)
+            bar.finish()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    log.field("Members", summary.members)
+    log.field("Data Size (bytes)", summary.bytes)
+    log.line("Verified: OK (gzip CRC, %d tar headers, every member's path)" % summary.members)
+    for warning in summary.warnings:
+        log.line("Warning: %s" % warning)
+    if summary.skipped:
+        log.line("Skipped %d member(s) that are not part of an IOTstack backup, e.g. %s"
+                 % (len(summary.skipped), ", ".join(summary.skipped[:5])))
+    missing = sorted(set(args.only) - summary.found_only)
+    units = replaced_units(summary.items, args.only)
+    try:
+        if missing:
+            raise run.UserError("the archive holds nothing under %s" % ", ".join(missing))
+        if not units:
+            raise run.UserError("the archive holds no IOTstack items (services/, volumes/, "
+                                "docker-compose.yml...)")
+        check_units(stack, units)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.line("Replacing: %s" % ", ".join(units))
+    if not args.in_place:
+        os.sync()  # the staged files are on disk before the old ones can go
+
+    # 2. Swap, with the stack stopped.
+    compose = None if args.no_stop else docker_compose.open_compose(stack, log)
+    report = {}
+    hook_status = None
+    old_compose = compose_bytes(stack)  # read now: --in-place deletes it
+    with docker_compose.services_stopped(compose, log, report, stack):
+        if args.in_place:
+            replace_in_place(stack, archive, args.only, units, as_root, log)
+        else:
+            journal = prepare_journal(stack, archive, units, staging_rel, aside_rel,
+                                      args.keep_old)
+            try:
+                swap_in(stack, journal)
+            except BaseException:
+                roll_back(stack, journal)
+                clean_up(stack, journal)
+                log.line("The swap failed; every item was put back as it was")
+                raise
+            clean_up(stack, journal)
+            if args.keep_old and any(os.path.lexists(os.path.join(stack, aside_rel, unit))
+                                     for unit in units):
+                out.write("The replaced items are kept in %s\n" % aside_rel)
+                log.line("Replaced items kept in %s" % aside_rel)
+        if old_compose is not None and compose_bytes(stack) != old_compose:
+            message = ("docker-compose.yml changed: run 'docker compose up -d' to apply it")
+            out.write(message + "\n")
+            log.line(message)
+        hook_status = iotstack.run_hook(stack, "post_restore.sh", log)
+    if report.get("restart_error"):
+        raise run.UserError("restored, but services could not be started again: %s"
+                            % report["restart_error"])
+    out.write("Restored %s: %s (%d members, %s)\n" % (
+        os.path.basename(archive), ", ".join(units), summary.members,
+        progress.human_size(summary.bytes)))
+    if report.get("stopped"):
+        out.write("Services stopped and started again: %s\n" % ", ".join(report["stopped"]))
+    if hook_status:
+        raise run.UserError("post_restore.sh failed with status %d; the files are restored "
+                            "(see the log)" % hook_status)
+    return run.EXIT_OK
+
+
+def checked(archive, only, stager, progress=None, staging=None):
+    try:
+        return read_archive(archive, only, stager, progress)
+    except tarformat.ArchiveError as e:
+        raise run.UserError("%s: %s; nothing was changed" % (os.path.basename(archive), e)) from None
+    except OSError as e:
+        if staging is None:
+            raise
+        if iotstack.is_disk_full(e):
+            raise run.UserError("not enough free space to unpack beside the current files; "
+                                "nothing was changed; free some space or use --in-place") from None
+        raise run.UserError("unpacking failed: %s; nothing was changed"
+                            % (e.strerror or e)) from None
+
+
+def replace_in_place(stack, archive, only, units, as_root, log):
+    """The original's delete-then-extract, after the full check has passed."""
+    for unit in units:
+        path = os.path.join(stack, unit)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+    log.line("In place: deleted %s, unpacking over them" % ", ".join(units))
+    try:
+        read_archive(archive, only, Stager(stack, as_root))
+    except tarformat.ArchiveError as e:
+        raise run.UserError("the archive changed or failed while unpacking in place: %s" % e) \
+            from None
+
+
+def print_list(stack, out, source=None, host=None):
+    if source is None:
+        where = os.path.join(stack, "backups")
+        entries = list_backups(where)
+    else:
+        from . import offsite
+        where = "%s under %s/" % (source, host)
+        try:
+            entries = offsite.list_backups(source, host)
+        except offsite.CopyError as e:
+            raise run.UserError("cannot list %s: %s" % (where, e)) from None
+    if not entries:
+        out.write("No backups in %s\n" % where)
+        return
+    for rel, size, mtime in entries:
+        when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
+        out.write("%-44s %10s  %s\n" % (rel, progress.human_size(size), when))
+
+
+def verify_only(stack, filename, out):
+    archive = resolve_archive(stack, filename) if stack else None
+    archive = archive or (os.path.abspath(filename) if os.path.isfile(filename) else None)
+    if archive is None:
+        raise run.UserError("archive %s not found (looked in ./backups/ and as given)"
+                            % filename, run.EXIT_USAGE)
+    try:
+        summary = read_archive(archive, [])
+    except tarformat.ArchiveError as e:
+        raise run.UserError("%s: %s" % (filename, e)) from None
+    out.write("%s: OK (%d members, %s of data, items: %s)\n" % (
+        filename, summary.members, progress.human_size(summary.bytes),
+        ", ".join(sorted(summary.items)) or "none"))
+    return run.EXIT_OK
+
+
+def dry_run(stack, archive, args, out):
+    summary = checked(archive, args.only, None)
+    units = replaced_units(summary.items, args.only)
+    out.write("Archive: %s: OK (%d members, %s of data)\n" % (
+        archive, summary.members, progress.human_size(summary.bytes)))
+    for unit in units:
+        state = "replace" if os.path.lexists(os.path.join(stack, unit)) else "create"
+        out.write("Would %s: %s\n" % (state, unit))
+    for warning in summary.warnings:
+        out.write("Warning: %s\n" % warning)
+    out.write("Dry run: nothing was changed.\n")
+    return run.EXIT_OK
+
+
+def main(argv=None) -> int:
+    return run.run_command(PROG, build_parser(), restore_command, argv,
+                           "the next run of restore.py finishes or rolls back what was "
+                           "under way")
+
+
+def restore_command(args):
+    out = sys.stdout
+    if args.verify:
+        stack = iotstack.find_stack_dir(args.dir, os.environ, os.getcwd(), iotstack.INSTALL_DIR)
+        return verify_only(stack, args.verify, out)
+    stack = iotstack.locate_stack(args.dir)
+    args.only = [normalize_only(path) for path in args.only]
+    host = args.from_host or iotstack.host_folder()
+    if args.list:
+        print_list(stack, out, args.source, host)
+        return run.EXIT_OK
+    owner = None
+    if os.geteuid() == 0:
+        owner = iotstack.lookup_owner(iotstack.default_owner_name(stack, os.environ)[0])
+    if args.recover:
+        with run.signals_raise():
+            return run_restore(stack, None, args, owner)
+    if args.source is not None:
+        fetch(stack, args.source, host, args.filename, owner, out)
+    archive = resolve_archive(stack, args.filename)
+    if archive is None:
+        raise run.UserError("backup file %s not found (looked in %s and as given)"
+                            % (args.filename, os.path.join(stack, "backups")), run.EXIT_USAGE)
+    if args.dry_run:
+        return dry_run(stack, archive, args, out)
+    if not (args.noask or args.yes):
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise run.UserError("not on a terminal, so nobody can confirm: add 'noask' "
+                                "or --yes to restore without asking", run.EXIT_USAGE)
+        if not ask_yes(archive, stack):
+            out.write("Nothing was changed.\n")
+            return run.EXIT_USAGE
+    with run.signals_raise():
+        return run_restore(stack, archive, args, owner)
+
+
+def fetch(stack, source, host, name, owner, out):
+    """Download NAME from a copy into ./backups/NAME (atomically: a
+    half-fetched archive never takes the name)."""
+    from . import offsite
+    local = os.path.join(stack, "backups", name)
+    try:
+        offsite.download(source, host, name, local)
+    except (offsite.CopyError, ValueError) as e:
+        raise run.UserError("cannot fetch %s from %s (host %s): %s" % (name, source, host, e)) \
+            from None
+    for path in (os.path.join(stack, "backups"), os.path.dirname(local), local):
+        iotstack.chown_to(path, owner)
+    out.write("Fetched %s from %s into %s\n" % (name, source, os.path.relpath(local, stack)))
+
+
+def normalize_only(path):
+    try:
+        rel = normalize_member_name(path.rstrip("/"))
+    except tarformat.ArchiveError:
+        raise run.UserError("--only %s: give a path inside IOTstack, like volumes/nodered"
+                            % path, run.EXIT_USAGE) from None
+    if iotstack.item_of(rel) is None:
+        raise run.UserError("--only %s: not part of a backup (services/, volumes/, the compose "
+                            "files, the hooks...)" % path, run.EXIT_USAGE)
+    return rel
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""How a run of backup.py or restore.py ends: exit codes, errors, signals.
+
+Both commands end the same way, through run_command: a problem the user can
+fix (UserError) is one line on stderr and its own exit code; SIGTERM, SIGHUP
+and Ctrl-C unwind the run (every `finally` runs, so stopped services are
+started again and temporary files go) and exit 128 + the signal; any other
+exception, an OSError from a disk that filled or a folder we may not write
+included, is one line naming what failed, with the traceback appended to the
+run's log, never shown to the user as a wall of Python.  The exit codes have
+one table, which --help prints.
+"""
+import contextlib
+import errno
+import os
+import signal
+import sys
+import traceback
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_WARNINGS = 3
+EXIT_BUSY = 4
+EXIT_SIGHUP = 128 + signal.SIGHUP
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, then exit `code`."""
+
+    def __init__(self, message, code=EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+class Interrupted(BaseException):
+    """Raised from a signal handler so that every `finally` still runs."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_code_help(meanings):
+    """The "exit codes:" text of --help: meanings is {code: text}."""
+    lines = ["exit codes:"]
+    for code in sorted(meanings):
+        text = meanings[code].split("\n")
+        lines.append("  %-3d %s" % (code, text[0]))
+        lines.extend("      %s" % more for more in text[1:])
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGTERM and SIGHUP raise Interrupted once; later ones are ignored so
+    that the clean-up they triggered (restarting services) can finish."""
+    def handler(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def say_error(prog, message):
+    sys.stderr.write("%s: error: %s\n" % (prog, message))
+    sys.stderr.flush()
+
+
+# The log file of the run under way, once one is open: where the details of
+# an unexpected error go (RunLog sets it).
+_log_path = None
+
+
+def remember_log(path):
+    global _log_path
+    _log_path = path
+
+
+def describe_os_error(error):
+    """One line for an OSError: what failed, on which path, and what to do."""
+    path = error.filename
+    what = error.strerror or str(error)
+    where = "%s: %s" % (path, what) if path else what
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "%s: the disk is full; free some space and run again" % where
+    if error.errno in (errno.EACCES, errno.EPERM) and path:
+        return ("%s; if it was left to root by an earlier run, give it back with "
+                "'sudo chown -R %s: %s', or run this with sudo"
+                % (where, _user_name(), path))
+    if error.errno == errno.EROFS:
+        return "%s: the file system is read-only" % where
+    return where
+
+
+def _user_name():
+    with contextlib.suppress(Exception):
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    return "$USER"
+
+
+def record_details(prog, error):
+    """Append the traceback to the run's log; where it went, or None."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    if _log_path is not None:
+        with contextlib.suppress(OSError):
+            with open(_log_path, "a", encoding="utf-8", errors="replace") as f:
+                f.write("Details of the error:\n" + text)
+            return _log_path
+    if os.environ.get("IOTSTACK_BACKUP_DEBUG"):
+        sys.stderr.write(text)
+    return None
+
+
+def run_command(prog, parser, command, argv, after_interrupt):
+    """Parse argv, run command(args), and turn however it ends into an exit
+    code and at most one line on stderr.  after_interrupt says what a
+    signal left behind ("no new backup was written")."""
+    remember_log(None)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return command(args)
+    except UserError as e:
+        say_error(prog, str(e))
+        return e.code
+    except Interrupted as e:
+        say_error(prog, "interrupted by %s; %s" % (e, after_interrupt))
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        say_error(prog, "interrupted; %s" % after_interrupt)
+        return EXIT_SIGINT
+    except BrokenPipeError:
+        # `backup.py --dry-run | head`: the reader has gone; say nothing more
+        # to it, and keep Python from complaining at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as e:
+        where = record_details(prog, e)
+        say_error(prog, describe_os_error(e) + ("" if where is None else " (details in %s)" % where))
+        return EXIT_FAILED
+    except Exception as e:  # a bug: still one line, the traceback in the log
+        where = record_details(prog, e)
+        say_error(prog, "unexpected error: %s: %s%s" % (
+            type(e).__name__, e, "" if where is None
+            else " (details in %s)" % where))
+        return EXIT_FAILED

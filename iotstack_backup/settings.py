@@ -1,0 +1,156 @@
+"""backup.py's settings: the command line, backup.ini, and the defaults.
+
+Every long option of backup.py except --dir, --dry-run and --print-config
+can be set in backup.ini's [backup] section; the command line wins over the
+file, which wins over the defaults.  How it keeps runs safe: a file with an
+unknown section or key, or a value that does not parse, stops the run
+before anything is stopped or written, with one line naming the file and
+the key, rather than running with a setting the user did not mean.
+"""
+import argparse
+import configparser
+import os
+
+from . import run
+
+
+def backup_type(text):
+    if text not in ("1", "2", "3"):
+        raise argparse.ArgumentTypeError("TYPE can only be 1, 2 or 3, not %r" % text)
+    return int(text)
+
+
+def whole_number(text, least, most=None):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least or (most is not None and value > most):
+        bound = "from %d to %d" % (least, most) if most is not None else "of at least %d" % least
+        raise argparse.ArgumentTypeError("%r is not a whole number %s" % (text, bound))
+    return value
+
+
+def jobs_count(text):
+    return whole_number(text, 1)
+
+
+def keep_count(text):
+    return whole_number(text, 1)
+
+
+def gzip_level(text):
+    return whole_number(text, 0, 9)
+
+
+def destination(text):
+    from . import offsite
+    try:
+        return offsite.parse_destination(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def notify_url(text):
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError("%r is not an http:// or https:// URL" % text)
+    return text
+
+
+def boolean(text):
+    value = {"yes": True, "true": True, "on": True, "1": True,
+             "no": False, "false": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError("%r is not yes or no" % text)
+    return value
+
+
+# Keys of backup.ini: the long options' names without dashes.  Each is
+# (attribute, parse one value, repeatable, default).
+SETTINGS = {
+    "type": ("type", backup_type, False, 3),
+    "user": ("user", str, False, None),
+    "exclude": ("exclude", str, True, []),
+    "no-stop": ("no_stop", boolean, False, False),
+    "no-verify": ("no_verify", boolean, False, False),
+    "keep": ("keep", keep_count, False, None),
+    "copy-to": ("copy_to", destination, True, []),
+    "notify-url": ("notify_url", notify_url, False, None),
+    "level": ("level", gzip_level, False, 6),
+    "jobs": ("jobs", jobs_count, False, os.cpu_count() or 1),
+}
+
+
+CONFIG_NAME = "backup.ini"
+
+
+def parse_config(text, path):
+    """{key: value} from backup.ini's text; UserError naming key and file."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise run.UserError("%s: %s" % (path, " ".join(str(e).split())), run.EXIT_USAGE) from None
+    values = {}
+    for section in parser.sections():
+        if section != "backup":
+            raise run.UserError("%s: unknown section [%s]; only [backup] is read"
+                                % (path, section), run.EXIT_USAGE)
+    if not parser.has_section("backup"):
+        return values
+    for key, raw in parser.items("backup"):
+        if key not in SETTINGS:
+            raise run.UserError("%s: unknown key %r in [backup] (known: %s)"
+                                % (path, key, ", ".join(sorted(SETTINGS))), run.EXIT_USAGE)
+        _attr, parse, repeatable, _default = SETTINGS[key]
+        lines = [line.strip() for line in raw.splitlines() if line.strip()]
+        if not repeatable and len(lines) != 1:
+            raise run.UserError("%s: key %r takes one value" % (path, key), run.EXIT_USAGE)
+        try:
+            parsed = [parse(line) for line in lines]
+        except argparse.ArgumentTypeError as e:
+            raise run.UserError("%s: bad value for %r: %s" % (path, key, e), run.EXIT_USAGE) \
+                from None
+        values[key] = parsed if repeatable else parsed[0]
+    return values
+
+
+def merge_settings(args, config):
+    """Apply the settings in force to args; return {key: source}.  The
+    command line wins over backup.ini, which wins over the defaults."""
+    sources = {}
+    for key, (attr, _parse, _repeatable, default) in SETTINGS.items():
+        given = getattr(args, attr)
+        if given is not None:
+            sources[key] = "command line"
+        elif key in config:
+            setattr(args, attr, config[key])
+            sources[key] = CONFIG_NAME
+        else:
+            setattr(args, attr, default)
+            sources[key] = "default"
+    return sources
+
+
+def load_settings(stack, args):
+    path = os.path.join(stack, CONFIG_NAME)
+    config = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise run.UserError("%s: cannot read it: %s" % (path, e), run.EXIT_USAGE) from None
+        config = parse_config(text, path)
+    return merge_settings(args, config)
+
+
+def print_config(args, sources, out):
+    for key, (attr, _parse, repeatable, _default) in SETTINGS.items():
+        value = getattr(args, attr)
+        if repeatable:
+            shown = ", ".join(str(v) for v in value) or "(none)"
+        else:
+            shown = "(none)" if value is None else str(value).lower() if isinstance(value, bool) \
+                else str(value)
+        out.write("%-10s = %-40s (%s)\n" % (key, shown, sources[key]))

@@ -1,0 +1,383 @@
+"""Unpacking an archive with every member checked: the only place that decides what is safe.
+
+read_archive reads the whole tar.gz; MemberPolicy refuses any member that
+could write outside its place (absolute names, "..", a path through a symlink
+of the archive, a hard link to anything but an earlier file of the archive)
+and the Stager creates what passes below a staging folder that holds
+nothing else, never following or writing through a link.  How it keeps data
+safe: nothing live is touched here; restore swaps the staged items in only
+after every header, every member and the gzip CRC have passed; regular
+files may be created by a writer process (file_writer) and a background
+sync keeps the disk busy, but every file is on disk before the swap.
+"""
+import os
+import stat
+
+from . import archive_writer, file_writer, iotstack, tarformat
+from .pgzip import GzipError, iter_gunzip
+from .run import UserError
+from .tarformat import ArchiveError
+
+
+def open_archive_chunks(fileobj):
+    """Decompressed chunks of a .tar.gz, with gzip problems as ArchiveError."""
+    try:
+        yield from iter_gunzip(fileobj)
+    except GzipError as e:
+        raise ArchiveError(str(e)) from None
+
+
+# Files sent to the writer process before the Stager waits for it to catch
+# up, whatever comes: this bounds the memory that remembers them.
+SENT_LIMIT = 4096
+
+
+# Bytes unpacked between two background syncs (see EarlyWriteback).
+WRITEBACK_STEP = 16 << 20
+
+
+def normalize_member_name(name):
+    """The member's path relative to the stack, or ArchiveError if unsafe."""
+    if not name or "\0" in name:
+        raise tarformat.ArchiveError("unsafe member %r: empty name or NUL byte" % name)
+    if name.startswith("/"):
+        raise tarformat.ArchiveError("unsafe member %r: absolute path" % name)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise tarformat.ArchiveError("unsafe member %r: '..' in the path" % name)
+    return "/".join(parts)
+
+
+class MemberPolicy:
+    """Refuses members that could write outside their place: every check is
+    ours, so the result does not depend on tarfile's filters or Python's
+    version."""
+
+    def __init__(self, track_files=True):
+        # Unpacking into a fresh staging folder, a hard link's target can be
+        # checked on disk (the Stager does), and memory then stays flat
+        # however many files the archive holds.
+        self.track_files = track_files
+        self.symlinks = set()
+        self.files = set()
+        # A folder just found to have no symlink on its path: members come
+        # folder by folder, so most need only this comparison.  A new symlink
+        # could lie on that path, so adding one forgets it.
+        self.clear_folder = None
+
+    def check(self, member):
+        rel = normalize_member_name(member.name)
+        if rel == "" and member.type != "dir":
+            raise tarformat.ArchiveError("unsafe member %r: not a directory" % member.name)
+        self._refuse_symlink_on_path(rel, member)
+        if member.type == "hardlink":
+            self._check_link_target(member)
+        if member.type == "symlink":
+            self.symlinks.add(rel)
+            self.files.discard(rel)
+            self.clear_folder = None
+        elif member.type in ("file", "hardlink"):
+            if self.track_files:
+                self.files.add(rel)
+        elif self.files:
+            self.files.discard(rel)
+        return rel
+
+    def _refuse_symlink_on_path(self, rel, member):
+        folder = rel.rpartition("/")[0]
+        if folder == self.clear_folder:
+            return
+        parent = rel
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            if parent in self.symlinks:
+                raise tarformat.ArchiveError("unsafe member %r: its path goes through the symlink %r"
+                                       % (member.name, parent))
+        self.clear_folder = folder
+
+    def _check_link_target(self, member):
+        """A hard link's target is checked like a member's own path, always;
+        whether it is an earlier file is checked here or, when files are not
+        tracked, on disk by the Stager."""
+        refusal = tarformat.ArchiveError("unsafe member %r: hard link to %r, which is not an earlier "
+                                   "file of this archive" % (member.name, member.linkname))
+        try:
+            target = normalize_member_name(member.linkname)
+        except tarformat.ArchiveError:
+            raise refusal from None
+        if target in self.symlinks:
+            raise refusal
+        try:
+            self._refuse_symlink_on_path(target, member)
+        except tarformat.ArchiveError:
+            raise refusal from None
+        if self.track_files and target not in self.files:
+            raise refusal
+
+
+def restorable(rel, only):
+    """Whether a member path is restored: inside a backup item, and inside
+    one of the --only subtrees when there are any."""
+    if iotstack.item_of(rel) is None:
+        return False
+    return not only or any(rel == path or rel.startswith(path + "/") for path in only)
+
+
+def staging_ancestors(unit):
+    """Ancestors of a unit below the stack directory, outermost first."""
+    parts = unit.split("/")[:-1]
+    return ["/".join(parts[:i + 1]) for i in range(len(parts))]
+
+
+class Summary:
+    def __init__(self):
+        self.members = 0
+        self.bytes = 0
+        self.items = set()
+        self.found_only = set()
+        self.skipped = []
+        self.warnings = []
+
+
+def read_archive(path, only, unpack=None, progress=None):
+    """Read the whole archive with every check; unpack what is restorable
+    into unpack (a Stager) when given.  Raises ArchiveError."""
+    summary = Summary()
+    policy = MemberPolicy(track_files=unpack is None or not unpack.fresh_root)
+    with open(path, "rb") as f:
+        reader = tarformat.TarReader(open_archive_chunks(f))
+        for member in reader:
+            rel = policy.check(member)
+            summary.members += 1
+            item = iotstack.item_of(rel)
+            if item is None or (only and not restorable(rel, only)):
+                if rel and item is None and len(summary.skipped) < 1000:
+                    summary.skipped.append(rel)
+                continue
+            if member.type in ("chardev", "blockdev"):
+                # Before it counts: an item that holds nothing else is not
+                # staged, so it must not be swapped in (for nothing).
+                summary.warnings.append("skipped device node %s" % rel)
+                continue
+            summary.items.add(item)
+            for path_ in only:
+                if rel == path_ or rel.startswith(path_ + "/"):
+                    summary.found_only.add(path_)
+            if member.type == "file":
+                summary.bytes += member.size
+            if unpack is not None:
+                unpack.add(member, rel, reader)
+            if progress is not None:
+                progress.update(member.size if member.type == "file" else 0, 1)
+    if unpack is not None:
+        unpack.finish()
+    return summary
+
+
+class EarlyWriteback(archive_writer.BackgroundSync):
+    """Keeps the disk writing the staged files while unpacking goes on.
+
+    Restore syncs before the swap, so that the new files are on disk before
+    the old ones can go.  A sync that starts only then waits for every byte
+    at once, after the unpacking: on an SD card that can be as long as the
+    unpacking itself.  Here os.sync() runs in the background whenever
+    another `step` bytes were unpacked.  It is only a speed-up: the final
+    sync is what makes the files durable, and a sync changes no data."""
+
+    thread_name = "early-writeback"
+
+    def __init__(self, step=None):
+        super().__init__(WRITEBACK_STEP if step is None else step, lambda done: os.sync())
+
+
+class Stager:
+    """Creates members below root, which holds nothing but what this archive
+    put there: never follows a link, never writes through one.
+
+    With writer=True regular files are created by a child process
+    (file_writer), on another core, while this one reads and checks the
+    archive; everything else is created here, after waiting for the child
+    whenever a member touches a path it may not have written yet, so that
+    members take effect in archive order either way."""
+
+    def __init__(self, root, as_root, fresh_root=False, writeback=None, writer=False):
+        self.root = root
+        self.writeback = writeback  # an EarlyWriteback, told each file's size
+        self.as_root = as_root
+        # True when root was made empty for this archive: everything in it
+        # then comes from earlier members.
+        self.fresh_root = fresh_root
+        self.made = {""}
+        self.dirs = []
+        # A new file has the mode it was opened with less the umask, and our
+        # ids, unless a set-group-ID folder gives it that folder's group:
+        # only a fresh root without that bit (whose new folders then lack it
+        # too) lets chown be skipped for members owned like us.
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
+        self.ids = None
+        if fresh_root and not os.stat(root).st_mode & stat.S_ISGID:
+            self.ids = (os.geteuid(), os.getegid())
+        # Regular files are created by a writer process when asked (and
+        # fork exists); sent holds those sent since it last caught up.
+        self.sent = set()
+        self.writer = None
+        if writer and hasattr(os, "fork"):
+            self.writer = file_writer.FileWriterProcess(self.create_file,
+                                                        raisable=(tarformat.ArchiveError,))
+
+    def _wait_for_writer(self):
+        self.writer.wait()
+        self.sent.clear()
+
+    def close(self):
+        """Stops the writer, if any: nothing is written after this."""
+        if self.writer is not None:
+            self.writer.close()
+
+    def _prepare(self, rel):
+        parent = rel.rpartition("/")[0]
+        if parent not in self.made:
+            if self.sent and any(folder in self.sent
+                                 for folder in staging_ancestors(parent) + [parent]):
+                self._wait_for_writer()  # an error about that file comes first
+            try:
+                os.makedirs(os.path.join(self.root, parent), exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                # An earlier member put a file where this one needs a folder:
+                # a damaged archive, said in one line like the others.
+                raise tarformat.ArchiveError("member %r: %r is not a directory in this archive"
+                                       % (rel, parent)) from None
+            while parent not in self.made:
+                self.made.add(parent)
+                parent = parent.rpartition("/")[0]
+        return os.path.join(self.root, rel)
+
+    @staticmethod
+    def _clear(path, rel):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise tarformat.ArchiveError("member %r would replace a directory" % rel)
+        os.unlink(path)
+
+    def _meta(self, member, path):
+        mtime = member.mtime * 1_000_000_000
+        if self.as_root:
+            os.chown(path, member.uid, member.gid, follow_symlinks=False)
+        if member.type != "symlink":
+            os.chmod(path, member.mode)
+        os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+    def create_file(self, rel, mode, uid, gid, mtime, pieces):
+        """Runs in the writer process when there is one."""
+        path = os.path.join(self.root, rel)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        # The staging root is private (0700), so a file may have its
+        # final permissions while it is being written.
+        try:
+            fd = os.open(path, flags, mode & 0o777)
+        except FileExistsError:
+            self._clear(path, rel)
+            fd = os.open(path, flags, mode & 0o777)
+        try:
+            for piece in pieces:
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+            if self.as_root and (uid, gid) != self.ids:
+                os.fchown(fd, uid, gid)
+            # After chown, which clears set-id bits; those need chmod anyway.
+            if mode & ~0o777 or mode & self.umask:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime * 1_000_000_000, mtime * 1_000_000_000))
+        finally:
+            os.close(fd)
+
+    def add(self, member, rel, reader):
+        if rel == "":
+            return
+        path = self._prepare(rel)
+        kind = member.type
+        if kind == "file":
+            if self.writer is not None:
+                self.writer.send(rel, member.mode, member.uid, member.gid, member.mtime,
+                                 member.size, reader.data(member))
+                self.sent.add(rel)
+                if len(self.sent) >= SENT_LIMIT:
+                    self._wait_for_writer()
+            else:
+                self.create_file(rel, member.mode, member.uid, member.gid, member.mtime,
+                                 reader.data(member))
+            if self.writeback is not None:
+                self.writeback.wrote(member.size)
+            return
+        if rel in self.sent:
+            # The writer may not have created that file yet: what replaces
+            # it must come after it, as in the archive.
+            self._wait_for_writer()
+        if kind == "dir":
+            if rel not in self.made:
+                try:
+                    os.mkdir(path, 0o700)
+                except FileExistsError:
+                    if not os.path.isdir(path) or os.path.islink(path):
+                        self._clear(path, rel)
+                        os.mkdir(path, 0o700)
+                self.made.add(rel)
+            self.dirs.append((rel.count("/"), rel, member))
+        elif kind == "hardlink":
+            target_rel = normalize_member_name(member.linkname)
+            if target_rel in self.sent:
+                self._wait_for_writer()
+            # The policy made sure no folder on the way is a symlink; lstat
+            # makes sure the target itself is not one.
+            target = os.path.join(self.root, target_rel)
+            try:
+                is_file = stat.S_ISREG(os.lstat(target).st_mode)
+            except FileNotFoundError:
+                is_file = False
+            if not is_file:
+                raise tarformat.ArchiveError("unsafe member %r: hard link to %r, which is not an "
+                                       "earlier file of this archive, or is not restored with "
+                                       "it" % (member.name, member.linkname))
+            try:
+                os.link(target, path, follow_symlinks=False)
+            except FileExistsError:
+                self._clear(path, rel)
+                os.link(target, path, follow_symlinks=False)
+        elif kind == "symlink":
+            try:
+                os.symlink(member.linkname, path)
+            except FileExistsError:
+                self._clear(path, rel)
+                os.symlink(member.linkname, path)
+            self._meta(member, path)
+        elif kind == "fifo":
+            try:
+                os.mkfifo(path, 0o600)
+            except FileExistsError:
+                self._clear(path, rel)
+                os.mkfifo(path, 0o600)
+            self._meta(member, path)
+
+    def finish(self):
+        # Deepest first, after their contents: a read-only directory must not
+        # stop its children from being written, and writing them changes mtimes.
+        if self.writer is not None:
+            self.writer.finish()
+            self.sent.clear()
+        self.dirs.sort(key=lambda entry: -entry[0])
+        for _depth, rel, member in self.dirs:
+            self._meta(member, os.path.join(self.root, rel))
+        self.dirs = []
+
+
+def check_units(stack, units):
+    """Refuse units whose place on disk lies behind a symlink."""
+    for unit in units:
+        for ancestor in staging_ancestors(unit):
+            path = os.path.join(stack, ancestor)
+            if os.path.islink(path):
+                raise UserError("cannot restore %s: %s is a symlink on disk, and the "
+                                    "restore never writes through one" % (unit, ancestor))
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise UserError("cannot restore %s: %s is not a directory" % (unit, ancestor))
