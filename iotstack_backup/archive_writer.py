@@ -99,7 +99,6 @@ def _sorted_listing(path):
 class ArchiveStats:
     def __init__(self):
         self.members = 0
-        self.files = 0
         self.bytes = 0
         self.excluded = []
         self.notes = []
@@ -160,7 +159,6 @@ def write_tar(out, stack, items, patterns, progress, stats):
                 os.close(fd)
             if st.st_nlink > 1:
                 first_of_inode[key] = name
-            stats.files += 1
             stats.bytes += size
             batch_bytes += size
             batch_files += 1

@@ -26,6 +26,7 @@ import signal
 import struct
 
 from . import children
+from .tarformat import ChunkStream
 
 # op, name length, mode, uid, gid, mtime, size; then the name and the data.
 _RECORD = struct.Struct("<BIIIIqQ")
@@ -144,50 +145,26 @@ class FileWriterProcess:
                                                   "without finishing"))
 
 
-class _Records:
-    """The child's view of the pipe: whole headers and names, data in pieces."""
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.buf = b""
-        self.pos = 0
-
-    def _fill(self):
-        more = os.read(self.fd, _READ_SIZE)
+def _chunks_from(fd):
+    """What the parent sends, as it comes; EOFError if it stops midway."""
+    while True:
+        more = os.read(fd, _READ_SIZE)
         if not more:
             # The parent went away without saying it was done.
             raise EOFError("the restoring process stopped sending")
-        rest = len(self.buf) - self.pos
-        self.buf = self.buf[self.pos:] + more if rest else more
-        self.pos = 0
-
-    def take(self, n):
-        while len(self.buf) - self.pos < n:
-            self._fill()
-        data = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return data
-
-    def pieces(self, n):
-        while n:
-            if self.pos >= len(self.buf):
-                self._fill()
-            take = min(n, len(self.buf) - self.pos)
-            yield memoryview(self.buf)[self.pos:self.pos + take]
-            self.pos += take
-            n -= take
+        yield more
 
 
 def _serve(create_file, jobs, status_out):
-    records = _Records(jobs)
+    records = ChunkStream(_chunks_from(jobs))
     while True:
-        op, name_length, mode, uid, gid, mtime, size = _RECORD.unpack(records.take(_RECORD.size))
+        op, name_length, mode, uid, gid, mtime, size = _RECORD.unpack(records.read(_RECORD.size))
         if op == _END:
             return
         if op == _WAIT:
             os.write(status_out, _OK)
             continue
-        rel = records.take(name_length).decode("utf-8", "surrogateescape")
+        rel = records.read(name_length).decode("utf-8", "surrogateescape")
         pieces = records.pieces(size)
         create_file(rel, mode, uid, gid, mtime, pieces)
         for _ in pieces:  # whatever create_file left unread

@@ -246,18 +246,18 @@ def default_owner_name(stack, environ):
         return "root", "default"
 
 
-def choose_owner(requested, stack, ask):
+def choose_owner(requested, stack, ask=None):
     """The user the output belongs to when running as root; None otherwise.
 
-    ask(prompt, default) is called only on a terminal with no user given.
-    Returns (Owner or None, how it was chosen).
+    ask(prompt, default), when given, is called only on a terminal with no
+    user given.  Returns (Owner or None, how it was chosen).
     """
     if os.geteuid() != 0:
         return None, "not root: files belong to the running user"
     if requested:
         return lookup_owner(requested), "given"
     name, source = default_owner_name(stack, os.environ)
-    if sys.stdin is not None and sys.stdin.isatty():
+    if ask is not None and sys.stdin is not None and sys.stdin.isatty():
         answer = ask("Owner of the backup files [%s]: " % name, name)
         if answer and answer != name:
             return lookup_owner(answer), "typed"

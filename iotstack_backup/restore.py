@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-from . import docker_compose, iotstack, pgzip, progress, run, tarformat
+from . import docker_compose, iotstack, pgzip, progress, run, settings, tarformat
 from .journal import (
     ASIDE_PREFIX,
     STAGING_PREFIX,
@@ -48,14 +48,6 @@ exit codes:
   2  bad arguments, archive not found, or no confirmation
   4  another backup or restore of this stack is running
 """
-
-
-def destination(text):
-    from . import offsite
-    try:
-        return offsite.parse_destination(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser():
@@ -88,7 +80,7 @@ def build_parser():
                    help="check the archive and say what would be replaced; change nothing")
     p.add_argument("--recover", action="store_true",
                    help="only finish or roll back an interrupted restore, then stop")
-    p.add_argument("--from", dest="source", type=destination, metavar="METHOD:TARGET",
+    p.add_argument("--from", dest="source", type=settings.destination, metavar="METHOD:TARGET",
                    help="fetch FILENAME (e.g. backup/backup_x.tar.gz) from a copy made with "
                         "backup.py --copy-to into ./backups/, then restore it; with --list, "
                         "list the backups there")
@@ -392,9 +384,7 @@ def restore_command(args):
     if args.list:
         print_list(stack, out, args.source, host)
         return run.EXIT_OK
-    owner = None
-    if os.geteuid() == 0:
-        owner = iotstack.lookup_owner(iotstack.default_owner_name(stack, os.environ)[0])
+    owner, _how = iotstack.choose_owner(None, stack)
     if args.recover:
         with run.signals_raise():
             return run_restore(stack, None, args, owner)

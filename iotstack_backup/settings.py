@@ -11,7 +11,7 @@ import argparse
 import configparser
 import os
 
-from . import run
+from . import pgzip, run
 
 
 def backup_type(text):
@@ -77,7 +77,7 @@ SETTINGS = {
     "copy-to": ("copy_to", destination, True, []),
     "notify-url": ("notify_url", notify_url, False, None),
     "level": ("level", gzip_level, False, 6),
-    "jobs": ("jobs", jobs_count, False, os.cpu_count() or 1),
+    "jobs": ("jobs", jobs_count, False, pgzip.default_jobs()),
 }
 
 

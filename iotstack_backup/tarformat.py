@@ -200,7 +200,7 @@ def parse_pax(data):
     return records
 
 
-class _ChunkStream:
+class ChunkStream:
     """Bytes from an iterator of chunks, read exactly or skipped."""
 
     def __init__(self, chunks):
@@ -269,7 +269,7 @@ class TarReader:
     """Iterate over members; data() yields a member's bytes while it is current."""
 
     def __init__(self, chunks):
-        self._stream = _ChunkStream(chunks)
+        self._stream = ChunkStream(chunks)
         self._pending = 0  # unread data + padding of the current member
         self.members = 0
 
