@@ -9,13 +9,6 @@ import unittest
 from iotstack_backup import tarformat
 
 
-def member(name, kind="file", linkname=""):
-    m = tarformat.TarMember()
-    m.name, m.type, m.linkname = name, kind, linkname
-    m.mode, m.uid, m.gid, m.size, m.mtime = 0o644, 0, 0, 0, 0
-    return m
-
-
 class TarFormatTest(unittest.TestCase):
     def read_back(self, data):
         with tarfile.open(fileobj=io.BytesIO(data + bytes(1024)), mode="r:") as tf:

@@ -2,13 +2,7 @@
 import unittest
 
 from iotstack_backup import restore, tarformat, unpack
-
-
-def member(name, kind="file", linkname=""):
-    m = tarformat.TarMember()
-    m.name, m.type, m.linkname = name, kind, linkname
-    m.mode, m.uid, m.gid, m.size, m.mtime = 0o644, 0, 0, 0, 0
-    return m
+from tests.support import tar_member as member
 
 
 class MemberPolicyTest(unittest.TestCase):
