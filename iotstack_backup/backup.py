@@ -76,6 +76,11 @@ def build_parser():
     p.add_argument("--keep", type=keep_count, metavar="N",
                    help="keep the newest N dated backups (and their logs), here and at "
                         "rclone and rsync copies; default: keep all")
+    for unit in ("daily", "weekly", "monthly"):
+        p.add_argument("--keep-" + unit, type=keep_count, metavar="N",
+                       help="also keep the newest backup of each of the last N %s that "
+                            "have backups (restic's rule), here and at rclone and rsync copies"
+                            % {"daily": "days", "weekly": "ISO weeks", "monthly": "months"}[unit])
     p.add_argument("--copy-to", action="append", type=destination, metavar="METHOD:TARGET",
                    help="after a verified backup, copy it to rclone:REMOTE:PATH, "
                         "rsync:[USER@HOST:]PATH or scp:USER@HOST:PATH, under a folder "
@@ -240,9 +245,12 @@ def dry_run(stack, args):
     for note in notes:
         out.write("Note: %s\n" % note)
     folder = os.path.join(backups, "backup")
-    if args.keep and os.path.isdir(folder):
-        for name in iotstack.dated_backups_to_remove(os.listdir(folder), args.keep - 1):
-            out.write("Would remove (--keep %d): backup/%s\n" % (args.keep, name))
+    policy = iotstack.retention_policy(args)
+    if policy and os.path.isdir(folder):
+        just_written = os.path.basename(plan.dated) if plan.dated else None
+        for name in iotstack.dated_backups_to_remove(os.listdir(folder), just_written=just_written,
+                                                     **policy):
+            out.write("Would remove (%s): backup/%s\n" % (iotstack.describe_policy(policy), name))
     for dest in args.copy_to:
         out.write("Would copy to: %s under %s/\n" % (dest, iotstack.host_folder()))
     out.write("Dry run: nothing was written.\n")
@@ -327,7 +335,8 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
                                   "complete)" % status)
     if result.get("published"):
         # Only a complete, verified archive makes older ones expendable.
-        remove_old_backups(os.path.join(stack, "backups"), plan, args.keep, log)
+        remove_old_backups(os.path.join(stack, "backups"), plan, iotstack.retention_policy(args),
+                           log)
         failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log)
         if failures and error is None:
             error = run.UserError("%s; the local backup is kept" % "; ".join(failures))
@@ -346,15 +355,18 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     return run.EXIT_WARNINGS if warnings else run.EXIT_OK
 
 
-def remove_old_backups(backups, plan, keep, log):
+def remove_old_backups(backups, plan, policy, log):
+    if not policy:
+        return
     folder = os.path.join(backups, "backup")
     just_written = os.path.basename(plan.dated) if plan.dated else None
-    for name in iotstack.dated_backups_to_remove(os.listdir(folder), keep, just_written):
+    for name in iotstack.dated_backups_to_remove(os.listdir(folder), just_written=just_written,
+                                                 **policy):
         os.unlink(os.path.join(folder, name))
-        old_log = iotstack.log_path(backups, name[:-len(".tar.gz")])
+        old_log = iotstack.log_path(backups, iotstack.dated_backup(name)[0])
         if os.path.exists(old_log):
             os.unlink(old_log)
-        log.line("Removed old backup (--keep %d): backup/%s" % (keep, name))
+        log.line("Removed old backup (%s): backup/%s" % (iotstack.describe_policy(policy), name))
 
 
 def copy_offsite(backups, plan, args, log):
@@ -370,16 +382,18 @@ def copy_offsite(backups, plan, args, log):
                 rel = os.path.relpath(path, backups)
                 checked = offsite.upload(dest, path, rel, host)
                 log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
-            if args.keep and dest.method in ("rclone", "rsync"):
+            policy = iotstack.retention_policy(args)
+            if policy and dest.method in ("rclone", "rsync"):
                 names = [rel.split("/", 1)[1] for rel, _size, _mtime
                          in offsite.list_backups(dest, host) if rel.startswith("backup/")]
                 just_written = os.path.basename(plan.dated) if plan.dated else None
-                doomed = iotstack.dated_backups_to_remove(names, args.keep, just_written)
+                doomed = iotstack.dated_backups_to_remove(names, just_written=just_written,
+                                                          **policy)
                 if doomed:
                     offsite.delete(dest, host, ["backup/" + name for name in doomed])
                     for name in doomed:
-                        log.line("Removed old backup at %s (--keep %d): backup/%s"
-                                 % (dest, args.keep, name))
+                        log.line("Removed old backup at %s (%s): backup/%s"
+                                 % (dest, iotstack.describe_policy(policy), name))
         except offsite.CopyError as e:
             failures.append("copy to %s failed: %s" % (dest, e))
             log.line("ERROR: copy to %s failed: %s" % (dest, e))
