@@ -10,6 +10,7 @@ resumed with `start` (never `down`/`up`), exactly those that were running,
 also after errors, Ctrl-C and SIGTERM.
 """
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -28,6 +29,7 @@ from .settings import (
     load_settings,
     notify_url,
     print_config,
+    recipient,
 )
 
 PROG = "backup.py"
@@ -85,6 +87,10 @@ def build_parser():
                    help="after a verified backup, copy it to rclone:REMOTE:PATH, "
                         "rsync:[USER@HOST:]PATH or scp:USER@HOST:PATH, under a folder "
                         "named after this host; repeatable")
+    p.add_argument("--encrypt-to", action="append", type=recipient, metavar="RECIPIENT",
+                   help="encrypt every --copy-to copy with gpg to this public key (key id, "
+                        "fingerprint or e-mail; repeatable); the copy's name ends in .gpg, "
+                        "the local archive stays plain")
     p.add_argument("--notify-url", type=notify_url, metavar="URL",
                    help="after each run, GET URL (URL/fail when the run failed)")
     p.add_argument("--level", type=gzip_level, metavar="0-9",
@@ -252,7 +258,9 @@ def dry_run(stack, args):
                                                      **policy):
             out.write("Would remove (%s): backup/%s\n" % (iotstack.describe_policy(policy), name))
     for dest in args.copy_to:
-        out.write("Would copy to: %s under %s/\n" % (dest, iotstack.host_folder()))
+        out.write("Would copy to: %s under %s/%s\n" % (
+            dest, iotstack.host_folder(), " (encrypted with gpg to %s)" % ", ".join(args.encrypt_to)
+            if args.encrypt_to else ""))
     out.write("Dry run: nothing was written.\n")
     return run.EXIT_OK
 
@@ -373,30 +381,47 @@ def copy_offsite(backups, plan, args, log):
     """Copy the new archive(s) to every destination; a list of failures."""
     if not args.copy_to:
         return []
-    from . import offsite
+    from . import encryption, offsite
     host = iotstack.host_folder()
     failures = []
-    for dest in args.copy_to:
+    sources = [(path, os.path.relpath(path, backups)) for path in plan.targets]
+    encrypted = None
+    if args.encrypt_to:
+        # One ciphertext for every name and destination, under a partial
+        # name beside the archive (a killed run's is removed by the next).
+        encrypted = iotstack.partial_path(plan.targets[0] + encryption.SUFFIX)
         try:
-            for path in plan.targets:
-                rel = os.path.relpath(path, backups)
-                checked = offsite.upload(dest, path, rel, host)
-                log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
-            policy = iotstack.retention_policy(args)
-            if policy and dest.method in ("rclone", "rsync"):
-                names = [rel.split("/", 1)[1] for rel, _size, _mtime
-                         in offsite.list_backups(dest, host) if rel.startswith("backup/")]
-                just_written = os.path.basename(plan.dated) if plan.dated else None
-                doomed = iotstack.dated_backups_to_remove(names, just_written=just_written,
-                                                          **policy)
-                if doomed:
-                    offsite.delete(dest, host, ["backup/" + name for name in doomed])
-                    for name in doomed:
-                        log.line("Removed old backup at %s (%s): backup/%s"
-                                 % (dest, iotstack.describe_policy(policy), name))
-        except offsite.CopyError as e:
-            failures.append("copy to %s failed: %s" % (dest, e))
-            log.line("ERROR: copy to %s failed: %s" % (dest, e))
+            encryption.encrypt(args.encrypt_to, plan.targets[0], encrypted)
+        except encryption.EncryptionError as e:
+            log.line("ERROR: %s; nothing was copied" % e)
+            return ["%s; nothing was copied" % e]
+        log.line("Encrypted with gpg to %s: the copies are .gpg" % ", ".join(args.encrypt_to))
+        sources = [(encrypted, rel + encryption.SUFFIX) for _path, rel in sources]
+    try:
+        for dest in args.copy_to:
+            try:
+                for path, rel in sources:
+                    checked = offsite.upload(dest, path, rel, host)
+                    log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
+                policy = iotstack.retention_policy(args)
+                if policy and dest.method in ("rclone", "rsync"):
+                    names = [rel.split("/", 1)[1] for rel, _size, _mtime
+                             in offsite.list_backups(dest, host) if rel.startswith("backup/")]
+                    just_written = os.path.basename(plan.dated) if plan.dated else None
+                    doomed = iotstack.dated_backups_to_remove(names, just_written=just_written,
+                                                              **policy)
+                    if doomed:
+                        offsite.delete(dest, host, ["backup/" + name for name in doomed])
+                        for name in doomed:
+                            log.line("Removed old backup at %s (%s): backup/%s"
+                                     % (dest, iotstack.describe_policy(policy), name))
+            except offsite.CopyError as e:
+                failures.append("copy to %s failed: %s" % (dest, e))
+                log.line("ERROR: copy to %s failed: %s" % (dest, e))
+    finally:
+        if encrypted is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(encrypted)
     return failures
 
 
@@ -453,6 +478,9 @@ def backup_command(args):
     if args.print_config:
         print_config(args, sources, sys.stdout)
         return run.EXIT_OK
+    if args.encrypt_to:
+        from . import encryption
+        encryption.check_recipients(args.encrypt_to)  # before anything is stopped or written
     if args.dry_run:
         return dry_run(stack, args)
     try:

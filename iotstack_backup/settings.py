@@ -51,6 +51,14 @@ def destination(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def recipient(text):
+    from . import encryption
+    try:
+        return encryption.check_recipient(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def notify_url(text):
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError("%r is not an http:// or https:// URL" % text)
@@ -78,6 +86,7 @@ SETTINGS = {
     "keep-weekly": ("keep_weekly", keep_count, False, None),
     "keep-monthly": ("keep_monthly", keep_count, False, None),
     "copy-to": ("copy_to", destination, True, []),
+    "encrypt-to": ("encrypt_to", recipient, True, []),
     "notify-url": ("notify_url", notify_url, False, None),
     "level": ("level", gzip_level, False, 6),
     "jobs": ("jobs", jobs_count, False, os.cpu_count() or 1),
