@@ -27,6 +27,7 @@ from .settings import (
     jobs_count,
     keep_count,
     load_settings,
+    mqtt_url,
     notify_url,
     print_config,
     recipient,
@@ -93,6 +94,12 @@ def build_parser():
                         "the local archive stays plain")
     p.add_argument("--notify-url", type=notify_url, metavar="URL",
                    help="after each run, GET URL (URL/fail when the run failed)")
+    p.add_argument("--notify-mqtt", type=mqtt_url, metavar="URL",
+                   help="mqtt://[USER:PASS@]HOST[:PORT]/TOPIC: after each run, publish a "
+                        "retained JSON report (ok, warning, failed) to TOPIC, with Home "
+                        "Assistant discovery configs")
+    p.add_argument("--no-mqtt-discovery", action="store_true", default=None,
+                   help="with --notify-mqtt: publish the report only, no Home Assistant configs")
     p.add_argument("--level", type=gzip_level, metavar="0-9",
                    help="gzip compression level (default 6)")
     p.add_argument("--jobs", type=jobs_count, metavar="N",
@@ -278,20 +285,23 @@ def run_backup(stack, args, owner, owner_how, outcome):
         plan = plan_backup(args.type, now, backups, os.path.exists)
         log = iotstack.RunLog(plan.log)
         iotstack.chown_to(plan.log, owner)
+        outcome["plan"] = plan
         try:
             try:
-                code = backup_with_log(stack, args, owner, owner_how, plan, log, now, started)
+                code = backup_with_log(stack, args, owner, owner_how, plan, log, now, started,
+                                       outcome)
             except BaseException:
                 notify_once(args, outcome, ok=False, log=log)
                 raise
+            outcome["code"] = code
             notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS), log=log)
             return code
         finally:
             log.close()
 
 
-def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
-    result = {}
+def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outcome):
+    result = outcome.setdefault("result", {})  # what --notify-mqtt reports
     log.field("Started At", now.isoformat(timespec="seconds"))
     log.field("Current Directory", stack)
     log.field("Backup Type", args.type)
@@ -313,13 +323,14 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     if status:
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
                             "written (see %s)" % (status, relative(stack, plan.log)))
-    report = {}
+    report = outcome.setdefault("report", {})
     compose = None
     if args.no_stop:
         log.line("Services: left running (--no-stop)")
     else:
         compose = docker_compose.open_compose(stack, log)
     error = None
+    window = time.monotonic()
     try:
         with docker_compose.services_stopped(compose, log, report, stack):
             make_backup(stack, plan, items, args, owner, log, result)
@@ -335,6 +346,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
         log.line("Interrupted (%s): no new archive was written" % (e or "Ctrl-C"))
         finish_log(stack, log, plan, items, result, report, started)
         raise
+    result["window"] = time.monotonic() - window  # the downtime, when services were stopped
 
     if error is None:
         status = iotstack.run_hook(stack, "post_backup.sh", log)
@@ -472,7 +484,7 @@ def main(argv=None) -> int:
 
 
 def backup_command(args):
-    outcome = {}
+    outcome = {"started": time.monotonic()}
     stack = iotstack.locate_stack(args.dir)
     sources = load_settings(stack, args)
     if args.print_config:
@@ -490,29 +502,42 @@ def backup_command(args):
     except BaseException:
         notify_once(args, outcome, ok=False)
         raise
+    outcome["code"] = code
     notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS))
     return code
 
 
 def notify_once(args, outcome, ok, log=None):
-    """GET the notify URL (URL/fail on failure); a failure here is logged,
-    never fatal.  Done inside the run when its log is open, else here."""
-    if not getattr(args, "notify_url", None) or outcome.get("notified"):
+    """GET the notify URL (URL/fail on failure) and publish the MQTT report;
+    a failure here is logged, never fatal.  Done inside the run when its log
+    is open, else here (a warning line on stderr when it fails)."""
+    url_set, mqtt_set = getattr(args, "notify_url", None), getattr(args, "notify_mqtt", None)
+    if not (url_set or mqtt_set) or outcome.get("notified"):
         return
     outcome["notified"] = True
-    url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
-    # Imported here: it takes longer to import than a small backup takes to
-    # start, and most runs notify nobody.
-    import urllib.request
-    try:
-        with urllib.request.urlopen(url, timeout=15) as response:
-            message = "Notified %s: HTTP %d" % (url, response.status)
-    except (OSError, ValueError) as e:
-        message = "Warning: notification to %s failed: %s" % (url, e)
-        if log is None:
+    messages = []
+    if url_set:
+        url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
+        # Imported here: it takes longer to import than a small backup takes to
+        # start, and most runs notify nobody.
+        import urllib.request
+        try:
+            with urllib.request.urlopen(url, timeout=15) as response:
+                messages.append("Notified %s: HTTP %d" % (url, response.status))
+        except (OSError, ValueError) as e:
+            messages.append("Warning: notification to %s failed: %s" % (url, e))
+    if mqtt_set:
+        from . import notify_mqtt
+        error = sys.exc_info()[1]  # the run's error, when called while it unwinds
+        messages.append(notify_mqtt.publish_report(
+            args.notify_mqtt, notify_mqtt.status_of(ok, outcome.get("code")),
+            iotstack.host_folder(), notify_mqtt.facts(outcome, error),
+            discovery=not getattr(args, "no_mqtt_discovery", None)))
+    for message in messages:
+        if log is not None:
+            log.line(message)
+        elif message.startswith("Warning:"):
             sys.stderr.write("%s: %s\n" % (PROG, message))
-    if log is not None:
-        log.line(message)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ This is the small helper the two commands share.  It finds the stack
 (--dir, $IOTSTACK, the working directory, then where backup.py lives),
 lists the manifest items, names archives and logs (dated, rolling, and -2,
 -3... for runs in the same minute), decides which old backups --keep,
---keep-daily, --keep-weekly and --keep-monthly remove (by retention.py), picks the owner of the output when running as root, holds the lock
-that lets one backup or restore run at a time, runs the hooks, and keeps
+--keep-daily, --keep-weekly and --keep-monthly remove (by retention.py),
+picks the owner of the output when running as root, holds the lock that
+lets one backup or restore run at a time, runs the hooks, and keeps
 the run's log.  How it keeps data safe: names are decided by pure functions
 so that nothing is overwritten except the rolling archive; retention never
 picks the archive just written or a file it did not write; the log is

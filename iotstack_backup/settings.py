@@ -65,6 +65,14 @@ def notify_url(text):
     return text
 
 
+def mqtt_url(text):
+    from . import mqtt
+    try:
+        return mqtt.parse_mqtt_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def boolean(text):
     value = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}.get(text.strip().lower())
@@ -88,6 +96,9 @@ SETTINGS = {
     "copy-to": ("copy_to", destination, True, []),
     "encrypt-to": ("encrypt_to", recipient, True, []),
     "notify-url": ("notify_url", notify_url, False, None),
+    # str() of the parsed URL hides the password, for --print-config too.
+    "notify-mqtt": ("notify_mqtt", mqtt_url, False, None),
+    "no-mqtt-discovery": ("no_mqtt_discovery", boolean, False, False),
     "level": ("level", gzip_level, False, 6),
     "jobs": ("jobs", jobs_count, False, os.cpu_count() or 1),
 }
