@@ -69,8 +69,11 @@ def encrypt_argv(recipients, source, output):
     """Encrypt source to every recipient into output.  --trust-model always:
     the user put these public keys in the keyring to be used unattended;
     without it gpg refuses an imported key it has not been told to trust.
-    --compress-algo none: the archive is gzip already."""
-    argv = _common() + ["--trust-model", "always", "--compress-algo", "none", "--encrypt"]
+    --compress-algo none: the archive is gzip already.  --auto-key-locate
+    local: the keyring only, never a lookup of an e-mail address on the
+    network (WKD) in the middle of a backup."""
+    argv = _common() + ["--auto-key-locate", "local", "--trust-model", "always",
+                        "--compress-algo", "none", "--encrypt"]
     for recipient in recipients:
         argv += ["--recipient", recipient]
     return argv + ["--output", output, "--", source]
@@ -161,13 +164,13 @@ def check_recipients(recipients):
     """UserError (exit 2) unless gpg is there and can encrypt to every
     recipient: called before anything is stopped or written."""
     try:
-        _run(check_argv(recipients), CHECK_TIMEOUT, "--encrypt-to %s" % ", ".join(recipients))
+        _run(check_argv(recipients), CHECK_TIMEOUT, "--encrypt-to")
     except EncryptionError as e:
-        hint = ""
-        if "not installed" not in str(e):
-            hint = ("; import the public key as the user that runs the backup "
-                    "(gpg --import KEY.asc; root for root's crontab)")
-        raise run.UserError("%s%s" % (e, hint), run.EXIT_USAGE) from None
+        message = str(e)
+        if "not installed" not in message:
+            message += ("; import the public key as the user that runs the backup "
+                        "(gpg --import KEY.asc; root for root's crontab)")
+        raise run.UserError(message, run.EXIT_USAGE) from None
 
 
 def encrypt(recipients, source, output):

@@ -47,8 +47,8 @@ class ArgvTest(unittest.TestCase):
     def test_encrypt_and_check(self):
         self.assertEqual(
             encryption.encrypt_argv(["a@b", "0xABCD"], "/x/a.tar.gz", "/x/.a.gpg"),
-            ["gpg", "--batch", "--no-tty", "--yes", "--trust-model", "always", "--compress-algo",
-             "none", "--encrypt", "--recipient", "a@b", "--recipient", "0xABCD",
+            ["gpg", "--batch", "--no-tty", "--yes", "--auto-key-locate", "local",
+             "--trust-model", "always", "--compress-algo", "none", "--encrypt", "--recipient", "a@b", "--recipient", "0xABCD",
              "--output", "/x/.a.gpg", "--", "/x/a.tar.gz"])
         check = encryption.check_argv(["a@b"])
         self.assertEqual(check[-4:], ["--output", os.devnull, "--", "-"])  # stdin: /dev/null
