@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 
-from . import mqtt
+from . import mqtt, run
 
 BUDGET = 5.0  # seconds for the whole report, discovery included
 
@@ -50,14 +50,18 @@ def facts(outcome, error):
 
 
 def describe(error):
+    """The run's error as one line, as the user saw it on stderr."""
     if error is None:
         return None
-    text = str(error)
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
-    if text and type(error).__name__ in ("UserError", "Interrupted"):
-        return text if type(error).__name__ == "UserError" else "interrupted by %s" % text
-    return "%s: %s" % (type(error).__name__, text) if text else type(error).__name__
+    if isinstance(error, run.Interrupted):
+        return "interrupted by %s" % error
+    if isinstance(error, run.UserError):
+        return str(error)
+    if isinstance(error, OSError):
+        return run.describe_os_error(error)
+    return "unexpected error: %s: %s" % (type(error).__name__, error)
 
 
 def publish_report(target, status, host, run_facts, discovery=True, budget=BUDGET):
