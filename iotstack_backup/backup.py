@@ -10,6 +10,7 @@ resumed with `start` (never `down`/`up`), exactly those that were running,
 also after errors, Ctrl-C and SIGTERM.
 """
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -26,8 +27,10 @@ from .settings import (
     jobs_count,
     keep_count,
     load_settings,
+    mqtt_url,
     notify_url,
     print_config,
+    recipient,
 )
 
 PROG = "backup.py"
@@ -76,12 +79,27 @@ def build_parser():
     p.add_argument("--keep", type=keep_count, metavar="N",
                    help="keep the newest N dated backups (and their logs), here and at "
                         "rclone and rsync copies; default: keep all")
+    for unit in ("daily", "weekly", "monthly"):
+        p.add_argument("--keep-" + unit, type=keep_count, metavar="N",
+                       help="also keep the newest backup of each of the last N %s that "
+                            "have backups (restic's rule), here and at rclone and rsync copies"
+                            % {"daily": "days", "weekly": "ISO weeks", "monthly": "months"}[unit])
     p.add_argument("--copy-to", action="append", type=destination, metavar="METHOD:TARGET",
                    help="after a verified backup, copy it to rclone:REMOTE:PATH, "
                         "rsync:[USER@HOST:]PATH or scp:USER@HOST:PATH, under a folder "
                         "named after this host; repeatable")
+    p.add_argument("--encrypt-to", action="append", type=recipient, metavar="RECIPIENT",
+                   help="encrypt every --copy-to copy with gpg to this public key (key id, "
+                        "fingerprint or e-mail; repeatable); the copy's name ends in .gpg, "
+                        "the local archive stays plain")
     p.add_argument("--notify-url", type=notify_url, metavar="URL",
                    help="after each run, GET URL (URL/fail when the run failed)")
+    p.add_argument("--notify-mqtt", type=mqtt_url, metavar="URL",
+                   help="mqtt://[USER:PASS@]HOST[:PORT]/TOPIC: after each run, publish a "
+                        "retained JSON report (ok, warning, failed) to TOPIC, with Home "
+                        "Assistant discovery configs")
+    p.add_argument("--no-mqtt-discovery", action="store_true", default=None,
+                   help="with --notify-mqtt: publish the report only, no Home Assistant configs")
     p.add_argument("--level", type=gzip_level, metavar="0-9",
                    help="gzip compression level (default 6)")
     p.add_argument("--jobs", type=jobs_count, metavar="N",
@@ -240,11 +258,16 @@ def dry_run(stack, args):
     for note in notes:
         out.write("Note: %s\n" % note)
     folder = os.path.join(backups, "backup")
-    if args.keep and os.path.isdir(folder):
-        for name in iotstack.dated_backups_to_remove(os.listdir(folder), args.keep - 1):
-            out.write("Would remove (--keep %d): backup/%s\n" % (args.keep, name))
+    policy = iotstack.retention_policy(args)
+    if policy and os.path.isdir(folder):
+        just_written = os.path.basename(plan.dated) if plan.dated else None
+        for name in iotstack.dated_backups_to_remove(os.listdir(folder), just_written=just_written,
+                                                     **policy):
+            out.write("Would remove (%s): backup/%s\n" % (iotstack.describe_policy(policy), name))
     for dest in args.copy_to:
-        out.write("Would copy to: %s under %s/\n" % (dest, iotstack.host_folder()))
+        out.write("Would copy to: %s under %s/%s\n" % (
+            dest, iotstack.host_folder(), " (encrypted with gpg to %s)" % ", ".join(args.encrypt_to)
+            if args.encrypt_to else ""))
     out.write("Dry run: nothing was written.\n")
     return run.EXIT_OK
 
@@ -262,20 +285,23 @@ def run_backup(stack, args, owner, owner_how, outcome):
         plan = plan_backup(args.type, now, backups, os.path.exists)
         log = iotstack.RunLog(plan.log)
         iotstack.chown_to(plan.log, owner)
+        outcome["plan"] = plan
         try:
             try:
-                code = backup_with_log(stack, args, owner, owner_how, plan, log, now, started)
+                code = backup_with_log(stack, args, owner, owner_how, plan, log, now, started,
+                                       outcome)
             except BaseException:
                 notify_once(args, outcome, ok=False, log=log)
                 raise
+            outcome["code"] = code
             notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS), log=log)
             return code
         finally:
             log.close()
 
 
-def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
-    result = {}
+def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outcome):
+    result = outcome.setdefault("result", {})  # what --notify-mqtt reports
     log.field("Started At", now.isoformat(timespec="seconds"))
     log.field("Current Directory", stack)
     log.field("Backup Type", args.type)
@@ -297,13 +323,14 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     if status:
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
                             "written (see %s)" % (status, relative(stack, plan.log)))
-    report = {}
+    report = outcome.setdefault("report", {})
     compose = None
     if args.no_stop:
         log.line("Services: left running (--no-stop)")
     else:
         compose = docker_compose.open_compose(stack, log)
     error = None
+    window = time.monotonic()
     try:
         with docker_compose.services_stopped(compose, log, report, stack):
             make_backup(stack, plan, items, args, owner, log, result)
@@ -319,6 +346,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
         log.line("Interrupted (%s): no new archive was written" % (e or "Ctrl-C"))
         finish_log(stack, log, plan, items, result, report, started)
         raise
+    result["window"] = time.monotonic() - window  # the downtime, when services were stopped
 
     if error is None:
         status = iotstack.run_hook(stack, "post_backup.sh", log)
@@ -327,7 +355,8 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
                                   "complete)" % status)
     if result.get("published"):
         # Only a complete, verified archive makes older ones expendable.
-        remove_old_backups(os.path.join(stack, "backups"), plan, args.keep, log)
+        remove_old_backups(os.path.join(stack, "backups"), plan, iotstack.retention_policy(args),
+                           log)
         failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log)
         if failures and error is None:
             error = run.UserError("%s; the local backup is kept" % "; ".join(failures))
@@ -346,43 +375,65 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     return run.EXIT_WARNINGS if warnings else run.EXIT_OK
 
 
-def remove_old_backups(backups, plan, keep, log):
+def remove_old_backups(backups, plan, policy, log):
+    if not policy:
+        return
     folder = os.path.join(backups, "backup")
     just_written = os.path.basename(plan.dated) if plan.dated else None
-    for name in iotstack.dated_backups_to_remove(os.listdir(folder), keep, just_written):
+    for name in iotstack.dated_backups_to_remove(os.listdir(folder), just_written=just_written,
+                                                 **policy):
         os.unlink(os.path.join(folder, name))
-        old_log = iotstack.log_path(backups, name[:-len(".tar.gz")])
+        old_log = iotstack.log_path(backups, iotstack.dated_backup(name)[0])
         if os.path.exists(old_log):
             os.unlink(old_log)
-        log.line("Removed old backup (--keep %d): backup/%s" % (keep, name))
+        log.line("Removed old backup (%s): backup/%s" % (iotstack.describe_policy(policy), name))
 
 
 def copy_offsite(backups, plan, args, log):
     """Copy the new archive(s) to every destination; a list of failures."""
     if not args.copy_to:
         return []
-    from . import offsite
+    from . import encryption, offsite
     host = iotstack.host_folder()
     failures = []
-    for dest in args.copy_to:
+    sources = [(path, os.path.relpath(path, backups)) for path in plan.targets]
+    encrypted = None
+    if args.encrypt_to:
+        # One ciphertext for every name and destination, under a partial
+        # name beside the archive (a killed run's is removed by the next).
+        encrypted = iotstack.partial_path(plan.targets[0] + encryption.SUFFIX)
         try:
-            for path in plan.targets:
-                rel = os.path.relpath(path, backups)
-                checked = offsite.upload(dest, path, rel, host)
-                log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
-            if args.keep and dest.method in ("rclone", "rsync"):
-                names = [rel.split("/", 1)[1] for rel, _size, _mtime
-                         in offsite.list_backups(dest, host) if rel.startswith("backup/")]
-                just_written = os.path.basename(plan.dated) if plan.dated else None
-                doomed = iotstack.dated_backups_to_remove(names, args.keep, just_written)
-                if doomed:
-                    offsite.delete(dest, host, ["backup/" + name for name in doomed])
-                    for name in doomed:
-                        log.line("Removed old backup at %s (--keep %d): backup/%s"
-                                 % (dest, args.keep, name))
-        except offsite.CopyError as e:
-            failures.append("copy to %s failed: %s" % (dest, e))
-            log.line("ERROR: copy to %s failed: %s" % (dest, e))
+            encryption.encrypt(args.encrypt_to, plan.targets[0], encrypted)
+        except encryption.EncryptionError as e:
+            log.line("ERROR: %s; nothing was copied" % e)
+            return ["%s; nothing was copied" % e]
+        log.line("Encrypted with gpg to %s: the copies are .gpg" % ", ".join(args.encrypt_to))
+        sources = [(encrypted, rel + encryption.SUFFIX) for _path, rel in sources]
+    try:
+        for dest in args.copy_to:
+            try:
+                for path, rel in sources:
+                    checked = offsite.upload(dest, path, rel, host)
+                    log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
+                policy = iotstack.retention_policy(args)
+                if policy and dest.method in ("rclone", "rsync"):
+                    names = [rel.split("/", 1)[1] for rel, _size, _mtime
+                             in offsite.list_backups(dest, host) if rel.startswith("backup/")]
+                    just_written = os.path.basename(plan.dated) if plan.dated else None
+                    doomed = iotstack.dated_backups_to_remove(names, just_written=just_written,
+                                                              **policy)
+                    if doomed:
+                        offsite.delete(dest, host, ["backup/" + name for name in doomed])
+                        for name in doomed:
+                            log.line("Removed old backup at %s (%s): backup/%s"
+                                     % (dest, iotstack.describe_policy(policy), name))
+            except offsite.CopyError as e:
+                failures.append("copy to %s failed: %s" % (dest, e))
+                log.line("ERROR: copy to %s failed: %s" % (dest, e))
+    finally:
+        if encrypted is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(encrypted)
     return failures
 
 
@@ -433,12 +484,15 @@ def main(argv=None) -> int:
 
 
 def backup_command(args):
-    outcome = {}
+    outcome = {"started": time.monotonic()}
     stack = iotstack.locate_stack(args.dir)
     sources = load_settings(stack, args)
     if args.print_config:
         print_config(args, sources, sys.stdout)
         return run.EXIT_OK
+    if args.encrypt_to:
+        from . import encryption
+        encryption.check_recipients(args.encrypt_to)  # before anything is stopped or written
     if args.dry_run:
         return dry_run(stack, args)
     try:
@@ -448,29 +502,42 @@ def backup_command(args):
     except BaseException:
         notify_once(args, outcome, ok=False)
         raise
+    outcome["code"] = code
     notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS))
     return code
 
 
 def notify_once(args, outcome, ok, log=None):
-    """GET the notify URL (URL/fail on failure); a failure here is logged,
-    never fatal.  Done inside the run when its log is open, else here."""
-    if not getattr(args, "notify_url", None) or outcome.get("notified"):
+    """GET the notify URL (URL/fail on failure) and publish the MQTT report;
+    a failure here is logged, never fatal.  Done inside the run when its log
+    is open, else here (a warning line on stderr when it fails)."""
+    url_set, mqtt_set = getattr(args, "notify_url", None), getattr(args, "notify_mqtt", None)
+    if not (url_set or mqtt_set) or outcome.get("notified"):
         return
     outcome["notified"] = True
-    url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
-    # Imported here: it takes longer to import than a small backup takes to
-    # start, and most runs notify nobody.
-    import urllib.request
-    try:
-        with urllib.request.urlopen(url, timeout=15) as response:
-            message = "Notified %s: HTTP %d" % (url, response.status)
-    except (OSError, ValueError) as e:
-        message = "Warning: notification to %s failed: %s" % (url, e)
-        if log is None:
+    messages = []
+    if url_set:
+        url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
+        # Imported here: it takes longer to import than a small backup takes to
+        # start, and most runs notify nobody.
+        import urllib.request
+        try:
+            with urllib.request.urlopen(url, timeout=15) as response:
+                messages.append("Notified %s: HTTP %d" % (url, response.status))
+        except (OSError, ValueError) as e:
+            messages.append("Warning: notification to %s failed: %s" % (url, e))
+    if mqtt_set:
+        from . import notify_mqtt
+        error = sys.exc_info()[1]  # the run's error, when called while it unwinds
+        messages.append(notify_mqtt.publish_report(
+            args.notify_mqtt, notify_mqtt.status_of(ok, outcome.get("code")),
+            iotstack.host_folder(), notify_mqtt.facts(outcome, error),
+            discovery=not getattr(args, "no_mqtt_discovery", None)))
+    for message in messages:
+        if log is not None:
+            log.line(message)
+        elif message.startswith("Warning:"):
             sys.stderr.write("%s: %s\n" % (PROG, message))
-    if log is not None:
-        log.line(message)
 
 
 if __name__ == "__main__":

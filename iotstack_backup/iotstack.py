@@ -3,9 +3,10 @@
 This is the small helper the two commands share.  It finds the stack
 (--dir, $IOTSTACK, the working directory, then where backup.py lives),
 lists the manifest items, names archives and logs (dated, rolling, and -2,
--3... for runs in the same minute), decides which old backups --keep
-removes, picks the owner of the output when running as root, holds the lock
-that lets one backup or restore run at a time, runs the hooks, and keeps
+-3... for runs in the same minute), decides which old backups --keep,
+--keep-daily, --keep-weekly and --keep-monthly remove (by retention.py),
+picks the owner of the output when running as root, holds the lock that
+lets one backup or restore run at a time, runs the hooks, and keeps
 the run's log.  How it keeps data safe: names are decided by pure functions
 so that nothing is overwritten except the rolling archive; retention never
 picks the archive just written or a file it did not write; the log is
@@ -128,25 +129,70 @@ def is_partial_name(name):
     return name.startswith(".backup_") and name.endswith(PARTIAL_SUFFIX)
 
 
-DATED_NAME = re.compile(r"^backup_(\d{4}-\d{2}-\d{2}_\d{4})(?:-(\d+))?\.tar\.gz$")
+DATED_NAME = re.compile(r"^(backup_(\d{4}-\d{2}-\d{2}_\d{4})(?:-(\d+))?)\.tar\.gz(?:\.gpg)?$")
 
 
-def dated_backups_to_remove(names, keep, just_written=None):
-    """The dated archives beyond the newest `keep`, by the time in their name
-    (not mtime, which a copy can change); -2, -3... of one minute are newer
-    than the plain name.  Other files are never chosen, and neither is the
-    archive just written, even if a clock set back makes it look old."""
-    if keep is None:
-        return []
-    dated = []
+# retention.py's rules and the options (and attributes of args) that set them.
+RETENTION_OPTIONS = (("keep_last", "--keep", "keep"),
+                     ("keep_daily", "--keep-daily", "keep_daily"),
+                     ("keep_weekly", "--keep-weekly", "keep_weekly"),
+                     ("keep_monthly", "--keep-monthly", "keep_monthly"))
+
+
+def retention_policy(args):
+    """{rule: count} of retention.py's rules from --keep, --keep-daily...;
+    empty when every rule is off (then nothing is ever removed)."""
+    return {rule: getattr(args, attr) for rule, _option, attr in RETENTION_OPTIONS
+            if getattr(args, attr, None)}
+
+
+def describe_policy(policy):
+    """"--keep 3, --keep-daily 7": the options behind a removal, for the log."""
+    return ", ".join("%s %d" % (option, policy[rule])
+                     for rule, option, _attr in RETENTION_OPTIONS if policy.get(rule))
+
+
+def dated_backup(name):
+    """(stem, datetime, n) of a dated backup's file name (the archive, or its
+    .gpg copy off-site), None for any other name.  n is 1 for the plain name
+    and 2, 3... for the -2, -3 of a second run in the same minute."""
+    match = DATED_NAME.match(name)
+    if not match:
+        return None
+    try:
+        stamp = datetime.datetime.strptime(match.group(2), "%Y-%m-%d_%H%M")
+    except ValueError:
+        return None
+    return match.group(1), stamp, int(match.group(3) or 1)
+
+
+def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily=None,
+                            keep_weekly=None, keep_monthly=None):
+    """The names of the dated backups that retention.py's rules (--keep is
+    keep_last; daily, weekly, monthly; united) do not keep, newest first.
+
+    Backups are ordered by the time in their name (not mtime, which a copy
+    can change); -2, -3... of one minute are newer than the plain name.  A
+    backup is its stem: an archive and its .gpg copy are one backup, and
+    both names are returned when it goes.  Other files are never chosen.
+    The archive just written counts as the newest backup whatever its name
+    says (a clock set back can make it look old) and is never chosen."""
+    from . import retention
+    stems, by_stem = {}, {}
     for name in names:
-        match = DATED_NAME.match(name)
-        if match and name != just_written:
-            dated.append((match.group(1), int(match.group(2) or 1), name))
-    dated.sort(reverse=True)
-    if just_written is not None and DATED_NAME.match(just_written):
-        keep -= 1
-    return [name for _stamp, _n, name in dated[max(keep, 0):]]
+        parsed = dated_backup(name)
+        if parsed:
+            stems[parsed[0]] = parsed[1:]
+            by_stem.setdefault(parsed[0], []).append(name)
+    new = dated_backup(just_written) if just_written else None
+    if new:
+        newest = max([stamp for stamp, _n in stems.values()] + [new[1]])
+        stems[new[0]] = (newest, float("inf"))
+    pairs = sorted(((stem, stamp) for stem, (stamp, _n) in stems.items()),
+                   key=lambda pair: (pair[1], stems[pair[0]][1]))
+    doomed = retention.backups_to_remove(pairs, keep_last, keep_daily, keep_weekly, keep_monthly)
+    return [name for stem in reversed(doomed) if not (new and stem == new[0])
+            for name in sorted(by_stem.get(stem, []))]
 
 
 def manifest_items(exists):

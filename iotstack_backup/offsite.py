@@ -45,7 +45,8 @@ LIST_TIMEOUT = 120
 COMMAND_TIMEOUT = 120
 
 PARTIAL_SUFFIX = ".partial"
-ARCHIVE_SUFFIXES = (".tar.gz", ".log")
+# .tar.gz.gpg: the copy backup.py --encrypt-to sends instead of the archive.
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.gz.gpg", ".log")
 BACKUP_FOLDERS = ("backup", "rolling")
 
 # The remote command that hashes an scp copy; a name so tests can make it "missing".
@@ -61,6 +62,10 @@ INSTALL_HINTS = {
 
 class CopyError(Exception):
     """A copy, listing, fetch or delete failed; str(e) is one clear line naming the destination and the cause (the tool's last stderr line)."""
+
+
+class NotThere(CopyError):
+    """download: the destination was reached, and the file is not there."""
 
 
 class Destination:
@@ -210,7 +215,7 @@ def _check_rel_name(rel_name):
         raise ValueError("%r is not a plain relative name (letters, digits, '._+-' in each part)"
                          % rel_name)
     if not rel_name.endswith(ARCHIVE_SUFFIXES):
-        raise ValueError("%r does not end in .tar.gz or .log" % rel_name)
+        raise ValueError("%r does not end in .tar.gz, .tar.gz.gpg or .log" % rel_name)
 
 
 # ---------------------------------------------------------------------------
@@ -365,13 +370,14 @@ def upload(dest: Destination, local_path: str, rel_name: str, host: str) -> str:
 
 
 def list_backups(dest: Destination, host: str) -> "list[tuple[str, int, float]]":
-    """[(rel_name, size, mtime)] of every *.tar.gz in TARGET/host/backup and /rolling, newest first.
+    """[(rel_name, size, mtime)] of every *.tar.gz and *.tar.gz.gpg in TARGET/host/backup and /rolling, newest first.
 
     Missing host or backup folders are simply empty; an unreachable
     destination (and for rsync and scp a missing TARGET) is a CopyError.
     """
     _check_host(host)
-    globs = [folder + "/*.tar.gz" for folder in BACKUP_FOLDERS]
+    globs = [folder + "/*" + suffix for folder in BACKUP_FOLDERS
+             for suffix in (".tar.gz", ".tar.gz.gpg")]
     entries = {"rclone": _rclone_list, "rsync": _rsync_list, "scp": _scp_list}[dest.method](
         dest, host, globs)
     backups = [(name, size, mtime) for name, (size, mtime) in entries.items()
@@ -414,7 +420,7 @@ def download(dest: Destination, host: str, rel_name: str, local_path: str) -> No
     listed = {"rclone": _rclone_list, "rsync": _rsync_list, "scp": _scp_list}[dest.method](
         dest, host, [rel_name])
     if rel_name not in listed:
-        raise CopyError("%s: download failed: %s/%s is not there" % (dest, host, rel_name))
+        raise NotThere("%s: download failed: %s/%s is not there" % (dest, host, rel_name))
     size = listed[rel_name][0]
     folder = os.path.dirname(local_path)
     os.makedirs(folder, exist_ok=True)
@@ -437,7 +443,8 @@ def download(dest: Destination, host: str, rel_name: str, local_path: str) -> No
 
 def _is_backup_entry(rel_name):
     folder, name = _split_rel(rel_name)
-    return folder in BACKUP_FOLDERS and name.endswith(".tar.gz") and not name.startswith(".")
+    return (folder in BACKUP_FOLDERS and name.endswith((".tar.gz", ".tar.gz.gpg"))
+            and not name.startswith("."))
 
 
 # ---------------------------------------------------------------------------

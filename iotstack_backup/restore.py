@@ -86,6 +86,10 @@ def build_parser():
                         "list the backups there")
     p.add_argument("--from-host", metavar="HOST",
                    help="the host folder to fetch from (default: this host's name)")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help="with --from, for a copy made with backup.py --encrypt-to: the file "
+                        "holding your gpg key's passphrase (default: "
+                        "$IOTSTACK_GPG_PASSPHRASE_FILE, else gpg's agent asks)")
     return p
 
 
@@ -389,7 +393,9 @@ def restore_command(args):
         with run.signals_raise():
             return run_restore(stack, None, args, owner)
     if args.source is not None:
-        fetch(stack, args.source, host, args.filename, owner, out)
+        from . import encryption
+        passphrase = encryption.passphrase_file_from(args.passphrase_file, os.environ)
+        args.filename = fetch(stack, args.source, host, args.filename, owner, out, passphrase)
     archive = resolve_archive(stack, args.filename)
     if archive is None:
         raise run.UserError("backup file %s not found (looked in %s and as given)"
@@ -407,19 +413,42 @@ def restore_command(args):
         return run_restore(stack, archive, args, owner)
 
 
-def fetch(stack, source, host, name, owner, out):
+def fetch(stack, source, host, name, owner, out, passphrase_file=None):
     """Download NAME from a copy into ./backups/NAME (atomically: a
-    half-fetched archive never takes the name)."""
-    from . import offsite
-    local = os.path.join(stack, "backups", name)
+    half-fetched archive never takes the name).  When only NAME.gpg is
+    there (backup.py --encrypt-to), or NAME ends in .gpg, that is fetched
+    and decrypted into the plain name.  Returns the plain name."""
+    from . import encryption, offsite
+    plain = encryption.plain_name(name)
+    local = os.path.join(stack, "backups", plain)
+    fetched = name
     try:
-        offsite.download(source, host, name, local)
+        try:
+            offsite.download(source, host, name, os.path.join(stack, "backups", name))
+        except offsite.NotThere:
+            if name != plain:
+                raise
+            fetched = encryption.encrypted_name(name)
+            offsite.download(source, host, fetched, os.path.join(stack, "backups", fetched))
     except (offsite.CopyError, ValueError) as e:
         raise run.UserError("cannot fetch %s from %s (host %s): %s" % (name, source, host, e)) \
             from None
+    out.write("Fetched %s from %s into %s\n" % (
+        fetched, source, os.path.relpath(os.path.join(stack, "backups", fetched), stack)))
+    if fetched != plain:
+        encrypted = os.path.join(stack, "backups", fetched)
+        try:
+            encryption.decrypt(encrypted, local, passphrase_file)
+        except encryption.EncryptionError as e:
+            raise run.UserError("%s; the restore needs the secret key of a recipient (gpg "
+                                "--import it from your emergency kit) and its passphrase"
+                                % e) from None
+        finally:
+            os.unlink(encrypted)
+        out.write("Decrypted it with gpg into %s\n" % os.path.relpath(local, stack))
     for path in (os.path.join(stack, "backups"), os.path.dirname(local), local):
         iotstack.chown_to(path, owner)
-    out.write("Fetched %s from %s into %s\n" % (name, source, os.path.relpath(local, stack)))
+    return plain
 
 
 def normalize_only(path):

@@ -51,10 +51,26 @@ def destination(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def recipient(text):
+    from . import encryption
+    try:
+        return encryption.check_recipient(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def notify_url(text):
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError("%r is not an http:// or https:// URL" % text)
     return text
+
+
+def mqtt_url(text):
+    from . import mqtt
+    try:
+        return mqtt.parse_mqtt_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def boolean(text):
@@ -74,8 +90,15 @@ SETTINGS = {
     "no-stop": ("no_stop", boolean, False, False),
     "no-verify": ("no_verify", boolean, False, False),
     "keep": ("keep", keep_count, False, None),
+    "keep-daily": ("keep_daily", keep_count, False, None),
+    "keep-weekly": ("keep_weekly", keep_count, False, None),
+    "keep-monthly": ("keep_monthly", keep_count, False, None),
     "copy-to": ("copy_to", destination, True, []),
+    "encrypt-to": ("encrypt_to", recipient, True, []),
     "notify-url": ("notify_url", notify_url, False, None),
+    # str() of the parsed URL hides the password, for --print-config too.
+    "notify-mqtt": ("notify_mqtt", mqtt_url, False, None),
+    "no-mqtt-discovery": ("no_mqtt_discovery", boolean, False, False),
     "level": ("level", gzip_level, False, 6),
     "jobs": ("jobs", jobs_count, False, pgzip.default_jobs()),
 }

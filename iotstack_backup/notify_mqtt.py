@@ -1,0 +1,86 @@
+"""--notify-mqtt: how a backup run went, published to MQTT when it ends.
+
+One retained JSON message (mqtt.status_message) on the URL's topic, then,
+unless --no-mqtt-discovery, Home Assistant's discovery configs for it
+(retained too), so that a "IOTstack backup HOST" device with a status, a
+last-run and a size sensor appears by itself.  Reporting never hurts the
+backup: everything here together is bounded by BUDGET seconds, every
+failure becomes one warning line for the log (or stderr), and the
+password is never part of any text (MqttTarget hides it).
+"""
+import dataclasses
+import os
+import time
+
+from . import mqtt, run
+
+BUDGET = 5.0  # seconds for the whole report, discovery included
+
+
+def status_of(ok, code):
+    if not ok:
+        return "failed"
+    return "warning" if code == 3 else "ok"
+
+
+def facts(outcome, error):
+    """The keyword arguments of mqtt.status_message from what the run
+    recorded in `outcome` (nothing, when it failed early)."""
+    result = outcome.get("result") or {}
+    report = outcome.get("report") or {}
+    plan = outcome.get("plan")
+    archive = size = downtime = None
+    if plan is not None and result.get("published"):
+        path = plan.targets[0]
+        archive = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
+        size = result.get("size")
+    if "window" in result:
+        downtime = result["window"] if report.get("stopped") else 0.0
+    stats = result.get("stats")
+    warnings = (stats.warnings if stats else []) + report.get("warnings", [])
+    started = outcome.get("started")
+    return {
+        "archive": archive,
+        "size_bytes": size,
+        "duration_seconds": None if started is None else time.monotonic() - started,
+        "downtime_seconds": downtime,
+        "warnings": warnings,
+        "error": describe(error),
+    }
+
+
+def describe(error):
+    """The run's error as one line, as the user saw it on stderr."""
+    if error is None:
+        return None
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, run.Interrupted):
+        return "interrupted by %s" % error
+    if isinstance(error, run.UserError):
+        return str(error)
+    if isinstance(error, OSError):
+        return run.describe_os_error(error)
+    return "unexpected error: %s: %s" % (type(error).__name__, error)
+
+
+def publish_report(target, status, host, run_facts, discovery=True, budget=BUDGET):
+    """Publish the report (and the discovery configs); return one line for
+    the log: what was published, or "Warning: ..." saying what failed."""
+    deadline = time.monotonic() + budget
+    try:
+        mqtt.publish(target, mqtt.status_message(status, host, **run_facts), timeout=budget)
+    except (mqtt.MqttError, ValueError) as e:
+        return "Warning: MQTT report to %s failed: %s" % (target, e)
+    message = "Reported %s to %s" % (status, target)
+    if not discovery:
+        return message
+    try:
+        for topic, payload in mqtt.discovery_messages(target, host):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise mqtt.MqttError("no time left within %.0f seconds" % budget)
+            mqtt.publish(dataclasses.replace(target, topic=topic), payload, timeout=left)
+    except (mqtt.MqttError, ValueError) as e:
+        return "Warning: %s, but its Home Assistant discovery configs failed: %s" % (message, e)
+    return message + ", with Home Assistant discovery configs"

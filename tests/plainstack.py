@@ -1,0 +1,58 @@
+"""A built IOTstack tree and a fixed clock, for end-to-end tests that run
+backup.py with --no-stop: no docker (real or fake) is involved."""
+import contextlib
+import datetime
+import io
+import os
+import shutil
+import tempfile
+import unittest
+from unittest import mock
+
+from tests.stacktree import IS_ROOT, build_stack
+from iotstack_backup import backup, iotstack, restore
+
+NOW = datetime.datetime(2026, 11, 26, 2, 0)  # a Thursday: rolling backup_4
+USER_ARGS = ["root"] if IS_ROOT else []
+
+
+def run_main(module, argv):
+    """(exit code, stdout, stderr) of module.main(argv)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main(argv)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+class PlainStackTestCase(unittest.TestCase):
+    scale = 0.05
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="plainstack-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.stack = os.path.join(self.tmp, "IOTstack")
+        build_stack(self.stack, scale=self.scale)
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in ("IOTSTACK", "SUDO_USER"):
+            os.environ.pop(name, None)
+        clock = mock.patch.object(iotstack, "now_local", return_value=NOW)
+        clock.start()
+        self.addCleanup(clock.stop)
+        self.backups = os.path.join(self.stack, "backups")
+        self.dated = os.path.join(self.backups, "backup", "backup_2026-11-26_0200.tar.gz")
+        self.rolling = os.path.join(self.backups, "rolling", "backup_4.tar.gz")
+
+    def backup(self, *args):
+        """backup.py ARGS --no-stop; as root, with USER root after a TYPE."""
+        args = list(args)
+        if args and args[0] in ("1", "2", "3"):
+            args[1:1] = USER_ARGS
+        return run_main(backup, args + ["--no-stop", "--dir", self.stack])
+
+    def restore(self, *args):
+        return run_main(restore, list(args) + ["--no-stop", "--dir", self.stack])
