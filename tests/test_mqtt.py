@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import io
 import json
-import os
 import shutil
 import socket
 import tempfile
