@@ -9,17 +9,14 @@ results are checked on disk and in `git status`.  No docker is used: the
 commands find none on PATH and carry on, as they document."""
 import glob
 import os
-import pty
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 from iotstack_backup import menu, run
+from tests import terminal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -46,18 +43,16 @@ _BIN = None
 
 
 def setUpModule():
-    """A PATH with the tools a stack's scripts use, and no docker."""
     global _BIN
-    _BIN = tempfile.TemporaryDirectory(prefix="menu-test-bin-")
-    for tool in ("git", "bash", "sh", "env", "dirname", "id", "sudo", "cat", "echo",
-                 "crontab"):
-        path = shutil.which(tool)
-        if path:
-            os.symlink(path, os.path.join(_BIN.name, tool))
+    _BIN = terminal.tools_dir()
 
 
 def tearDownModule():
     _BIN.cleanup()
+
+
+def run_pty(argv, cwd, answers, timeout=60):
+    return terminal.run_pty(argv, cwd, answers, env(), timeout)
 
 
 def git(cwd, *args, check=True):
@@ -78,43 +73,6 @@ def write(path, text, mode=0o644):
 def read(path):
     with open(path) as f:
         return f.read()
-
-
-def run_pty(argv, cwd, answers, timeout=60):
-    """Run argv on a new pseudo-terminal; for each (prompt, reply) wait for
-    the prompt, then type the reply.  (exit status, everything shown)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the user's terminal session
-        try:
-            os.chdir(cwd)
-            os.execve(argv[0], argv, env())
-        finally:
-            os._exit(127)
-    seen = b""
-    pos = 0
-    pending = list(answers)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if pending and pending[0][0].encode() in seen[pos:]:
-                pos = seen.index(pending[0][0].encode(), pos) + len(pending[0][0])
-                os.write(fd, pending.pop(0)[1].encode())
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-        else:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
-        else (status >> 8), seen.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 class MenuCase(unittest.TestCase):
