@@ -177,8 +177,8 @@ def make_backup(stack, plan, items, args, owner, log, result):
     """Write, verify and name the archive(s).  On any failure no final name
     changes and the temporary files are gone."""
     temps = []
+    bar = progress.NoProgress()
     try:
-        bar = progress.NoProgress()
         if sys.stderr.isatty():
             total, files = archive_writer.tree_totals(stack, items, args.exclude)
             bar = progress.TerminalProgress(total, files, label="Backing up: ")
@@ -209,6 +209,7 @@ def make_backup(stack, plan, items, args, owner, log, result):
         temps = []
         result["published"] = True
     finally:
+        bar.stop()
         for temp in temps:
             try:
                 os.unlink(temp)
@@ -352,6 +353,8 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     finish_log(stack, log, plan, items, result, report, started)
     if error is not None:
         log.line("ERROR: %s" % error)
+        if result.get("published"):  # a failed copy or hook: the backup itself is there
+            print_summary(stack, plan, result, report)
         if report.get("restart_error"):
             run.say_error(PROG, "services could not be started again: %s"
                           % report["restart_error"])
@@ -458,7 +461,7 @@ def backup_command(args):
     menu.warn_if_gone(stack)
     sources = load_settings(stack, args)
     if args.print_config:
-        print_config(args, sources, sys.stdout)
+        print_config(args, sources, sys.stdout, stack)
         return run.EXIT_OK
     if args.dry_run:
         return dry_run(stack, args)

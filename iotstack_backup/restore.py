@@ -196,7 +196,8 @@ def run_restore(stack, archive, args, owner):
             out.write("Log: %s\n" % os.path.relpath(log.path, stack))
             return code
         except BaseException as e:
-            log.line("ERROR: %s" % (str(e) or type(e).__name__))
+            log.line("ERROR: %s" % (str(e) or ("interrupted (Ctrl-C)" if isinstance(
+                e, KeyboardInterrupt) else type(e).__name__)))
             log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
             raise
         finally:
@@ -227,8 +228,8 @@ def restore_with_log(stack, archive, args, log, out):
                 "%s free); free some space or use --in-place" % (progress.human_size(need),
                                                                  progress.human_size(free)))
         os.mkdir(staging, 0o700)
+        bar = progress.NoProgress()
         try:
-            bar = progress.NoProgress()
             if sys.stderr.isatty():
                 bar = progress.TerminalProgress(need, label="Unpacking: ")
             # On one core a writer process would only add copying.
@@ -239,6 +240,7 @@ def restore_with_log(stack, archive, args, log, out):
                 summary = checked(archive, args.only, stager, bar, staging)
             bar.finish()
         except BaseException:
+            bar.stop()
             shutil.rmtree(staging, ignore_errors=True)
             raise
     log.field("Members", summary.members)
