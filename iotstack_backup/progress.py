@@ -45,6 +45,7 @@ class TerminalProgress:
         self.clock = clock
         self.start = self.last = clock()
         self.done_at = None
+        self.finished = False  # then the estimate no longer matters
         self.label = label
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -74,11 +75,13 @@ class TerminalProgress:
         elapsed = max(now - self.start, 1e-6)
         rate = self.bytes / elapsed
         text = "%s%s  %d files" % (self.label, human_size(self.bytes), self.files)
-        if self.total_bytes:
+        if self.total_bytes and not self.finished:
             percent = min(100, 100 * self.bytes // self.total_bytes)
             text += "  %d%% of %s" % (percent, human_size(self.total_bytes))
         text += "  %s/s" % human_size(rate)
-        if self.total_bytes and self.bytes >= self.total_bytes:
+        if self.finished:
+            text += "  done in %d:%02d" % divmod(int(elapsed), 60)
+        elif self.total_bytes and self.bytes >= self.total_bytes:
             if self.done_at is None:
                 self.done_at = now
             text += "  finishing %d:%02d" % divmod(int(now - self.done_at), 60)
@@ -99,6 +102,7 @@ class TerminalProgress:
     def finish(self):
         self.stop()
         with self._lock:
+            self.finished = True
             self._draw(self.clock())
             self.stream.write("\n")
             self.stream.flush()

@@ -89,6 +89,9 @@ class ProgressTests(unittest.TestCase):
         clock.now += 65  # the sync and verify after the last byte
         self.assertIn("finishing 1:05", bar.line(clock.now))
         self.assertNotIn("ETA", bar.line(clock.now))
+        bar.finish()  # the estimate was 10% high (hard links, unreadable files): no "90%"
+        self.assertTrue(bar.stream.getvalue().endswith(
+            "\rBacking up: 10.0 MB  0 files  133.3 KB/s  done in 1:15\033[K\n"))
 
     def test_the_line_is_redrawn_while_no_update_comes(self):
         stream = io.StringIO()
