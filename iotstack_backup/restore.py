@@ -340,17 +340,21 @@ def replace_in_place(stack, archive, only, units, as_root, log):
             from None
 
 
-def print_list(stack, out, source=None, host=None):
+def backups_at(stack, source=None, host=None):
+    """(entries, where): the backups here, or at the --from destination."""
     if source is None:
         where = os.path.join(stack, "backups")
-        entries = list_backups(where)
-    else:
-        from . import offsite
-        where = "%s under %s/" % (source, host)
-        try:
-            entries = offsite.list_backups(source, host)
-        except offsite.CopyError as e:
-            raise run.UserError("cannot list %s: %s" % (where, e)) from None
+        return list_backups(where), where
+    from . import offsite
+    where = "%s under %s/" % (source, host)
+    try:
+        return offsite.list_backups(source, host), where
+    except offsite.CopyError as e:
+        raise run.UserError("cannot list %s: %s" % (where, e)) from None
+
+
+def print_list(stack, out, source=None, host=None):
+    entries, where = backups_at(stack, source, host)
     if not entries:
         out.write("No backups in %s\n" % where)
         return
@@ -434,16 +438,7 @@ def stop_text(args, services):
 def choose(stack, args, host, out):
     """No FILENAME: the backup picked from a numbered list on a terminal;
     without one, exit 2 naming the newest backups."""
-    if args.source is None:
-        where = os.path.join(stack, "backups")
-        entries = list_backups(where)
-    else:
-        from . import offsite
-        where = "%s under %s/" % (args.source, host)
-        try:
-            entries = offsite.list_backups(args.source, host)
-        except offsite.CopyError as e:
-            raise run.UserError("cannot list %s: %s" % (where, e)) from None
+    entries, where = backups_at(stack, args.source, host)
     entries = picker.newest_first(entries)
     if sys.stdin is None or not sys.stdin.isatty():
         raise run.UserError(picker.no_terminal_message(entries, where), run.EXIT_USAGE)

@@ -20,6 +20,15 @@ def tools_dir(extra=()):
     return holder
 
 
+def no_docker_env(bin_dir, **extra):
+    """os.environ with PATH=bin_dir (see tools_dir), no docker, stack or sudo
+    variables, and no .pyc writes."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DOCKER_", "IOTSTACK", "SUDO_"))}
+    env.update(PATH=bin_dir, PYTHONDONTWRITEBYTECODE="1", **extra)
+    return env
+
+
 def run_pty(argv, cwd, answers, env, timeout=60):
     """Run argv on a new pseudo-terminal; for each (prompt, reply) wait for
     the prompt, then type the reply.  (exit status, everything shown)."""

@@ -23,6 +23,7 @@ import uuid
 from unittest import mock
 
 from iotstack_backup import backup, progress, restore, service_mounts
+from tests import terminal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -40,18 +41,6 @@ def write(path, text):
 def read(path):
     with open(path) as f:
         return f.read()
-
-
-def no_docker_env():
-    """PATH without docker (the tests must not need one)."""
-    holder = tempfile.mkdtemp(prefix="first-hour-bin-")
-    for tool in ("bash", "sh", "rsync", "env"):
-        if shutil.which(tool):
-            os.symlink(shutil.which(tool), os.path.join(holder, tool))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "IOTSTACK",
-                                                                    "SUDO_"))}
-    env.update(PATH=holder, PYTHONDONTWRITEBYTECODE="1")
-    return holder, env
 
 
 def call(main, argv):
@@ -119,8 +108,9 @@ class StackCase(unittest.TestCase):
         self.flows = os.path.join(self.stack, "volumes/nodered/data/flows.json")
         write(self.flows, "[first]\n")
         write(os.path.join(self.stack, "volumes/grafana/grafana.db"), "grafana\n")
-        bin_dir, self.env = no_docker_env()
-        self.addCleanup(shutil.rmtree, bin_dir)
+        tools = terminal.tools_dir()
+        self.addCleanup(tools.cleanup)
+        self.env = terminal.no_docker_env(tools.name)
 
     def script(self, path, *argv, env=None):
         return subprocess.run([sys.executable, path] + list(argv), cwd=self.stack,

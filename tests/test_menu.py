@@ -30,13 +30,11 @@ ORIGINAL = {
 
 
 def env():
-    """No docker on PATH (the tests must not depend on one), git identity."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "IOTSTACK",
-                                                                  "SUDO_"))}
-    e.update(PATH=_BIN.name, PYTHONDONTWRITEBYTECODE="1", GIT_AUTHOR_NAME="t",
-             GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
-             GIT_COMMITTER_EMAIL="t@example.org", HOME=os.environ.get("HOME", "/root"))
-    return e
+    """No docker on PATH (the tests must not depend on one), a git identity."""
+    return terminal.no_docker_env(
+        _BIN.name, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
+        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org",
+        HOME=os.environ.get("HOME", "/root"))
 
 
 _BIN = None

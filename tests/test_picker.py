@@ -32,10 +32,7 @@ def tearDownModule():
 
 
 def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "IOTSTACK",
-                                                                  "SUDO_"))}
-    e.update(PATH=_BIN.name, PYTHONDONTWRITEBYTECODE="1")
-    return e
+    return terminal.no_docker_env(_BIN.name)
 
 
 def write(path, text):
