@@ -389,7 +389,8 @@ def dry_run(stack, archive, args, out):
         out.write("Would %s: %s\n" % (state, unit))
     for warning in summary.warnings:
         out.write("Warning: %s\n" % warning)
-    out.write(stop_text(args, services_to_stop(stack, args, iotstack.RunLog())[1]) + "\n")
+    out.write(stop_text(args, services_to_stop(stack, args, iotstack.RunLog())[1], would=True)
+              + "\n")
     out.write("Dry run: nothing was changed.\n")
     return run.EXIT_OK
 
@@ -423,7 +424,7 @@ def services_to_stop(stack, args, log, query=True):
         return compose, None
 
 
-def stop_text(args, services):
+def stop_text(args, services, would=False):
     if args.no_stop:
         return "Services: left running (--no-stop)"
     if services is None:
@@ -432,7 +433,8 @@ def stop_text(args, services):
     if not services:
         return "Services to stop: none" + (" with data under %s" % ", ".join(args.only)
                                             if args.only else " running")
-    return "Services stopped during the swap and started again: %s" % ", ".join(services)
+    return "%s: %s" % ("Would stop and start again" if would else
+                       "Services stopped during the swap and started again", ", ".join(services))
 
 
 def choose(stack, args, host, out):
