@@ -153,7 +153,10 @@ def write_tar(out, stack, items, patterns, progress, stats):
                     out.write(batch)
                     batch.clear()
                     out.write(data)
-                    _copy_rest(out, fd, size - len(data), entry.rel, stats)
+                    # A large file reports as it goes, so the line keeps moving.
+                    progress.update(len(data), 0)
+                    _copy_rest(out, fd, size - len(data), entry.rel, stats, progress)
+                    batch_bytes -= size  # already reported
                 batch += bytes(-size % BLOCK)
             finally:
                 os.close(fd)
@@ -183,16 +186,19 @@ def write_tar(out, stack, items, patterns, progress, stats):
     progress.update(batch_bytes, batch_files)
 
 
-def _copy_rest(out, fd, remaining, rel, stats):
-    """Copy a large file's remaining bytes in chunks; a file that shrank
-    since it was stat'ed is padded with zeros to the size in its header."""
+def _copy_rest(out, fd, remaining, rel, stats, progress):
+    """Copy a large file's remaining bytes in chunks, reporting each; a file
+    that shrank since it was stat'ed is padded with zeros to the size in its
+    header."""
     while remaining:
         chunk = os.read(fd, min(remaining, READ_CHUNK))
         if not chunk:
             stats.warnings.append("%s shrank while being read: padded with zeros" % rel)
             out.write(bytes(remaining))
+            progress.update(remaining, 0)
             return
         out.write(chunk)
+        progress.update(len(chunk), 0)
         remaining -= len(chunk)
 
 

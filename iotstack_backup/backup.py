@@ -18,7 +18,7 @@ import stat
 import sys
 import time
 
-from . import archive_writer, docker_compose, iotstack, progress, run, tarformat
+from . import archive_writer, docker_compose, iotstack, menu, progress, run, schedule, tarformat
 from .archive_writer import write_archive
 from .settings import (
     backup_type,
@@ -36,16 +36,23 @@ from .settings import (
 PROG = "backup.py"
 
 
-EPILOG = """\
-exit codes:
-  0  backup written and verified
-  1  failed: no new backup (see the message and the log); also when the
-     backup was written but the stopped services could not be started again
-  2  bad arguments or unknown user
-  3  backup written and verified, with warnings (unreadable files, files
-     that changed while read, services that could not be stopped)
-  4  another backup or restore of this stack is running
+EXIT_CODES = {
+    run.EXIT_OK: "backup written and verified",
+    run.EXIT_FAILED: "failed: no new backup (see the message and the log); also when the\n"
+                     "backup was written but the stopped services could not be started\n"
+                     "again, or a copy (--copy-to) failed",
+    run.EXIT_USAGE: "bad arguments or unknown user",
+    run.EXIT_WARNINGS: "backup written and verified, with warnings (unreadable files, files\n"
+                       "that changed while read, services that could not be stopped)",
+    run.EXIT_BUSY: "another backup or restore of this stack is running",
+    run.EXIT_SIGHUP: "interrupted by SIGHUP (terminal closed): no new backup, services started\n"
+                     "again",
+    run.EXIT_SIGINT: "interrupted by Ctrl-C: no new backup, services started again",
+    run.EXIT_SIGTERM: "interrupted by SIGTERM: no new backup, services started again",
+}
 
+
+EPILOG = run.exit_code_help(EXIT_CODES) + """
 backups go to backups/backup/ (TYPE 1 and 3) and backups/rolling/ (TYPE 2
 and 3), logs to backups/logs/.
 """
@@ -108,6 +115,17 @@ def build_parser():
                    help="print what would be saved, written and stopped; write nothing")
     p.add_argument("--print-config", action="store_true",
                    help="print the settings in force and where each came from")
+    p.add_argument("--install-menu", action="store_true",
+                   help="make IOTstack's scripts/backup.sh and scripts/restore.sh (its menu) "
+                        "run backup.py and restore.py")
+    p.add_argument("--uninstall-menu", action="store_true",
+                   help="put IOTstack's own scripts/backup.sh and scripts/restore.sh back")
+    p.add_argument("--install-cron", nargs="?", const=schedule.DEFAULT_SCHEDULE,
+                   type=schedule.parse_schedule, metavar="SCHEDULE",
+                   help="add (or replace) the backup line in your crontab (root's with "
+                        "sudo); SCHEDULE in quotes, default \"0 2 * * *\" (daily at 02:00)")
+    p.add_argument("--uninstall-cron", action="store_true",
+                   help="remove that line from the crontab")
     return p
 
 
@@ -177,8 +195,8 @@ def make_backup(stack, plan, items, args, owner, log, result):
     """Write, verify and name the archive(s).  On any failure no final name
     changes and the temporary files are gone."""
     temps = []
+    bar = progress.NoProgress()
     try:
-        bar = progress.NoProgress()
         if sys.stderr.isatty():
             total, files = archive_writer.tree_totals(stack, items, args.exclude)
             bar = progress.TerminalProgress(total, files, label="Backing up: ")
@@ -209,6 +227,7 @@ def make_backup(stack, plan, items, args, owner, log, result):
         temps = []
         result["published"] = True
     finally:
+        bar.stop()
         for temp in temps:
             try:
                 os.unlink(temp)
@@ -343,7 +362,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
     except run.UserError as e:
         error = e
     except (run.Interrupted, KeyboardInterrupt) as e:
-        log.line("Interrupted (%s): no new archive was written" % (e or "Ctrl-C"))
+        log.line("Interrupted (%s): no new archive was written" % (str(e) or "Ctrl-C"))
         finish_log(stack, log, plan, items, result, report, started)
         raise
     result["window"] = time.monotonic() - window  # the downtime, when services were stopped
@@ -363,6 +382,8 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
     finish_log(stack, log, plan, items, result, report, started)
     if error is not None:
         log.line("ERROR: %s" % error)
+        if result.get("published"):  # a failed copy or hook: the backup itself is there
+            print_summary(stack, plan, result, report)
         if report.get("restart_error"):
             run.say_error(PROG, "services could not be started again: %s"
                           % report["restart_error"])
@@ -486,9 +507,12 @@ def main(argv=None) -> int:
 def backup_command(args):
     outcome = {"started": time.monotonic()}
     stack = iotstack.locate_stack(args.dir)
+    if args.install_menu or args.uninstall_menu or args.install_cron or args.uninstall_cron:
+        return set_up(stack, args)
+    menu.warn_if_gone(stack)
     sources = load_settings(stack, args)
     if args.print_config:
-        print_config(args, sources, sys.stdout)
+        print_config(args, sources, sys.stdout, stack)
         return run.EXIT_OK
     if args.encrypt_to:
         from . import encryption
@@ -505,6 +529,29 @@ def backup_command(args):
     outcome["code"] = code
     notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS))
     return code
+
+
+def set_up(stack, args):
+    """--install-menu, --uninstall-menu, --install-cron, --uninstall-cron."""
+    backup_py = os.path.join(iotstack.INSTALL_DIR, "backup.py")
+    if not os.path.isfile(backup_py):
+        raise run.UserError("%s is missing: run this from a copy of backup.py" % backup_py)
+    if args.install_menu and args.uninstall_menu or args.install_cron and args.uninstall_cron:
+        raise run.UserError("install or uninstall, not both", run.EXIT_USAGE)
+    if args.install_menu:
+        menu.install(stack, iotstack.INSTALL_DIR, sys.executable, sys.stdout)
+    if args.uninstall_menu:
+        menu.uninstall(stack, sys.stdout)
+    if args.install_cron:
+        words = [str(args.type)] if args.type else []
+        user = schedule.line_user(stack, args.user) if os.geteuid() == 0 else None
+        if user:
+            iotstack.lookup_owner(user)
+            words.append(user)
+        schedule.install(stack, args.install_cron, sys.executable, backup_py, words, sys.stdout)
+    if args.uninstall_cron:
+        schedule.uninstall(sys.stdout)
+    return run.EXIT_OK
 
 
 def notify_once(args, outcome, ok, log=None):

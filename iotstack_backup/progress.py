@@ -1,11 +1,12 @@
 """Progress output: one line on the terminal, kept apart from the work.
 
 The writer and the unpacker report bytes and files done through update();
-TerminalProgress redraws one line on stderr at most five times a second and
-NoProgress (cron, pipes, the menu's log) ignores it, so no logic depends on
-whether anyone watches.
+TerminalProgress redraws one line on stderr at most five times a second
+(and once a second while no update comes) and NoProgress (cron, pipes,
+the menu's log) ignores it, so no logic depends on whether anyone watches.
 """
 import sys
+import threading
 import time
 
 
@@ -24,37 +25,84 @@ class NoProgress:
     def finish(self):
         pass
 
+    def stop(self):
+        pass
+
 
 class TerminalProgress:
-    """One line on stderr, redrawn at most five times a second."""
+    """One line on stderr: done, percentage, rate and ETA.  Redrawn at most
+    five times a second on updates, and once a second by a ticker thread
+    when no update comes (a large file being read, the final sync and
+    verify), so the line never freezes: the ETA follows the rate over the
+    whole run, and past the estimate it says "finishing" with the time
+    spent since, instead of standing at 0:00."""
 
-    def __init__(self, total_bytes=0, total_files=0, stream=None, label=""):
+    def __init__(self, total_bytes=0, total_files=0, stream=None, label="", tick=1.0,
+                 clock=time.monotonic):
         self.stream = stream or sys.stderr
         self.total_bytes, self.total_files = total_bytes, total_files
         self.bytes = self.files = 0
-        self.start = self.last = time.monotonic()
+        self.clock = clock
+        self.start = self.last = clock()
+        self.done_at = None
+        self.finished = False  # then the estimate no longer matters
         self.label = label
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._ticker = None
+        if tick:
+            self._ticker = threading.Thread(target=self._tick, args=(tick,), daemon=True)
+            self._ticker.start()
 
     def update(self, nbytes, nfiles):
-        self.bytes += nbytes
-        self.files += nfiles
-        now = time.monotonic()
-        if now - self.last >= 0.2:
-            self.last = now
-            self._draw(now)
+        with self._lock:
+            self.bytes += nbytes
+            self.files += nfiles
+            now = self.clock()
+            if now - self.last >= 0.2:
+                self.last = now
+                self._draw(now)
 
-    def _draw(self, now):
+    def _tick(self, tick):
+        while not self._stopped.wait(tick):
+            with self._lock:
+                now = self.clock()
+                if now - self.last >= tick and not self._stopped.is_set():
+                    self.last = now
+                    self._draw(now)
+
+    def line(self, now):
         elapsed = max(now - self.start, 1e-6)
         rate = self.bytes / elapsed
-        eta = ""
-        if self.total_bytes and rate > 0:
-            left = max(self.total_bytes - self.bytes, 0) / rate
-            eta = "  ETA %d:%02d" % divmod(int(left), 60)
-        self.stream.write("\r%s%s  %d files  %s/s%s\033[K" % (
-            self.label, human_size(self.bytes), self.files, human_size(rate), eta))
+        text = "%s%s  %d files" % (self.label, human_size(self.bytes), self.files)
+        if self.total_bytes and not self.finished:
+            percent = min(100, 100 * self.bytes // self.total_bytes)
+            text += "  %d%% of %s" % (percent, human_size(self.total_bytes))
+        text += "  %s/s" % human_size(rate)
+        if self.finished:
+            text += "  done in %d:%02d" % divmod(int(elapsed), 60)
+        elif self.total_bytes and self.bytes >= self.total_bytes:
+            if self.done_at is None:
+                self.done_at = now
+            text += "  finishing %d:%02d" % divmod(int(now - self.done_at), 60)
+        elif self.total_bytes and rate > 0:
+            text += "  ETA %d:%02d" % divmod(int((self.total_bytes - self.bytes) / rate), 60)
+        return text
+
+    def _draw(self, now):
+        self.stream.write("\r%s\033[K" % self.line(now))
         self.stream.flush()
 
+    def stop(self):
+        """End the ticker; the line stays as it is."""
+        self._stopped.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join()
+
     def finish(self):
-        self._draw(time.monotonic())
-        self.stream.write("\n")
-        self.stream.flush()
+        self.stop()
+        with self._lock:
+            self.finished = True
+            self._draw(self.clock())
+            self.stream.write("\n")
+            self.stream.flush()

@@ -18,7 +18,8 @@ import shutil
 import sys
 import time
 
-from . import docker_compose, iotstack, pgzip, progress, run, settings, tarformat
+from . import (
+    docker_compose, iotstack, pgzip, picker, progress, run, service_mounts, settings, tarformat)
 from .journal import (
     ASIDE_PREFIX,
     STAGING_PREFIX,
@@ -39,15 +40,22 @@ from .unpack import (
 PROG = "restore.py"
 
 
-EPILOG = """\
-exit codes:
-  0  restored (or: verified, listed, recovered)
-  1  failed: the archive is damaged or unsafe, or a step failed; the IOTstack
-     directory is as it was (post_restore.sh failing also gives 1, with the
-     files restored)
-  2  bad arguments, archive not found, or no confirmation
-  4  another backup or restore of this stack is running
-"""
+EXIT_CODES = {
+    run.EXIT_OK: "restored (or: verified, listed, recovered)",
+    run.EXIT_FAILED: "failed: the archive is damaged or unsafe, or a step failed; the IOTstack\n"
+                     "directory is as it was (post_restore.sh failing also gives 1, with the\n"
+                     "files restored)",
+    run.EXIT_USAGE: "bad arguments, archive not found, no FILENAME and no terminal to pick\n"
+                    "one on, or no confirmation",
+    run.EXIT_BUSY: "another backup or restore of this stack is running",
+    run.EXIT_SIGHUP: "interrupted by SIGHUP (terminal closed): the next run finishes or\n"
+                     "rolls back",
+    run.EXIT_SIGINT: "interrupted by Ctrl-C: the next run finishes or rolls back",
+    run.EXIT_SIGTERM: "interrupted by SIGTERM: the next run finishes or rolls back",
+}
+
+
+EPILOG = run.exit_code_help(EXIT_CODES)
 
 
 def build_parser():
@@ -55,9 +63,11 @@ def build_parser():
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Restore an IOTstack backup made by backup.py or by IOTstack's "
                     "scripts/backup.sh: checked in full first, then swapped in all at once.")
-    p.add_argument("filename", nargs="?", default="backup.tar.gz", metavar="FILENAME",
+    p.add_argument("filename", nargs="?", metavar="FILENAME",
                    help="the archive, looked up under ./backups/ first (so "
-                        "backup/backup_x.tar.gz works), then as given; default backup.tar.gz")
+                        "backup/backup_x.tar.gz works), then a bare name in backups/backup/ "
+                        "and backups/rolling/, then as given; none: pick one from a "
+                        "numbered list (on a terminal)")
     p.add_argument("noask", nargs="?", metavar="noask",
                    help="any second argument skips the confirmation question")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -117,17 +127,20 @@ def list_backups(backups):
 
 
 def resolve_archive(stack, filename):
-    """Under ./backups/ first, as documented; then as given."""
-    for candidate in (os.path.join(stack, "backups", filename), filename):
+    """Under ./backups/ first, as documented; a bare name in backup/ or
+    rolling/; then as given."""
+    backups = os.path.join(stack, "backups")
+    for candidate in (os.path.join(backups, filename), os.path.join(backups, "backup", filename),
+                      os.path.join(backups, "rolling", filename), filename):
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
     return None
 
 
-def ask_yes(archive, stack):
+def ask_yes(archive, stack, services=""):
     try:
-        answer = input("Restore %s into %s, replacing what it holds. Continue [y/N]? "
-                       % (archive, stack))
+        answer = input("Restore %s into %s, replacing what it holds.\n%sContinue [y/N]? "
+                       % (archive, stack, services + "\n" if services else ""))
     except EOFError:
         return False
     return answer.strip().lower() in ("y", "yes")
@@ -180,7 +193,8 @@ def run_restore(stack, archive, args, owner):
             out.write("Log: %s\n" % os.path.relpath(log.path, stack))
             return code
         except BaseException as e:
-            log.line("ERROR: %s" % (e or type(e).__name__))
+            log.line("ERROR: %s" % (str(e) or ("interrupted (Ctrl-C)" if isinstance(
+                e, KeyboardInterrupt) else type(e).__name__)))
             log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
             raise
         finally:
@@ -211,8 +225,8 @@ def restore_with_log(stack, archive, args, log, out):
                 "%s free); free some space or use --in-place" % (progress.human_size(need),
                                                                  progress.human_size(free)))
         os.mkdir(staging, 0o700)
+        bar = progress.NoProgress()
         try:
-            bar = progress.NoProgress()
             if sys.stderr.isatty():
                 bar = progress.TerminalProgress(need, label="Unpacking: ")
             # On one core a writer process would only add copying.
@@ -223,6 +237,7 @@ def restore_with_log(stack, archive, args, log, out):
                 summary = checked(archive, args.only, stager, bar, staging)
             bar.finish()
         except BaseException:
+            bar.stop()
             shutil.rmtree(staging, ignore_errors=True)
             raise
     log.field("Members", summary.members)
@@ -250,7 +265,7 @@ def restore_with_log(stack, archive, args, log, out):
         os.sync()  # the staged files are on disk before the old ones can go
 
     # 2. Swap, with the stack stopped.
-    compose = None if args.no_stop else docker_compose.open_compose(stack, log)
+    compose, _services = services_to_stop(stack, args, log, query=False)
     report = {}
     hook_status = None
     old_compose = compose_bytes(stack)  # read now: --in-place deletes it
@@ -322,17 +337,21 @@ def replace_in_place(stack, archive, only, units, as_root, log):
             from None
 
 
-def print_list(stack, out, source=None, host=None):
+def backups_at(stack, source=None, host=None):
+    """(entries, where): the backups here, or at the --from destination."""
     if source is None:
         where = os.path.join(stack, "backups")
-        entries = list_backups(where)
-    else:
-        from . import offsite
-        where = "%s under %s/" % (source, host)
-        try:
-            entries = offsite.list_backups(source, host)
-        except offsite.CopyError as e:
-            raise run.UserError("cannot list %s: %s" % (where, e)) from None
+        return list_backups(where), where
+    from . import offsite
+    where = "%s under %s/" % (source, host)
+    try:
+        return offsite.list_backups(source, host), where
+    except offsite.CopyError as e:
+        raise run.UserError("cannot list %s: %s" % (where, e)) from None
+
+
+def print_list(stack, out, source=None, host=None):
+    entries, where = backups_at(stack, source, host)
     if not entries:
         out.write("No backups in %s\n" % where)
         return
@@ -367,8 +386,62 @@ def dry_run(stack, archive, args, out):
         out.write("Would %s: %s\n" % (state, unit))
     for warning in summary.warnings:
         out.write("Warning: %s\n" % warning)
+    out.write(stop_text(args, services_to_stop(stack, args, iotstack.RunLog())[1], would=True)
+              + "\n")
     out.write("Dry run: nothing was changed.\n")
     return run.EXIT_OK
+
+
+def services_to_stop(stack, args, log, query=True):
+    """(compose handle or None, the running services it will stop, or None
+    when docker cannot tell).  With --only, only the services with a bind
+    mount under (or holding) what is restored; when docker cannot say
+    which, every running service, as for a whole restore."""
+    if args.no_stop:
+        return None, []
+    compose = docker_compose.open_compose(stack, log)
+    if compose is None:
+        return None, None
+    if args.only:
+        containers = service_mounts.inspect_containers()
+        if containers is None:
+            log.line("Docker: cannot tell which services keep their data under %s; stopping "
+                     "every running service" % ", ".join(args.only))
+        else:
+            using = service_mounts.services_using(containers, stack, args.only)
+            log.line("Services with data under %s: %s" % (", ".join(args.only),
+                                                          ", ".join(using) or "none"))
+            compose = service_mounts.OnlyServices(compose, using)
+    if not query:
+        return compose, None
+    try:
+        return compose, compose.running_services()
+    except docker_compose.StackUnavailable as e:
+        log.line("Docker: %s" % e)
+        return compose, None
+
+
+def stop_text(args, services, would=False):
+    if args.no_stop:
+        return "Services: left running (--no-stop)"
+    if services is None:
+        return ("Services: cannot tell which are running (docker does not answer); any that "
+                "run will be stopped during the swap and started again")
+    if not services:
+        return "Services to stop: none" + (" with data under %s" % ", ".join(args.only)
+                                            if args.only else " running")
+    return "%s: %s" % ("Would stop and start again" if would else
+                       "Services stopped during the swap and started again", ", ".join(services))
+
+
+def choose(stack, args, host, out):
+    """No FILENAME: the backup picked from a numbered list on a terminal;
+    without one, exit 2 naming the newest backups."""
+    entries, where = backups_at(stack, args.source, host)
+    entries = picker.newest_first(entries)
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise run.UserError(picker.no_terminal_message(entries, where), run.EXIT_USAGE)
+    return picker.pick(entries, where, time.time(), input, out)
 
 
 def main(argv=None) -> int:
@@ -383,6 +456,8 @@ def restore_command(args):
         stack = iotstack.find_stack_dir(args.dir, os.environ, os.getcwd(), iotstack.INSTALL_DIR)
         return verify_only(stack, args.verify, out)
     stack = iotstack.locate_stack(args.dir)
+    from . import menu
+    menu.warn_if_gone(stack)
     args.only = [normalize_only(path) for path in args.only]
     host = args.from_host or iotstack.host_folder()
     if args.list:
@@ -392,6 +467,14 @@ def restore_command(args):
     if args.recover:
         with run.signals_raise():
             return run_restore(stack, None, args, owner)
+    if args.filename is None and args.source is None and \
+            os.path.isfile(os.path.join(stack, "backups", "backup.tar.gz")):
+        args.filename = "backup.tar.gz"  # the original restore.sh's default
+    if args.filename is None:
+        args.filename = choose(stack, args, host, out)
+        if args.filename is None:
+            out.write("Nothing was changed.\n")
+            return run.EXIT_USAGE
     if args.source is not None:
         from . import encryption
         passphrase = encryption.passphrase_file_from(args.passphrase_file, os.environ)
@@ -406,7 +489,8 @@ def restore_command(args):
         if sys.stdin is None or not sys.stdin.isatty():
             raise run.UserError("not on a terminal, so nobody can confirm: add 'noask' "
                                 "or --yes to restore without asking", run.EXIT_USAGE)
-        if not ask_yes(archive, stack):
+        services = services_to_stop(stack, args, iotstack.RunLog())[1]
+        if not ask_yes(archive, stack, stop_text(args, services)):
             out.write("Nothing was changed.\n")
             return run.EXIT_USAGE
     with run.signals_raise():

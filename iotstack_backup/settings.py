@@ -168,12 +168,30 @@ def load_settings(stack, args):
     return merge_settings(args, config)
 
 
-def print_config(args, sources, out):
+def print_config(args, sources, out, stack=None):
+    """The settings in force and where each came from; with stack, first
+    the backup.ini that was read (or that none is there), and the user
+    the output would belong to when USER is not given."""
+    width = max(len(key) for key in SETTINGS)
+
+    def show(key, value, source):
+        out.write("%-*s = %-40s (%s)\n" % (width, key, value, source))
+
+    if stack is not None:
+        path = os.path.join(stack, CONFIG_NAME)
+        state = "read" if os.path.isfile(path) else "not present: defaults and command line"
+        show("file", path, state)
     for key, (attr, _parse, repeatable, _default) in SETTINGS.items():
         value = getattr(args, attr)
+        if key == "user" and value is None and stack is not None:
+            from . import iotstack
+            name, how = iotstack.default_owner_name(stack, os.environ)
+            note = "" if os.geteuid() == 0 else "; used only as root"
+            show(key, name, "default: %s%s" % (how, note))
+            continue
         if repeatable:
             shown = ", ".join(str(v) for v in value) or "(none)"
         else:
             shown = "(none)" if value is None else str(value).lower() if isinstance(value, bool) \
                 else str(value)
-        out.write("%-10s = %-40s (%s)\n" % (key, shown, sources[key]))
+        show(key, shown, sources[key])

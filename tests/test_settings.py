@@ -89,7 +89,9 @@ class ConfigTest(StackTestCase):
         self.assertRegex(lines["exclude"], r"= \*\.fifo, volumes/influxdb +\(backup\.ini\)")
         self.assertRegex(lines["no-verify"], r"= true +\(backup\.ini\)")
         self.assertRegex(lines["level"], r"= 6 +\(default\)")
-        self.assertRegex(lines["user"], r"= \(none\) +\(default\)")
+        # The user the files would belong to, and why (issue 14), and the file read.
+        self.assertRegex(lines["user"], r"= \w+ +\(default: (\$SUDO_USER|owner of .*)\)")
+        self.assertRegex(lines["file"], r"= .*/backup\.ini +\(read\)")
 
     def test_the_cron_line_uses_the_file(self):
         self.write_config("[backup]\nexclude = volumes/influxdb\nno-stop = true\n")
