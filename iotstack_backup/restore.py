@@ -307,7 +307,7 @@ def checked(archive, only, stager, progress=None, staging=None):
             raise run.UserError("not enough free space to unpack beside the current files; "
                                 "nothing was changed; free some space or use --in-place") from None
         raise run.UserError("unpacking failed: %s; nothing was changed"
-                            % (e.strerror or e)) from None
+                            % run.describe_os_error(e)) from None
 
 
 def replace_in_place(stack, archive, only, units, as_root, log):

@@ -10,6 +10,7 @@ after every header, every member and the gzip CRC have passed; regular
 files may be created by a writer process (file_writer) and a background
 sync keeps the disk busy, but every file is on disk before the swap.
 """
+import contextlib
 import os
 import stat
 
@@ -371,8 +372,40 @@ class Stager:
         self.dirs = []
 
 
+def not_ours(stack, units, uid):
+    """(unit, path) of the first live entry of the units that belongs to
+    another user (or a folder that cannot be read), or None: a restore
+    without root could neither remove it nor give its replacement the
+    owner it had."""
+    for unit in units:
+        top = os.path.join(stack, unit)
+        try:
+            if os.lstat(top).st_uid != uid:
+                return unit, unit
+        except FileNotFoundError:
+            continue
+        if not os.path.isdir(top) or os.path.islink(top):
+            continue
+        for folder, dirs, files in os.walk(top):
+            if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+                return unit, os.path.relpath(folder, stack)
+            for name in dirs + files:
+                path = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_uid != uid:
+                        return unit, os.path.relpath(path, stack)
+    return None
+
+
 def check_units(stack, units):
-    """Refuse units whose place on disk lies behind a symlink."""
+    """Refuse units whose place on disk lies behind a symlink, and, when not
+    root, units holding what another user owns."""
+    if os.geteuid() != 0:
+        foreign = not_ours(stack, units, os.geteuid())
+        if foreign is not None:
+            raise UserError("cannot replace %s without root: %s belongs to another user or "
+                            "cannot be read (a container's files); run restore.py with sudo"
+                            % foreign)
     for unit in units:
         for ancestor in staging_ancestors(unit):
             path = os.path.join(stack, ancestor)
