@@ -226,9 +226,10 @@ def dry_run(stack, args):
     out.write("Items backed up:\n")
     for item in items:
         out.write("  ./%s\n" % item)
-    excluded, notes = [], []
+    excluded, notes, warnings = [], [], []
     count = size = 0
-    for entry in archive_writer.iter_entries(stack, items, args.exclude, excluded, notes):
+    for entry in archive_writer.iter_entries(stack, items, args.exclude, excluded, notes,
+                                             warnings):
         count += 1
         if stat.S_ISREG(entry.st.st_mode):
             size += entry.st.st_size
@@ -239,6 +240,8 @@ def dry_run(stack, args):
             out.write("  ./%s\n" % rel)
     for note in notes:
         out.write("Note: %s\n" % note)
+    for warning in warnings:
+        out.write("Warning: %s\n" % warning)
     folder = os.path.join(backups, "backup")
     if args.keep and os.path.isdir(folder):
         for name in iotstack.dated_backups_to_remove(os.listdir(folder), args.keep - 1):
@@ -246,7 +249,7 @@ def dry_run(stack, args):
     for dest in args.copy_to:
         out.write("Would copy to: %s under %s/\n" % (dest, iotstack.host_folder()))
     out.write("Dry run: nothing was written.\n")
-    return run.EXIT_OK
+    return run.EXIT_WARNINGS if warnings else run.EXIT_OK
 
 
 def run_backup(stack, args, owner, owner_how, outcome):
@@ -304,6 +307,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     else:
         compose = docker_compose.open_compose(stack, log)
     error = None
+    previous = iotstack.newest_archive(os.path.join(stack, "backups"))
     try:
         with docker_compose.services_stopped(compose, log, report, stack):
             make_backup(stack, plan, items, args, owner, log, result)
@@ -326,9 +330,15 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
             error = run.UserError("post_backup.sh failed with status %d (the backup itself is "
                                   "complete)" % status)
     if result.get("published"):
-        # Only a complete, verified archive makes older ones expendable.
-        remove_old_backups(os.path.join(stack, "backups"), plan, args.keep, log)
-        failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log)
+        # Only a complete, verified archive of the usual size makes older
+        # ones expendable.
+        keep = args.keep
+        shrunk = iotstack.shrink_warning(result["size"], previous)
+        if shrunk:
+            result["stats"].warnings.append(shrunk)
+            keep = None
+        remove_old_backups(os.path.join(stack, "backups"), plan, keep, log)
+        failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log, keep)
         if failures and error is None:
             error = run.UserError("%s; the local backup is kept" % "; ".join(failures))
     finish_log(stack, log, plan, items, result, report, started)
@@ -357,8 +367,9 @@ def remove_old_backups(backups, plan, keep, log):
         log.line("Removed old backup (--keep %d): backup/%s" % (keep, name))
 
 
-def copy_offsite(backups, plan, args, log):
-    """Copy the new archive(s) to every destination; a list of failures."""
+def copy_offsite(backups, plan, args, log, keep):
+    """Copy the new archive(s) to every destination, then keep the newest
+    `keep` there; a list of failures."""
     if not args.copy_to:
         return []
     from . import offsite
@@ -370,16 +381,16 @@ def copy_offsite(backups, plan, args, log):
                 rel = os.path.relpath(path, backups)
                 checked = offsite.upload(dest, path, rel, host)
                 log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
-            if args.keep and dest.method in ("rclone", "rsync"):
+            if keep and dest.method in ("rclone", "rsync"):
                 names = [rel.split("/", 1)[1] for rel, _size, _mtime
                          in offsite.list_backups(dest, host) if rel.startswith("backup/")]
                 just_written = os.path.basename(plan.dated) if plan.dated else None
-                doomed = iotstack.dated_backups_to_remove(names, args.keep, just_written)
+                doomed = iotstack.dated_backups_to_remove(names, keep, just_written)
                 if doomed:
                     offsite.delete(dest, host, ["backup/" + name for name in doomed])
                     for name in doomed:
                         log.line("Removed old backup at %s (--keep %d): backup/%s"
-                                 % (dest, args.keep, name))
+                                 % (dest, keep, name))
         except offsite.CopyError as e:
             failures.append("copy to %s failed: %s" % (dest, e))
             log.line("ERROR: copy to %s failed: %s" % (dest, e))
