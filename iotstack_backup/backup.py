@@ -17,7 +17,7 @@ import stat
 import sys
 import time
 
-from . import archive_writer, docker_compose, iotstack, progress, run, tarformat
+from . import archive_writer, docker_compose, iotstack, journal, progress, run, tarformat
 from .archive_writer import write_archive
 from .settings import (
     backup_type,
@@ -259,8 +259,9 @@ def run_backup(stack, args, owner, owner_how, outcome):
         for folder in ("", "backup", "rolling", "logs"):
             iotstack.ensure_dir(os.path.join(backups, folder), owner)
         if os.path.lexists(os.path.join(stack, iotstack.JOURNAL_NAME)):
-            raise run.UserError("an interrupted restore is pending; run restore.py --recover "
-                                "before backing up")
+            raise run.UserError("an interrupted restore is pending and could not be finished "
+                                "as this user; run 'sudo python3 restore.py --recover' in %s "
+                                "before backing up" % stack)
         now = iotstack.now_local()
         plan = plan_backup(args.type, now, backups, os.path.exists)
         log = iotstack.RunLog(plan.log)
@@ -450,6 +451,9 @@ def backup_command(args):
     if args.print_config:
         print_config(args, sources, sys.stdout)
         return run.EXIT_OK
+    # A real run that cannot recover refuses below, in one line of its own.
+    journal.recover_first(stack, sys.stdout, lambda message: args.dry_run and sys.stderr.write(
+        "%s: warning: %s\n" % (PROG, message)))
     if args.dry_run:
         return dry_run(stack, args)
     try:

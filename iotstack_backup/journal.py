@@ -15,6 +15,7 @@ import os
 import shutil
 
 from . import docker_compose, iotstack
+from .run import EXIT_BUSY, UserError, describe_os_error
 from .unpack import staging_ancestors
 
 STAGING_PREFIX = "restore-staging."
@@ -143,6 +144,40 @@ def recover(stack, log, out):
         os.unlink(journal_path(stack) + ".new")
     docker_compose.restart_left_stopped(stack, log, out)
     return journal is not None
+
+
+def pending(stack):
+    """Whether an interrupted restore left a journal or a staging folder."""
+    if os.path.lexists(journal_path(stack)):
+        return True
+    tmp = os.path.join(stack, ".tmp")
+    with contextlib.suppress(OSError):
+        return any(name.startswith(STAGING_PREFIX) for name in os.listdir(tmp))
+    return False
+
+
+def recover_first(stack, out, warn, owner=None):
+    """What every run does first, --list, --verify and --dry-run included:
+    finish or roll back an interrupted restore, saying which on out; when
+    this user may not (files of root), warn(line) says how to finish it.
+    A restore still running (it holds the lock) is left alone."""
+    if stack is None or not pending(stack):
+        return
+    try:
+        with iotstack.stack_lock(stack, owner):
+            recover(stack, iotstack.RunLog(), out)
+    except UserError as e:
+        if e.code == EXIT_BUSY:
+            return
+        error = str(e)
+    except OSError as e:
+        error = describe_os_error(e)
+    except (ValueError, KeyError, TypeError) as e:
+        error = "%s is damaged: %s %s" % (journal_path(stack), type(e).__name__, e)
+    else:
+        return
+    warn("an interrupted restore of %s is pending and could not be finished (%s): run "
+         "'sudo python3 restore.py --recover' in %s" % (stack, error, stack))
 
 
 def remove_empty_tree(path):

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-from . import docker_compose, iotstack, pgzip, progress, run, tarformat
+from . import docker_compose, iotstack, journal, pgzip, progress, run, tarformat
 from .journal import (
     ASIDE_PREFIX,
     STAGING_PREFIX,
@@ -385,8 +385,11 @@ def restore_command(args):
     out = sys.stdout
     if args.verify:
         stack = iotstack.find_stack_dir(args.dir, os.environ, os.getcwd(), iotstack.INSTALL_DIR)
+        journal.recover_first(stack, out, warn)
         return verify_only(stack, args.verify, out)
     stack = iotstack.locate_stack(args.dir)
+    if args.list or args.dry_run:
+        journal.recover_first(stack, out, warn)
     args.only = [normalize_only(path) for path in args.only]
     host = args.from_host or iotstack.host_folder()
     if args.list:
@@ -415,6 +418,11 @@ def restore_command(args):
             return run.EXIT_USAGE
     with run.signals_raise():
         return run_restore(stack, archive, args, owner)
+
+
+def warn(message):
+    sys.stderr.write("%s: warning: %s\n" % (PROG, message))
+    sys.stderr.flush()
 
 
 def fetch(stack, source, host, name, owner, out):

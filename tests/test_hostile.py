@@ -17,7 +17,7 @@ import tempfile
 import unittest
 from unittest import mock
 
-from iotstack_backup import archive_writer, iotstack, offsite, run, unpack
+from iotstack_backup import archive_writer, iotstack, journal, offsite, run, unpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
@@ -542,6 +542,70 @@ class CopyTest(StackCase):
                     fetched = os.path.join(self.backups, name)
                     self.assertEqual(stat.S_IMODE(os.stat(fetched).st_mode), 0o640)
                     os.unlink(fetched)
+
+
+class RecoveryFirstTest(StackCase):
+    """Must 7: every run first finishes or rolls back an interrupted restore."""
+
+    def interrupt_restore(self):
+        """A restore killed between two renames: .env is aside, the staged
+        one not yet in place."""
+        token = "2026-12-01_0000.1"
+        staging_rel = ".tmp/" + journal.STAGING_PREFIX + token
+        aside_rel = ".tmp/" + journal.ASIDE_PREFIX + token
+        write(self.path(staging_rel + "/.env"), b"SECRET=from-backup\n", 0o600)
+        write(self.path(staging_rel + "/volumes/nodered/flows.json"), b"[1]\n")
+        plan = journal.prepare_journal(self.stack, "x.tar.gz", [".env", "volumes"], staging_rel,
+                                       aside_rel, False)
+        journal.write_journal(self.stack, plan)
+        os.rename(self.path(".env"), self.path(aside_rel + "/.env"))
+        if IS_ROOT:
+            chown_tree(self.path(".tmp"), self.pi.pw_uid, self.pi.pw_gid)
+        self.assertFalse(os.path.exists(self.path(".env")))
+
+    def assert_rolled_back(self):
+        self.assertEqual(read(self.path(".env")), b"SECRET=1\n")
+        self.assertEqual(read(self.path("volumes/nodered/flows.json")), b"[]\n")
+        self.assertEqual(os.listdir(self.path(".tmp")), ["iotstack-backup.lock"])
+
+    def test_every_command_recovers_first(self):
+        self.assertEqual(self.backup("pi").returncode, run.EXIT_OK)
+        name = "backup/" + os.path.basename(self.archives()[0])
+        commands = [("restore.py", "--list"), ("restore.py", "--verify", name),
+                    ("restore.py", "--dry-run", name), ("backup.py", "--dry-run", "--no-stop"),
+                    ("backup.py", "--no-stop")]
+        for user in users():
+            for command in commands:
+                with self.subTest(user=user, command=command):
+                    self.interrupt_restore()
+                    result = self.run_as(user, *command)
+                    self.assertIn(result.returncode, (run.EXIT_OK,), result.stderr)
+                    self.assertEqual(result.stderr, "")
+                    self.assertIn("Rolled back an interrupted restore of x.tar.gz", result.stdout)
+                    self.assert_rolled_back()
+
+    def test_pending_where_it_may_not_write(self):
+        root_only(self)
+        self.assertEqual(self.backup("pi").returncode, run.EXIT_OK)
+        self.interrupt_restore()
+        chown_tree(self.path(".tmp"), 0, 0)
+        result = self.run_as("pi", "restore.py", "--list")
+        self.assertEqual(result.returncode, run.EXIT_OK)
+        line = result.stderr.strip()
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(line.startswith("restore.py: warning: an interrupted restore of %s is "
+                                        "pending" % self.stack), line)
+        self.assertIn("sudo python3 restore.py --recover", line)
+        self.assertIn("backup/backup_", result.stdout)  # the list is still given
+        self.assertFalse(os.path.exists(self.path(".env")))
+        # A backup would save a half-restored tree: it refuses, in one line.
+        result = self.backup("pi")
+        self.assertEqual(result.returncode, run.EXIT_FAILED)
+        one_error_line(self, result.stderr, "restore.py --recover")
+        self.assertEqual(len(self.archives()), 1)
+        result = self.run_as("root", "restore.py", "--list")
+        self.assertIn("Rolled back", result.stdout)
+        self.assertEqual(read(self.path(".env")), b"SECRET=1\n")
 
 
 if __name__ == "__main__":
