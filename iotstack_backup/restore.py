@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-from . import docker_compose, iotstack, journal, pgzip, progress, run, tarformat
+from . import docker_compose, iotstack, journal, pgzip, progress, run, tarformat, unpack
 from .journal import (
     ASIDE_PREFIX,
     STAGING_PREFIX,
@@ -207,6 +207,7 @@ def restore_with_log(stack, archive, args, log, out):
     # 1. Read, check and (unless --in-place) unpack: nothing live changes.
     if args.in_place:
         summary = checked(archive, args.only, None)
+        check_room_in_place(stack, summary, replaced_units(summary.items, args.only))
     else:
         need, free = estimated_size(archive), iotstack.free_bytes(tmp)
         if need > free:
@@ -310,6 +311,22 @@ def checked(archive, only, stager, progress=None, staging=None):
                             % run.describe_os_error(e)) from None
 
 
+def check_room_in_place(stack, summary, units):
+    """Before --in-place deletes anything: the archive must fit in the free
+    space plus what deleting the items frees."""
+    device = os.stat(stack).st_dev
+    needed = unpack.room_needed(summary)
+    free = iotstack.free_bytes(stack)
+    freed = sum(unpack.used_bytes(os.path.join(stack, unit), device) for unit in units)
+    short = unpack.in_place_shortfall(needed, free, freed)
+    if short:
+        raise run.UserError(
+            "not enough space to restore in place: about %s needed, %s free plus %s freed by "
+            "deleting %s; nothing was changed; free %s and run again"
+            % (progress.human_size(needed), progress.human_size(free), progress.human_size(freed),
+               ", ".join(units), progress.human_size(short)))
+
+
 def replace_in_place(stack, archive, only, units, as_root, log):
     """The original's delete-then-extract, after the full check has passed."""
     for unit in units:
@@ -319,11 +336,25 @@ def replace_in_place(stack, archive, only, units, as_root, log):
         elif os.path.lexists(path):
             os.unlink(path)
     log.line("In place: deleted %s, unpacking over them" % ", ".join(units))
+    tracker = unpack.UnitTracker(units)
+    stager = Stager(stack, as_root)
+    adding = stager.add
+
+    def add(member, rel, reader):
+        tracker.saw(rel)
+        adding(member, rel, reader)
+    stager.add = add
     try:
-        read_archive(archive, only, Stager(stack, as_root))
-    except tarformat.ArchiveError as e:
-        raise run.UserError("the archive changed or failed while unpacking in place: %s" % e) \
-            from None
+        read_archive(archive, only, stager)
+    except (tarformat.ArchiveError, OSError) as e:
+        complete, incomplete = tracker.outcome()
+        cause = e if isinstance(e, tarformat.ArchiveError) else run.describe_os_error(e)
+        message = ("unpacking in place failed: %s; incomplete or missing now: %s%s; restore "
+                   "them again from %s" % (cause, ", ".join(incomplete),
+                                           "; complete: %s" % ", ".join(complete)
+                                           if complete else "", archive))
+        log.line("ERROR: " + message)
+        raise run.UserError(message) from None
 
 
 def print_list(stack, out, source=None, host=None):

@@ -372,6 +372,62 @@ class Stager:
         self.dirs = []
 
 
+# A member takes at most this much more room than its bytes (the last
+# block of a file, a folder's block): what --in-place adds to the estimate.
+MEMBER_OVERHEAD = 4096
+
+
+def room_needed(summary):
+    """Bytes the restored members may take on disk, at most."""
+    return summary.bytes + summary.members * MEMBER_OVERHEAD
+
+
+def used_bytes(path, device):
+    """Bytes that deleting path frees on `device` (not what lies on other
+    disks mounted below it)."""
+    total = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if st.st_dev == device:
+        total += st.st_blocks * 512
+    if stat.S_ISDIR(st.st_mode):
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(folder, name))
+                    if st.st_dev == device and (st.st_nlink == 1 or stat.S_ISDIR(st.st_mode)):
+                        total += st.st_blocks * 512
+    return total
+
+
+def in_place_shortfall(needed, free, freed):
+    """How many bytes --in-place would lack (0 when it fits)."""
+    return max(0, needed - free - freed)
+
+
+class UnitTracker:
+    """Which units an unpacking in place reached, in archive order: when it
+    fails, the last one is incomplete and those after it are missing."""
+
+    def __init__(self, units):
+        self.units = list(units)
+        self.seen = []
+
+    def saw(self, rel):
+        for unit in self.units:
+            if rel == unit or rel.startswith(unit + "/"):
+                if not self.seen or self.seen[-1] != unit:
+                    self.seen.append(unit)
+                return
+
+    def outcome(self):
+        """(complete, incomplete) units after a failure."""
+        complete = self.seen[:-1]
+        return complete, [unit for unit in self.units if unit not in complete]
+
+
 def not_ours(stack, units, uid):
     """(unit, path) of the first live entry of the units that belongs to
     another user (or a folder that cannot be read), or None: a restore
