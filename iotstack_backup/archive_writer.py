@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import threading
+import time
 
 from . import iotstack
 from .iotstack import is_excluded
@@ -225,6 +226,13 @@ def write_tar(out, stack, items, patterns, progress, stats):
             stats.notes.append("skipped socket %s" % entry.rel if fmt == stat.S_IFSOCK
                                else "skipped %s: unsupported file type" % entry.rel)
             continue
+        stats.members += 1
+    if patterns:
+        # What was left out, for restore.py to leave in place.
+        record = iotstack.excludes_record(patterns, stats.excluded)
+        batch += tar_header(os.fsencode(iotstack.EXCLUDES_MEMBER), TYPE_FILE, 0o644,
+                            os.geteuid(), os.getegid(), len(record), int(time.time()))
+        batch += record + bytes(-len(record) % BLOCK)
         stats.members += 1
     batch += ZERO_BLOCK * 2
     out.write(batch)

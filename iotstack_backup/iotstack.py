@@ -204,6 +204,25 @@ def is_excluded(rel, patterns):
     return False
 
 
+# The member that records a backup's --exclude patterns: outside every
+# item, so GNU tar and the original restore.sh just put it in .tmp/.
+EXCLUDES_MEMBER = ".tmp/iotstack-backup-excludes.json"
+
+
+def excludes_record(patterns, excluded):
+    return (json.dumps({"version": 1, "patterns": list(patterns), "excluded": list(excluded)},
+                       indent=1) + "\n").encode()
+
+
+def parse_excludes(data):
+    """The patterns of an excludes record; [] when it cannot be read."""
+    try:
+        patterns = json.loads(data.decode("utf-8")).get("patterns", [])
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return []
+    return [p for p in patterns if isinstance(p, str)] if isinstance(patterns, list) else []
+
+
 # Items by their first path component: item_of runs once per member.
 _ITEMS_BY_TOP = {}
 

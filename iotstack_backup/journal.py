@@ -40,39 +40,88 @@ def read_journal(stack):
         return None
 
 
-def swap_in(stack, journal):
-    """Rename each unit aside and its staged copy in; the journal says how far."""
+# Inside a folder on another disk (a mount point, or a symlink out of the
+# stack), the staged copies and the replaced entries wait in these folders,
+# on that disk: a rename never crosses disks, and nothing is written under
+# a mount point onto the disk below it.
+FOREIGN_STAGING = ".iotstack-restore-staging."
+FOREIGN_ASIDE = ".iotstack-restore-old."
+
+# .tmp/restore-foreign.TOKEN.json lists those folders from before the
+# journal exists, so that recovery finds them after a crash.
+FOREIGN_RECORD = "restore-foreign."
+
+
+def split_units(units, points, keep, children):
+    """The swaps that restore `units` and leave in place what must stay:
+    the points (mount points and symlinks to other disks: the folder stays,
+    its contents are swapped on that disk) and `keep` (live entries the
+    backup excluded: left exactly as they are).  A unit holding neither is
+    one swap, as always; one holding some is opened, its entries swapped
+    one by one.  children(rel) lists the names below rel, live and staged.
+    Returns [(rel, domain)], domain the innermost point holding rel ("" for
+    the stack itself)."""
+    inner = set(points) | set(keep)
+    swaps = []
+
+    def visit(rel, domain):
+        if rel in keep:
+            return
+        if rel in points:
+            for name in children(rel):
+                visit(rel + "/" + name, rel)
+        elif any(other.startswith(rel + "/") for other in inner):
+            for name in children(rel):
+                visit(rel + "/" + name, domain)
+        else:
+            swaps.append((rel, domain))
+
+    for unit in units:
+        above = [point for point in points if unit.startswith(point + "/")]
+        visit(unit, max(above, key=len) if above else "")
+    return swaps
+
+
+def journal_entries(stack, journal):
+    """[(live, staged, aside, old, new)] absolute paths: what swap_in renames.
+    A version 1 journal (one staging and aside folder) says it per unit."""
+    if "entries" in journal:
+        return [(e["live"], e["staged"], e["aside"], e["old"], e["new"])
+                for e in journal["entries"]]
     staging = os.path.join(stack, journal["staging"])
     aside = os.path.join(stack, journal["aside"])
+    return [(os.path.join(stack, unit), os.path.join(staging, unit), os.path.join(aside, unit),
+             True, True) for unit in journal["units"]]
+
+
+def swap_in(stack, journal):
+    """Rename each entry aside and its staged copy in; the journal says how far."""
     write_journal(stack, journal)
     for parent in journal["created_parents"]:
         os.mkdir(os.path.join(stack, parent))
-    for unit in journal["units"]:
-        live = os.path.join(stack, unit)
-        if os.path.lexists(live):
-            os.rename(live, os.path.join(aside, unit))
-        os.rename(os.path.join(staging, unit), live)
+    folders = set()
+    for live, staged, aside, old, new in journal_entries(stack, journal):
+        if old and os.path.lexists(live):
+            os.rename(live, aside)
+        if new:
+            os.rename(staged, live)
+        folders.add(os.path.dirname(live))
     keep_parent_times(stack, journal)
-    for folder in {os.path.dirname(os.path.join(stack, unit)) for unit in journal["units"]}:
+    for folder in folders:
         iotstack.fsync_dir(folder)
     journal["state"] = "committed"
     write_journal(stack, journal)
 
 
 def roll_back(stack, journal):
-    """Undo swap_in from any point: a unit whose staged copy is gone was
+    """Undo swap_in from any point: an entry whose staged copy is gone was
     swapped in, so it goes back to staging and the old one returns."""
-    staging = os.path.join(stack, journal["staging"])
-    aside = os.path.join(stack, journal["aside"])
-    for unit in reversed(journal["units"]):
-        live = os.path.join(stack, unit)
-        new = os.path.join(staging, unit)
-        old = os.path.join(aside, unit)
-        if not os.path.lexists(new) and os.path.lexists(live):
-            os.makedirs(os.path.dirname(new), exist_ok=True)
-            os.rename(live, new)
-        if os.path.lexists(old):
-            os.rename(old, live)
+    for live, staged, aside, old, new in reversed(journal_entries(stack, journal)):
+        if new and not os.path.lexists(staged) and os.path.lexists(live):
+            os.makedirs(os.path.dirname(staged), exist_ok=True)
+            os.rename(live, staged)
+        if old and os.path.lexists(aside):
+            os.rename(aside, live)
     for parent in reversed(journal["created_parents"]):
         try:
             os.rmdir(os.path.join(stack, parent))
@@ -102,12 +151,50 @@ def keep_parent_times(stack, journal):
 
 
 def clean_up(stack, journal):
-    """After commit or roll back: drop staging (and aside unless kept)."""
-    shutil.rmtree(os.path.join(stack, journal["staging"]), ignore_errors=True)
-    if not journal.get("keep_old") or journal["state"] != "committed":
-        shutil.rmtree(os.path.join(stack, journal["aside"]), ignore_errors=True)
+    """After commit or roll back: drop staging (and aside unless kept), on
+    every disk."""
+    keep = journal.get("keep_old") and journal["state"] == "committed"
+    foreign = journal.get("foreign", {"staging": [], "aside": []})
+    for path in [os.path.join(stack, journal["staging"])] + foreign["staging"]:
+        shutil.rmtree(path, ignore_errors=True)
+    if not keep:
+        for path in [os.path.join(stack, journal["aside"])] + foreign["aside"]:
+            shutil.rmtree(path, ignore_errors=True)
     os.unlink(journal_path(stack))
     iotstack.fsync_dir(os.path.dirname(journal_path(stack)))
+    remove_foreign_record(stack, journal)
+
+
+def foreign_record_path(stack, staging_rel):
+    token = os.path.basename(staging_rel)[len(STAGING_PREFIX):]
+    return os.path.join(stack, ".tmp", FOREIGN_RECORD + token + ".json")
+
+
+def write_foreign_record(stack, staging_rel, folders):
+    """Before a folder of ours is made on another disk: where it will be."""
+    iotstack.write_json_atomically(foreign_record_path(stack, staging_rel), folders)
+
+
+def remove_foreign_record(stack, journal):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(foreign_record_path(stack, journal["staging"]))
+
+
+def remove_foreign_folders(record):
+    """Staging and aside folders of a run that died before its journal: only
+    folders of ours (by name), and an aside one only when it holds nothing."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            folders = json.load(f)
+    except (OSError, ValueError):
+        folders = {}
+    for path in folders.get("staging", []):
+        if os.path.basename(path).startswith(FOREIGN_STAGING):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in folders.get("aside", []):
+        if os.path.basename(path).startswith(FOREIGN_ASIDE):
+            remove_empty_tree(path)
+    os.unlink(record)
 
 
 def recover(stack, log, out):
@@ -132,7 +219,10 @@ def recover(stack, log, out):
         out.write(message + "\n")
     for name in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
         rel = ".tmp/" + name
-        if name.startswith(STAGING_PREFIX) and rel not in with_journal:
+        if name.startswith(FOREIGN_RECORD):
+            remove_foreign_folders(os.path.join(tmp, name))
+            log.line("Removed the folders of an interrupted restore on other disks")
+        elif name.startswith(STAGING_PREFIX) and rel not in with_journal:
             # Unpacked before any swap began: nothing live was touched.
             shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
             log.line("Removed the staging folder of an interrupted restore: %s" % rel)
@@ -189,15 +279,36 @@ def remove_empty_tree(path):
                 pass
 
 
-def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old):
+def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swaps=None,
+                    domains=None):
+    """The journal of a swap.  swaps: split_units' answer (default: each
+    unit whole); domains: {point: (live folder, staging folder, aside
+    folder)} for the points on other disks."""
     aside = os.path.join(stack, aside_rel)
+    staging = os.path.join(stack, staging_rel)
+    if swaps is None:
+        swaps = [(unit, "") for unit in units]
+    places = {"": (stack, staging, aside)}
+    places.update(domains or {})
     created = []
-    for unit in units:
-        for ancestor in staging_ancestors(unit):
-            os.makedirs(os.path.join(aside, ancestor), exist_ok=True)
-            if not os.path.lexists(os.path.join(stack, ancestor)) and ancestor not in created:
-                created.append(ancestor)
+    entries = []
+    for rel, domain in swaps:
+        live_root, staging_root, aside_root = places[domain]
+        inner = rel[len(domain) + 1:] if domain else rel
+        live = os.path.join(live_root, inner)
+        staged = os.path.join(staging_root, inner)
+        old_path = os.path.join(aside_root, inner)
+        os.makedirs(os.path.dirname(old_path), exist_ok=True)
+        if not domain:
+            for ancestor in staging_ancestors(rel):
+                if not os.path.lexists(os.path.join(stack, ancestor)) and ancestor not in created:
+                    created.append(ancestor)
+        entries.append({"rel": rel, "live": live, "staged": staged, "aside": old_path,
+                        "old": os.path.lexists(live), "new": os.path.lexists(staged)})
     os.makedirs(aside, exist_ok=True)
-    return {"version": 1, "state": "swapping", "archive": archive, "staging": staging_rel,
-            "aside": aside_rel, "units": units, "created_parents": created,
-            "keep_old": keep_old, "parent_times": parent_times(stack, units)}
+    foreign = {"staging": [place[1] for point, place in sorted((domains or {}).items())],
+               "aside": [place[2] for point, place in sorted((domains or {}).items())]}
+    return {"version": 2, "state": "swapping", "archive": archive, "staging": staging_rel,
+            "aside": aside_rel, "units": units, "entries": entries, "foreign": foreign,
+            "created_parents": created, "keep_old": keep_old,
+            "parent_times": parent_times(stack, units)}

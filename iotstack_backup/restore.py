@@ -32,6 +32,7 @@ from .unpack import (
     EarlyWriteback,
     Stager,
     check_units,
+    live_excluded,
     normalize_member_name,
     read_archive,
 )
@@ -203,6 +204,7 @@ def restore_with_log(stack, archive, args, log, out):
     staging_rel = ".tmp/" + STAGING_PREFIX + token
     aside_rel = ".tmp/" + ASIDE_PREFIX + token
     staging = os.path.join(stack, staging_rel)
+    disks = OtherDisks(stack, args.only, token, staging_rel)
 
     # 1. Read, check and (unless --in-place) unpack: nothing live changes.
     if args.in_place:
@@ -224,11 +226,13 @@ def restore_with_log(stack, archive, args, log, out):
             writer = pgzip.default_jobs() > 1
             with EarlyWriteback() as writeback, contextlib.closing(
                     Stager(staging, as_root, fresh_root=True, writeback=writeback,
-                           writer=writer)) as stager:
+                           writer=writer, **disks.stager_options())) as stager:
                 summary = checked(archive, args.only, stager, bar, staging)
             bar.finish()
+            disks.staged(stager)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            disks.drop()
             raise
     log.field("Members", summary.members)
     log.field("Data Size (bytes)", summary.bytes)
@@ -246,9 +250,16 @@ def restore_with_log(stack, archive, args, log, out):
         if not units:
             raise run.UserError("the archive holds no IOTstack items (services/, volumes/, "
                                 "docker-compose.yml...)")
-        check_units(stack, units)
+        check_units(stack, units, disks.points)
+        swaps = None
+        if not args.in_place:
+            keep = live_excluded(stack, units, summary.excludes)
+            for rel in sorted(keep):
+                log.line("Kept as it is (excluded from the backup): %s" % rel)
+            swaps = disks.swaps(units, keep, staging, log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        disks.drop()
         raise
     log.line("Replacing: %s" % ", ".join(units))
     if not args.in_place:
@@ -264,7 +275,7 @@ def restore_with_log(stack, archive, args, log, out):
             replace_in_place(stack, archive, args.only, units, as_root, log)
         else:
             journal = prepare_journal(stack, archive, units, staging_rel, aside_rel,
-                                      args.keep_old)
+                                      args.keep_old, swaps, disks.domains)
             try:
                 swap_in(stack, journal)
             except BaseException:
@@ -294,6 +305,83 @@ def restore_with_log(stack, archive, args, log, out):
         raise run.UserError("post_restore.sh failed with status %d; the files are restored "
                             "(see the log)" % hook_status)
     return run.EXIT_OK
+
+
+class OtherDisks:
+    """The mount points and symlinks to other disks in what is restored
+    (unpack.live_points): their members are staged in a folder on that
+    disk, and their contents swapped there, so the mount or link stays,
+    the data goes back onto its disk and no rename crosses disks.  A point
+    the archive holds nothing for is left as it is."""
+
+    def __init__(self, stack, only, token, staging_rel):
+        self.stack, self.staging_rel = stack, staging_rel
+        self.found = unpack.live_points(stack, only or list(iotstack.ITEM_NAMES))
+        self.places = {}
+        for point in self.found:
+            real = os.path.realpath(os.path.join(stack, point))
+            self.places[point] = (real, os.path.join(real, journal.FOREIGN_STAGING + token),
+                                  os.path.join(real, journal.FOREIGN_ASIDE + token))
+        self.made = []
+        self.points = {}    # the points whose data is restored
+        self.untouched = []  # the points the archive holds nothing for
+        self.domains = {}
+
+    def stager_options(self):
+        return {"redirect": {point: place[1] for point, place in self.places.items()},
+                "link_points": [p for p, kind in self.found.items() if kind == "link"],
+                "on_new_point": self._new_point}
+
+    def _new_point(self, point):
+        self.made.append(point)
+        journal.write_foreign_record(self.stack, self.staging_rel, {
+            "staging": [self.places[p][1] for p in self.made],
+            "aside": [self.places[p][2] for p in self.made]})
+
+    def staged(self, stager):
+        for point, kind in self.found.items():
+            if point in stager.redirect and point in stager.made_points:
+                self.points[point] = kind
+                self.domains[point] = self.places[point]
+            elif point in stager.redirect:
+                self.untouched.append(point)
+
+    def drop(self):
+        """Remove what was staged on other disks (nothing live changed)."""
+        for point in self.made:
+            shutil.rmtree(self.places[point][1], ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal.foreign_record_path(self.stack, self.staging_rel))
+
+    def swaps(self, units, keep, staging, log):
+        for point in self.untouched:
+            log.line("Kept as it is: %s (a %s the backup holds nothing for)"
+                     % (point, "mount point" if self.found[point] == "mount" else
+                        "symlink to another disk"))
+        for point, kind in sorted(self.points.items()):
+            log.line("%s is a %s: its data goes back onto %s" % (
+                point, "mount point" if kind == "mount" else "symlink", self.places[point][0]))
+        if not self.points and not keep and not self.untouched:
+            return None
+
+        def where(rel):
+            above = [p for p in self.points if rel == p or rel.startswith(p + "/")]
+            if not above:
+                return os.path.join(self.stack, rel), os.path.join(staging, rel)
+            point = max(above, key=len)
+            live, staged, _aside = self.places[point]
+            return live + rel[len(point):], staged + rel[len(point):]
+
+        def children(rel):
+            names = set()
+            for path in where(rel):
+                if os.path.isdir(path) and (not os.path.islink(path) or rel in self.points):
+                    names.update(os.listdir(path))
+            return sorted(name for name in names if not name.startswith(".iotstack-restore-")
+                          and not (name == "lost+found" and self.found.get(rel) == "mount"))
+
+        return journal.split_units(units, self.points, set(keep) | set(self.untouched),
+                                   children)
 
 
 def checked(archive, only, stager, progress=None, staging=None):
@@ -400,6 +488,11 @@ def dry_run(stack, archive, args, out):
     for unit in units:
         state = "replace" if os.path.lexists(os.path.join(stack, unit)) else "create"
         out.write("Would %s: %s\n" % (state, unit))
+    for rel in sorted(live_excluded(stack, units, summary.excludes)):
+        out.write("Would keep as it is (excluded from the backup): %s\n" % rel)
+    for point, kind in sorted(unpack.live_points(stack, units).items()):
+        out.write("Would keep the %s %s; its data goes back onto that disk\n"
+                  % ("mount point" if kind == "mount" else "symlink", point))
     for warning in summary.warnings:
         out.write("Warning: %s\n" % warning)
     out.write("Dry run: nothing was changed.\n")

@@ -4,10 +4,11 @@ the user pi, and every mount unmounted in the clean-up."""
 import os
 import shutil
 import subprocess
+import sys
 import unittest
 
 from iotstack_backup import run, unpack
-from tests.test_hostile import IS_ROOT, StackCase, chown_tree, one_error_line, read, users, write
+from tests.test_hostile import IS_ROOT, REPO, StackCase, chown_tree, one_error_line, read, users, write
 
 
 class MountCase(StackCase):
@@ -24,7 +25,7 @@ class MountCase(StackCase):
                                 stderr=subprocess.PIPE, universal_newlines=True)
         if result.returncode != 0:
             self.skipTest("cannot mount a tmpfs: %s" % result.stderr.strip())
-        self.addCleanup(subprocess.run, ["umount", "-l", path])
+        self.addCleanup(subprocess.run, ["umount", "-l", path], stderr=subprocess.DEVNULL)
         return path
 
     def snapshot(self, root):
@@ -116,6 +117,143 @@ class InPlaceTest(MountCase):
             tracker.saw(rel)
         self.assertEqual(tracker.outcome(), (["services"], ["volumes", "docker-compose.yml"]))
         self.assertEqual(unpack.UnitTracker(["a", "b"]).outcome(), ([], ["a", "b"]))
+
+
+class OtherDiskTest(MountCase):
+    """Must 4: a mount point or a symlink to another disk keeps its place
+    through a restore, and its data goes back onto that disk."""
+
+    def leftovers(self, *folders):
+        found = []
+        for folder in folders:
+            for name in os.listdir(folder):
+                if name.startswith((".iotstack-restore-", "restore-")):
+                    found.append(os.path.join(folder, name))
+        return found
+
+    def backup_then_change(self, user, influx):
+        """Backup, then change the data: on the other disk and off it."""
+        write(os.path.join(influx, "data", "db.bin"), b"v1" * 1000)
+        chown_tree(self.stack, self.pi.pw_uid, self.pi.pw_gid)
+        result = self.backup(user)
+        self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+        write(os.path.join(influx, "data", "db.bin"), b"v2")
+        write(os.path.join(influx, "data", "new-since"), b"new")
+        write(self.path("volumes/nodered/flows.json"), b"[2]\n")
+        chown_tree(self.stack, self.pi.pw_uid, self.pi.pw_gid)
+        return "backup/" + os.path.basename(self.archives()[-1])
+
+    def assert_backup_data(self, influx):
+        self.assertEqual(read(os.path.join(influx, "data", "db.bin")), b"v1" * 1000)
+        self.assertFalse(os.path.exists(os.path.join(influx, "data", "new-since")))
+        self.assertEqual(read(self.path("volumes/nodered/flows.json")), b"[]\n")
+
+    def test_tmpfs_at_volumes_influxdb(self):
+        for user in users():
+            with self.subTest(user=user):
+                self.new_stack("mount-" + user)
+                influx = self.path("volumes/influxdb")
+                shutil.rmtree(influx)
+                self.mount_tmpfs(influx)
+                device = os.stat(influx).st_dev
+                name = self.backup_then_change(user, influx)
+                result = self.restore(user, name)
+                self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                self.assertTrue(os.path.ismount(influx))
+                self.assertEqual(os.stat(influx).st_dev, device)
+                self.assertEqual(os.stat(os.path.join(influx, "data", "db.bin")).st_dev, device)
+                self.assert_backup_data(influx)
+                self.assertEqual(self.leftovers(influx, self.path(".tmp")), [])
+                self.assertIn("volumes/influxdb is a mount point: its data goes back onto",
+                              self.newest_log("restore"))
+                # --only below the mount point works the same way.
+                write(os.path.join(influx, "data", "db.bin"), b"v3")
+                result = self.restore(user, "--only", "volumes/influxdb/data", name)
+                self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                self.assertTrue(os.path.ismount(influx))
+                self.assertEqual(read(os.path.join(influx, "data", "db.bin")), b"v1" * 1000)
+                self.assertEqual(self.leftovers(influx, self.path(".tmp")), [])
+                # Nothing was written onto the SD card under the mount point.
+                subprocess.run(["umount", influx], check=True)
+                self.assertEqual(os.listdir(influx), [])
+
+    def test_volumes_symlinked_to_another_disk(self):
+        for user in users():
+            with self.subTest(user=user):
+                self.new_stack("link-" + user)
+                ssd = self.mount_tmpfs(os.path.join(self.tmp, "ssd-" + user))
+                target = os.path.join(ssd, "volumes")
+                shutil.move(self.path("volumes"), target)
+                os.symlink(target, self.path("volumes"))
+                chown_tree(ssd, self.pi.pw_uid, self.pi.pw_gid)
+                name = self.backup_then_change(user, os.path.join(target, "influxdb"))
+                dry = self.run_as(user, "restore.py", "--dry-run", name)
+                self.assertEqual(dry.returncode, run.EXIT_OK, dry.stderr)
+                self.assertIn("Would keep the symlink volumes; its data goes back onto that disk",
+                              dry.stdout)
+                result = self.restore(user, name)
+                self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                self.assertEqual(os.readlink(self.path("volumes")), target)
+                self.assert_backup_data(os.path.join(target, "influxdb"))
+                self.assertEqual(self.leftovers(target, self.path(".tmp")), [])
+
+    def test_a_mount_point_the_backup_does_not_hold_is_left_alone(self):
+        for user in users():
+            with self.subTest(user=user):
+                self.new_stack("absent-" + user)
+                result = self.backup(user)
+                self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                name = "backup/" + os.path.basename(self.archives()[-1])
+                usb = self.mount_tmpfs(self.path("volumes/frigate"))
+                write(os.path.join(usb, "clips", "a.mp4"), b"video")
+                chown_tree(usb, self.pi.pw_uid, self.pi.pw_gid)
+                result = self.restore(user, name)
+                self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                self.assertTrue(os.path.ismount(usb))
+                self.assertEqual(read(os.path.join(usb, "clips", "a.mp4")), b"video")
+                self.assertIn("Kept as it is: volumes/frigate (a mount point the backup holds "
+                              "nothing for)", self.newest_log("restore"))
+
+    def test_killed_at_every_rename_with_a_mount_point(self):
+        # strace kills the restore at its Nth rename; the next run (here
+        # --list) rolls back or completes it: old or new, never a mix, on
+        # both disks, and nothing of ours is left on either.
+        if not shutil.which("strace"):
+            self.skipTest("strace is not installed")
+        influx = self.path("volumes/influxdb")
+        shutil.rmtree(influx)
+        self.mount_tmpfs(influx)
+        name = self.backup_then_change("root", influx)
+        archive = os.path.join(self.backups, name)
+        outcomes = set()
+        for n in range(1, 30):
+            with self.subTest(rename=n):
+                result = subprocess.run(
+                    [shutil.which("strace"), "-qq", "-o", "/dev/null", "-e", "trace=rename,renameat,renameat2",
+                     "-e", "inject=rename,renameat,renameat2:signal=KILL:when=%d" % n,
+                     sys.executable, os.path.join(REPO, "restore.py"), "--dir", self.stack,
+                     "--no-stop", "--yes", archive],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                    env={"PATH": self.bin}, timeout=120)
+                listed = self.run_as("root", "restore.py", "--list")
+                self.assertEqual(listed.returncode, run.EXIT_OK, listed.stderr)
+                self.assertTrue(os.path.ismount(influx))
+                new = read(os.path.join(influx, "data", "db.bin")) == b"v1" * 1000
+                if new:
+                    self.assert_backup_data(influx)
+                else:
+                    self.assertEqual(read(os.path.join(influx, "data", "db.bin")), b"v2")
+                    self.assertEqual(read(os.path.join(influx, "data", "new-since")), b"new")
+                    self.assertEqual(read(self.path("volumes/nodered/flows.json")), b"[2]\n")
+                self.assertEqual(self.leftovers(influx, self.path(".tmp")), [])
+                outcomes.add("new" if new else "old")
+                if result.returncode == 0:
+                    break
+                # Back to the changed tree for the next attempt.
+                write(os.path.join(influx, "data", "db.bin"), b"v2")
+                write(os.path.join(influx, "data", "new-since"), b"new")
+                write(self.path("volumes/nodered/flows.json"), b"[2]\n")
+        self.assertEqual(outcomes, {"old", "new"})
 
 
 if __name__ == "__main__":
