@@ -160,6 +160,8 @@ def clean_up(stack, journal):
     if not keep:
         for path in [os.path.join(stack, journal["aside"])] + foreign["aside"]:
             shutil.rmtree(path, ignore_errors=True)
+    if foreign["staging"]:
+        keep_parent_times(stack, journal)  # our folders in them are gone
     os.unlink(journal_path(stack))
     iotstack.fsync_dir(os.path.dirname(journal_path(stack)))
     remove_foreign_record(stack, journal)
@@ -305,10 +307,17 @@ def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swa
                     created.append(ancestor)
         entries.append({"rel": rel, "live": live, "staged": staged, "aside": old_path,
                         "old": os.path.lexists(live), "new": os.path.lexists(staged)})
+    times = parent_times(stack, units)
+    for entry in entries:
+        # The folders that stay while their entries are swapped (a mount
+        # point, a folder opened around one) keep their times too.
+        folder = os.path.dirname(entry["live"])
+        if folder != stack and folder not in times and os.path.isdir(folder):
+            st = os.stat(folder)
+            times[folder] = [st.st_atime_ns, st.st_mtime_ns]
     os.makedirs(aside, exist_ok=True)
     foreign = {"staging": [place[1] for point, place in sorted((domains or {}).items())],
                "aside": [place[2] for point, place in sorted((domains or {}).items())]}
     return {"version": 2, "state": "swapping", "archive": archive, "staging": staging_rel,
             "aside": aside_rel, "units": units, "entries": entries, "foreign": foreign,
-            "created_parents": created, "keep_old": keep_old,
-            "parent_times": parent_times(stack, units)}
+            "created_parents": created, "keep_old": keep_old, "parent_times": times}

@@ -272,10 +272,11 @@ def restore_with_log(stack, archive, args, log, out):
     old_compose = compose_bytes(stack)  # read now: --in-place deletes it
     with docker_compose.services_stopped(compose, log, report, stack):
         if args.in_place:
-            replace_in_place(stack, archive, args.only, units, as_root, log)
+            replace_in_place(stack, archive, args.only, units, as_root, log, summary.excludes)
         else:
             journal = prepare_journal(stack, archive, units, staging_rel, aside_rel,
                                       args.keep_old, swaps, disks.domains)
+            journal["parent_times"].update(disks.times)
             try:
                 swap_in(stack, journal)
             except BaseException:
@@ -318,8 +319,11 @@ class OtherDisks:
         self.stack, self.staging_rel = stack, staging_rel
         self.found = unpack.live_points(stack, only or list(iotstack.ITEM_NAMES))
         self.places = {}
+        self.times = {}  # of the points' folders, before ours are made in them
         for point in self.found:
             real = os.path.realpath(os.path.join(stack, point))
+            st = os.stat(real)
+            self.times[real] = [st.st_atime_ns, st.st_mtime_ns]
             self.places[point] = (real, os.path.join(real, journal.FOREIGN_STAGING + token),
                                   os.path.join(real, journal.FOREIGN_ASIDE + token))
         self.made = []
@@ -415,14 +419,29 @@ def check_room_in_place(stack, summary, units):
                ", ".join(units), progress.human_size(short)))
 
 
-def replace_in_place(stack, archive, only, units, as_root, log):
+def delete_except(stack, rel, points, keep):
+    """Delete rel for --in-place, but never a mount point or a symlink to
+    another disk (only what is in it) nor what the backup excluded."""
+    path = os.path.join(stack, rel)
+    if rel in keep or not os.path.lexists(path):
+        return
+    inner = [other for other in list(points) + list(keep) if other.startswith(rel + "/")]
+    if rel in points or inner:
+        for name in os.listdir(path):
+            if not (name == "lost+found" and points.get(rel) == "mount"):
+                delete_except(stack, rel + "/" + name, points, keep)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def replace_in_place(stack, archive, only, units, as_root, log, excludes=()):
     """The original's delete-then-extract, after the full check has passed."""
+    points = unpack.live_points(stack, units)
+    keep = live_excluded(stack, units, excludes)
     for unit in units:
-        path = os.path.join(stack, unit)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+        delete_except(stack, unit, points, keep)
     log.line("In place: deleted %s, unpacking over them" % ", ".join(units))
     tracker = unpack.UnitTracker(units)
     stager = Stager(stack, as_root)

@@ -608,5 +608,97 @@ class RecoveryFirstTest(StackCase):
         self.assertEqual(read(self.path(".env")), b"SECRET=1\n")
 
 
+class ExcludeTest(StackCase):
+    """Must 5: the archive records what was excluded; a restore keeps the
+    live data the backup excluded, exactly; --dry-run says so."""
+
+    PATTERNS = ["--exclude", "volumes/influxdb/*", "--exclude", "*.log"]
+
+    def live_state(self, rels):
+        state = {}
+        for rel in rels:
+            st = os.lstat(self.path(rel))
+            state[rel] = (read(self.path(rel)), stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid)
+        return state
+
+    def test_restore_keeps_what_the_backup_excluded(self):
+        for user in users():
+            for in_place in (False, True):
+                with self.subTest(user=user, in_place=in_place):
+                    self.new_stack("exclude-%s-%s" % (user, in_place))
+                    write(self.path("services/nodered/build.log"), b"build\n")
+                    if IS_ROOT:
+                        chown_tree(self.stack, self.pi.pw_uid, self.pi.pw_gid)
+                    result = self.backup(user, *self.PATTERNS)
+                    self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                    (archive,) = self.archives()
+                    names = subprocess.run(["tar", "-tzf", archive], stdout=subprocess.PIPE,
+                                           check=True, universal_newlines=True).stdout.split()
+                    self.assertIn(iotstack.EXCLUDES_MEMBER, names)
+                    self.assertNotIn("volumes/influxdb/data/db.bin", names)
+                    self.assertNotIn("services/nodered/build.log", names)
+                    # GNU tar (and so restore.sh) takes it without a word.
+                    out = os.path.join(self.tmp, "gnu-tar-%s-%s" % (user, in_place))
+                    os.mkdir(out)
+                    gnu = subprocess.run(["tar", "-xzf", archive, "-C", out],
+                                         stderr=subprocess.PIPE, universal_newlines=True)
+                    self.assertEqual((gnu.returncode, gnu.stderr), (0, ""))
+                    # The live tree moves on.
+                    write(self.path("volumes/influxdb/data/db.bin"), b"newer data", 0o600)
+                    write(self.path("volumes/influxdb/data/shard-2"), b"more")
+                    write(self.path("volumes/nodered/node-red.log"), b"log")
+                    write(self.path("services/nodered/build.log"), b"build 2\n")
+                    write(self.path("volumes/nodered/flows.json"), b"[2]\n")
+                    if IS_ROOT:
+                        chown_tree(self.stack, self.pi.pw_uid, self.pi.pw_gid)
+                    kept = ["volumes/influxdb/data/db.bin", "volumes/influxdb/data/shard-2",
+                            "volumes/influxdb/data/wal.log", "volumes/nodered/node-red.log",
+                            "services/nodered/build.log"]
+                    before = self.live_state(kept)
+                    name = "backup/" + os.path.basename(archive)
+                    dry = self.run_as(user, "restore.py", "--dry-run", name)
+                    self.assertEqual(dry.returncode, run.EXIT_OK, dry.stderr)
+                    for rel in ("volumes/influxdb/data", "volumes/nodered/node-red.log",
+                                "services/nodered/build.log"):
+                        self.assertIn("Would keep as it is (excluded from the backup): %s\n" % rel,
+                                      dry.stdout)
+                    args = ["--in-place"] if in_place else []
+                    result = self.restore(user, *args, name)
+                    self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                    self.assertEqual(self.live_state(kept), before)
+                    self.assertEqual(read(self.path("volumes/nodered/flows.json")), b"[]\n")
+                    self.assertEqual(os.listdir(self.path(".tmp")), ["iotstack-backup.lock"])
+                    if not in_place:
+                        self.assertIn("Kept as it is (excluded from the backup): "
+                                      "volumes/influxdb/data", self.newest_log("restore"))
+
+    def test_split_units_table(self):
+        live = {"volumes": ["influxdb", "nodered"], "volumes/influxdb": ["data", "meta"],
+                "volumes/nodered": ["flows.json", "x.log"], "services": ["a"]}
+        children = lambda rel: live.get(rel, [])
+        cases = [
+            ((["services", "volumes"], {}, set()), [("services", ""), ("volumes", "")]),
+            ((["volumes"], {"volumes/influxdb": "mount"}, set()),
+             [("volumes/influxdb/data", "volumes/influxdb"),
+              ("volumes/influxdb/meta", "volumes/influxdb"), ("volumes/nodered", "")]),
+            ((["volumes"], {}, {"volumes/nodered/x.log"}),
+             [("volumes/influxdb", ""), ("volumes/nodered/flows.json", "")]),
+            ((["volumes"], {"volumes": "link"}, {"volumes/influxdb"}),
+             [("volumes/nodered", "volumes")]),
+            ((["volumes/influxdb/data"], {"volumes/influxdb": "mount"}, set()),
+             [("volumes/influxdb/data", "volumes/influxdb")]),
+            ((["volumes/influxdb"], {}, {"volumes/influxdb"}), []),
+        ]
+        for (units, points, keep), expected in cases:
+            with self.subTest(units=units, points=points, keep=keep):
+                self.assertEqual(journal.split_units(units, points, keep, children), expected)
+
+    def test_excludes_record_table(self):
+        record = iotstack.excludes_record(["volumes/influxdb/*"], ["volumes/influxdb/data"])
+        self.assertEqual(iotstack.parse_excludes(record), ["volumes/influxdb/*"])
+        for junk in (b"", b"[]", b"{\"patterns\": 3}", b"\xff"):
+            self.assertEqual(iotstack.parse_excludes(junk), [])
+
+
 if __name__ == "__main__":
     unittest.main()
