@@ -177,6 +177,28 @@ class OtherDiskTest(MountCase):
                 subprocess.run(["umount", influx], check=True)
                 self.assertEqual(os.listdir(influx), [])
 
+    def test_tmpfs_at_volumes_itself_and_in_place(self):
+        # volumes/ a mount point: renaming it would be EBUSY.
+        for user in users():
+            for args in ([], ["--in-place"]):
+                with self.subTest(user=user, args=args):
+                    self.new_stack("volumes-%s-%d" % (user, len(args)))
+                    volumes = self.path("volumes")
+                    shutil.rmtree(volumes)
+                    self.mount_tmpfs(volumes)
+                    device = os.stat(volumes).st_dev
+                    write(self.path("volumes/nodered/flows.json"), b"[]\n")
+                    name = self.backup_then_change(user, self.path("volumes/influxdb"))
+                    result = self.restore(user, *args, name)
+                    self.assertEqual(result.returncode, run.EXIT_OK, result.stderr)
+                    self.assertTrue(os.path.ismount(volumes))
+                    self.assertEqual(os.stat(self.path("volumes/nodered/flows.json")).st_dev,
+                                     device)
+                    self.assert_backup_data(self.path("volumes/influxdb"))
+                    self.assertEqual(self.leftovers(volumes, self.path(".tmp")), [])
+                    subprocess.run(["umount", volumes], check=True)
+                    self.assertEqual(os.listdir(volumes), [])
+
     def test_volumes_symlinked_to_another_disk(self):
         for user in users():
             with self.subTest(user=user):
