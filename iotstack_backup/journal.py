@@ -16,7 +16,7 @@ import shutil
 
 from . import docker_compose, iotstack
 from .run import EXIT_BUSY, UserError, describe_os_error
-from .unpack import staging_ancestors
+from .unpack import live_points, staging_ancestors
 
 STAGING_PREFIX = "restore-staging."
 
@@ -321,3 +321,83 @@ def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swa
     return {"version": 2, "state": "swapping", "archive": archive, "staging": staging_rel,
             "aside": aside_rel, "units": units, "entries": entries, "foreign": foreign,
             "created_parents": created, "keep_old": keep_old, "parent_times": times}
+
+
+class OtherDisks:
+    """The mount points and symlinks to other disks in what is restored
+    (live_points): their members are staged in a folder on that
+    disk, and their contents swapped there, so the mount or link stays,
+    the data goes back onto its disk and no rename crosses disks.  A point
+    the archive holds nothing for is left as it is."""
+
+    def __init__(self, stack, only, token, staging_rel):
+        self.stack, self.staging_rel = stack, staging_rel
+        self.found = live_points(stack, only or list(iotstack.ITEM_NAMES))
+        self.places = {}
+        self.times = {}  # of the points' folders, before ours are made in them
+        for point in self.found:
+            real = os.path.realpath(os.path.join(stack, point))
+            st = os.stat(real)
+            self.times[real] = [st.st_atime_ns, st.st_mtime_ns]
+            self.places[point] = (real, os.path.join(real, FOREIGN_STAGING + token),
+                                  os.path.join(real, FOREIGN_ASIDE + token))
+        self.made = []
+        self.points = {}    # the points whose data is restored
+        self.untouched = []  # the points the archive holds nothing for
+        self.domains = {}
+
+    def stager_options(self):
+        return {"redirect": {point: place[1] for point, place in self.places.items()},
+                "link_points": [p for p, kind in self.found.items() if kind == "link"],
+                "on_new_point": self._new_point}
+
+    def _new_point(self, point):
+        self.made.append(point)
+        write_foreign_record(self.stack, self.staging_rel, {
+            "staging": [self.places[p][1] for p in self.made],
+            "aside": [self.places[p][2] for p in self.made]})
+
+    def staged(self, stager):
+        for point, kind in self.found.items():
+            if point in stager.redirect and point in stager.made_points:
+                self.points[point] = kind
+                self.domains[point] = self.places[point]
+            elif point in stager.redirect:
+                self.untouched.append(point)
+
+    def drop(self):
+        """Remove what was staged on other disks (nothing live changed)."""
+        for point in self.made:
+            shutil.rmtree(self.places[point][1], ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(foreign_record_path(self.stack, self.staging_rel))
+
+    def swaps(self, units, keep, staging, log):
+        for point in self.untouched:
+            log.line("Kept as it is: %s (a %s the backup holds nothing for)"
+                     % (point, "mount point" if self.found[point] == "mount" else
+                        "symlink to another disk"))
+        for point, kind in sorted(self.points.items()):
+            log.line("%s is a %s: its data goes back onto %s" % (
+                point, "mount point" if kind == "mount" else "symlink", self.places[point][0]))
+        if not self.points and not keep and not self.untouched:
+            return None
+
+        def where(rel):
+            above = [p for p in self.points if rel == p or rel.startswith(p + "/")]
+            if not above:
+                return os.path.join(self.stack, rel), os.path.join(staging, rel)
+            point = max(above, key=len)
+            live, staged, _aside = self.places[point]
+            return live + rel[len(point):], staged + rel[len(point):]
+
+        def children(rel):
+            names = set()
+            for path in where(rel):
+                if os.path.isdir(path) and (not os.path.islink(path) or rel in self.points):
+                    names.update(os.listdir(path))
+            return sorted(name for name in names if not name.startswith(".iotstack-restore-")
+                          and not (name == "lost+found" and self.found.get(rel) == "mount"))
+
+        return split_units(units, self.points, set(keep) | set(self.untouched),
+                                   children)

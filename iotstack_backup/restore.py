@@ -21,6 +21,7 @@ import time
 from . import docker_compose, iotstack, journal, pgzip, progress, run, tarformat, unpack
 from .journal import (
     ASIDE_PREFIX,
+    OtherDisks,
     STAGING_PREFIX,
     clean_up,
     prepare_journal,
@@ -209,7 +210,7 @@ def restore_with_log(stack, archive, args, log, out):
     # 1. Read, check and (unless --in-place) unpack: nothing live changes.
     if args.in_place:
         summary = checked(archive, args.only, None)
-        check_room_in_place(stack, summary, replaced_units(summary.items, args.only))
+        unpack.check_room_in_place(stack, summary, replaced_units(summary.items, args.only))
     else:
         need, free = estimated_size(archive), iotstack.free_bytes(tmp)
         if need > free:
@@ -308,86 +309,6 @@ def restore_with_log(stack, archive, args, log, out):
     return run.EXIT_OK
 
 
-class OtherDisks:
-    """The mount points and symlinks to other disks in what is restored
-    (unpack.live_points): their members are staged in a folder on that
-    disk, and their contents swapped there, so the mount or link stays,
-    the data goes back onto its disk and no rename crosses disks.  A point
-    the archive holds nothing for is left as it is."""
-
-    def __init__(self, stack, only, token, staging_rel):
-        self.stack, self.staging_rel = stack, staging_rel
-        self.found = unpack.live_points(stack, only or list(iotstack.ITEM_NAMES))
-        self.places = {}
-        self.times = {}  # of the points' folders, before ours are made in them
-        for point in self.found:
-            real = os.path.realpath(os.path.join(stack, point))
-            st = os.stat(real)
-            self.times[real] = [st.st_atime_ns, st.st_mtime_ns]
-            self.places[point] = (real, os.path.join(real, journal.FOREIGN_STAGING + token),
-                                  os.path.join(real, journal.FOREIGN_ASIDE + token))
-        self.made = []
-        self.points = {}    # the points whose data is restored
-        self.untouched = []  # the points the archive holds nothing for
-        self.domains = {}
-
-    def stager_options(self):
-        return {"redirect": {point: place[1] for point, place in self.places.items()},
-                "link_points": [p for p, kind in self.found.items() if kind == "link"],
-                "on_new_point": self._new_point}
-
-    def _new_point(self, point):
-        self.made.append(point)
-        journal.write_foreign_record(self.stack, self.staging_rel, {
-            "staging": [self.places[p][1] for p in self.made],
-            "aside": [self.places[p][2] for p in self.made]})
-
-    def staged(self, stager):
-        for point, kind in self.found.items():
-            if point in stager.redirect and point in stager.made_points:
-                self.points[point] = kind
-                self.domains[point] = self.places[point]
-            elif point in stager.redirect:
-                self.untouched.append(point)
-
-    def drop(self):
-        """Remove what was staged on other disks (nothing live changed)."""
-        for point in self.made:
-            shutil.rmtree(self.places[point][1], ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(journal.foreign_record_path(self.stack, self.staging_rel))
-
-    def swaps(self, units, keep, staging, log):
-        for point in self.untouched:
-            log.line("Kept as it is: %s (a %s the backup holds nothing for)"
-                     % (point, "mount point" if self.found[point] == "mount" else
-                        "symlink to another disk"))
-        for point, kind in sorted(self.points.items()):
-            log.line("%s is a %s: its data goes back onto %s" % (
-                point, "mount point" if kind == "mount" else "symlink", self.places[point][0]))
-        if not self.points and not keep and not self.untouched:
-            return None
-
-        def where(rel):
-            above = [p for p in self.points if rel == p or rel.startswith(p + "/")]
-            if not above:
-                return os.path.join(self.stack, rel), os.path.join(staging, rel)
-            point = max(above, key=len)
-            live, staged, _aside = self.places[point]
-            return live + rel[len(point):], staged + rel[len(point):]
-
-        def children(rel):
-            names = set()
-            for path in where(rel):
-                if os.path.isdir(path) and (not os.path.islink(path) or rel in self.points):
-                    names.update(os.listdir(path))
-            return sorted(name for name in names if not name.startswith(".iotstack-restore-")
-                          and not (name == "lost+found" and self.found.get(rel) == "mount"))
-
-        return journal.split_units(units, self.points, set(keep) | set(self.untouched),
-                                   children)
-
-
 def checked(archive, only, stager, progress=None, staging=None):
     try:
         return read_archive(archive, only, stager, progress)
@@ -403,45 +324,12 @@ def checked(archive, only, stager, progress=None, staging=None):
                             % run.describe_os_error(e)) from None
 
 
-def check_room_in_place(stack, summary, units):
-    """Before --in-place deletes anything: the archive must fit in the free
-    space plus what deleting the items frees."""
-    device = os.stat(stack).st_dev
-    needed = unpack.room_needed(summary)
-    free = iotstack.free_bytes(stack)
-    freed = sum(unpack.used_bytes(os.path.join(stack, unit), device) for unit in units)
-    short = unpack.in_place_shortfall(needed, free, freed)
-    if short:
-        raise run.UserError(
-            "not enough space to restore in place: about %s needed, %s free plus %s freed by "
-            "deleting %s; nothing was changed; free %s and run again"
-            % (progress.human_size(needed), progress.human_size(free), progress.human_size(freed),
-               ", ".join(units), progress.human_size(short)))
-
-
-def delete_except(stack, rel, points, keep):
-    """Delete rel for --in-place, but never a mount point or a symlink to
-    another disk (only what is in it) nor what the backup excluded."""
-    path = os.path.join(stack, rel)
-    if rel in keep or not os.path.lexists(path):
-        return
-    inner = [other for other in list(points) + list(keep) if other.startswith(rel + "/")]
-    if rel in points or inner:
-        for name in os.listdir(path):
-            if not (name == "lost+found" and points.get(rel) == "mount"):
-                delete_except(stack, rel + "/" + name, points, keep)
-    elif os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
 def replace_in_place(stack, archive, only, units, as_root, log, excludes=()):
     """The original's delete-then-extract, after the full check has passed."""
     points = unpack.live_points(stack, units)
     keep = live_excluded(stack, units, excludes)
     for unit in units:
-        delete_except(stack, unit, points, keep)
+        unpack.delete_except(stack, unit, points, keep)
     log.line("In place: deleted %s, unpacking over them" % ", ".join(units))
     tracker = unpack.UnitTracker(units)
     stager = Stager(stack, as_root)

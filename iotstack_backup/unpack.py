@@ -12,10 +12,12 @@ sync keeps the disk busy, but every file is on disk before the swap.
 """
 import contextlib
 import os
+import shutil
 import stat
 
 from . import archive_writer, file_writer, iotstack, tarformat
 from .pgzip import GzipError, iter_gunzip
+from .progress import human_size
 from .run import UserError
 from .tarformat import ArchiveError
 
@@ -450,6 +452,39 @@ def used_bytes(path, device):
 def in_place_shortfall(needed, free, freed):
     """How many bytes --in-place would lack (0 when it fits)."""
     return max(0, needed - free - freed)
+
+
+def check_room_in_place(stack, summary, units):
+    """Before --in-place deletes anything: the archive must fit in the free
+    space plus what deleting the items frees."""
+    device = os.stat(stack).st_dev
+    needed = room_needed(summary)
+    free = iotstack.free_bytes(stack)
+    freed = sum(used_bytes(os.path.join(stack, unit), device) for unit in units)
+    short = in_place_shortfall(needed, free, freed)
+    if short:
+        raise UserError(
+            "not enough space to restore in place: about %s needed, %s free plus %s freed by "
+            "deleting %s; nothing was changed; free %s and run again"
+            % (human_size(needed), human_size(free), human_size(freed),
+               ", ".join(units), human_size(short)))
+
+
+def delete_except(stack, rel, points, keep):
+    """Delete rel for --in-place, but never a mount point or a symlink to
+    another disk (only what is in it) nor what the backup excluded."""
+    path = os.path.join(stack, rel)
+    if rel in keep or not os.path.lexists(path):
+        return
+    inner = [other for other in list(points) + list(keep) if other.startswith(rel + "/")]
+    if rel in points or inner:
+        for name in os.listdir(path):
+            if not (name == "lost+found" and points.get(rel) == "mount"):
+                delete_except(stack, rel + "/" + name, points, keep)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 class UnitTracker:
