@@ -12,9 +12,11 @@ Files that cannot be read, or that shrink while read, become warnings, never
 a short archive.
 """
 import contextlib
+import errno
 import os
 import stat
 import threading
+import time
 
 from . import iotstack
 from .iotstack import is_excluded
@@ -42,17 +44,26 @@ class Entry:
         self.rel, self.path, self.st = rel, path, st
 
 
-def iter_entries(stack, items, patterns, excluded, notes):
+def iter_entries(stack, items, patterns, excluded, notes, warnings=None):
     """Every entry below the manifest items, depth first in name order.
 
     Symlinks are never followed, except a top-level directory item that is a
     symlink (a volumes/ moved to an SSD): the original's "./volumes/" made tar
-    follow it, and a backup of a bare link would hold no data.
+    follow it, and a backup of a bare link would hold no data.  A live tree
+    changes and holds folders of other users: a folder that cannot be read
+    is a warning naming it (its entry is kept, its contents are not), an
+    entry gone between listing and reading is a note.
     """
+    if warnings is None:
+        warnings = notes
     for item in items:
         rel = item.rstrip("/")
         path = os.path.join(stack, rel)
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            notes.append("%s vanished before it was read: not saved" % rel)
+            continue
         if item.endswith("/") and stat.S_ISLNK(st.st_mode):
             try:
                 st = os.stat(path)
@@ -67,33 +78,58 @@ def iter_entries(stack, items, patterns, excluded, notes):
             continue
         yield Entry(rel, path, st)
         if stat.S_ISDIR(st.st_mode):
-            yield from _iter_dir(rel, path, patterns, excluded)
+            yield from _iter_dir(rel, path, patterns, excluded, notes, warnings)
 
 
-def _iter_dir(rel, path, patterns, excluded):
+def _iter_dir(rel, path, patterns, excluded, notes, warnings):
     # A stack of directory listings rather than recursion: each entry is
     # yielded once, not passed up through a generator per level of depth.
-    listings = [(rel, _sorted_listing(path))]
+    listings = [(rel, _sorted_listing(path, rel, notes, warnings))]
     while listings:
         parent, children = listings[-1]
         for child in children:
             child_rel = parent + "/" + child.name
-            st = child.stat(follow_symlinks=False)
+            try:
+                st = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                notes.append("%s vanished before it was read: not saved" % child_rel)
+                continue
             is_dir = stat.S_ISDIR(st.st_mode)
             if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
                 excluded.append(child_rel)
                 continue
             yield Entry(child_rel, child.path, st)
             if is_dir:
-                listings.append((child_rel, _sorted_listing(child.path)))
+                listings.append((child_rel, _sorted_listing(child.path, child_rel, notes,
+                                                            warnings)))
                 break
         else:
             listings.pop()
 
 
-def _sorted_listing(path):
-    with os.scandir(path) as it:
-        return iter(sorted(it, key=lambda e: e.name))
+def _sorted_listing(path, rel, notes, warnings):
+    try:
+        with os.scandir(path) as it:
+            return iter(sorted(it, key=lambda e: e.name))
+    except FileNotFoundError:
+        notes.append("%s vanished before it was read: not saved" % rel)
+    except OSError as e:
+        warnings.append(walk_warning(rel, e))
+    return iter(())
+
+
+def walk_warning(rel, error):
+    """The warning for an entry of the tree that cannot be read."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return ("cannot read %s: %s (not saved; a container's private folder: run the "
+                "backup with sudo to include it)" % (rel, error.strerror))
+    return "cannot read %s: %s (not saved)" % (rel, error.strerror or error)
+
+
+def changed_while_read(before, after):
+    """Whether a file changed while it was read (GNU tar's "file changed as
+    we read it"): its size or mtime is not what it was when it was listed."""
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 class ArchiveStats:
@@ -118,7 +154,8 @@ def write_tar(out, stack, items, patterns, progress, stats):
     first_of_inode = {}
     batch = bytearray()
     batch_bytes = batch_files = 0
-    for entry in iter_entries(stack, items, patterns, stats.excluded, stats.notes):
+    for entry in iter_entries(stack, items, patterns, stats.excluded, stats.notes,
+                              stats.warnings):
         if len(batch) >= WRITE_BATCH:
             out.write(batch)
             batch.clear()
@@ -140,8 +177,11 @@ def write_tar(out, stack, items, patterns, progress, stats):
                     continue
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                continue
             except OSError as e:
-                stats.warnings.append("cannot read %s: %s" % (entry.rel, e.strerror))
+                stats.warnings.append(walk_warning(entry.rel, e))
                 continue
             try:
                 size = st.st_size
@@ -158,6 +198,9 @@ def write_tar(out, stack, items, patterns, progress, stats):
                     _copy_rest(out, fd, size - len(data), entry.rel, stats, progress)
                     batch_bytes -= size  # already reported
                 batch += bytes(-size % BLOCK)
+                if changed_while_read(st, os.fstat(fd)):
+                    stats.warnings.append("%s changed while it was read: the backup holds "
+                                          "its first %d bytes" % (entry.rel, size))
             finally:
                 os.close(fd)
             if st.st_nlink > 1:
@@ -168,7 +211,11 @@ def write_tar(out, stack, items, patterns, progress, stats):
         elif fmt == stat.S_IFDIR:
             batch += tar_header(name + b"/", TYPE_DIR, mode, st.st_uid, st.st_gid, 0, mtime)
         elif fmt == stat.S_IFLNK:
-            target = os.fsencode(os.readlink(entry.path))
+            try:
+                target = os.fsencode(os.readlink(entry.path))
+            except FileNotFoundError:
+                stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                continue
             batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime, target)
         elif fmt == stat.S_IFIFO:
             batch += tar_header(name, TYPE_FIFO, mode, st.st_uid, st.st_gid, 0, mtime)
@@ -180,6 +227,13 @@ def write_tar(out, stack, items, patterns, progress, stats):
             stats.notes.append("skipped socket %s" % entry.rel if fmt == stat.S_IFSOCK
                                else "skipped %s: unsupported file type" % entry.rel)
             continue
+        stats.members += 1
+    if patterns:
+        # What was left out, for restore.py to leave in place.
+        record = iotstack.excludes_record(patterns, stats.excluded)
+        batch += tar_header(os.fsencode(iotstack.EXCLUDES_MEMBER), TYPE_FILE, 0o644,
+                            os.geteuid(), os.getegid(), len(record), int(time.time()))
+        batch += record + bytes(-len(record) % BLOCK)
         stats.members += 1
     batch += ZERO_BLOCK * 2
     out.write(batch)

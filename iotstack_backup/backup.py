@@ -18,7 +18,8 @@ import stat
 import sys
 import time
 
-from . import archive_writer, docker_compose, iotstack, menu, progress, run, schedule, tarformat
+from . import (
+    archive_writer, docker_compose, iotstack, journal, menu, progress, run, schedule, tarformat)
 from .archive_writer import write_archive
 from .settings import (
     backup_type,
@@ -263,9 +264,10 @@ def dry_run(stack, args):
     out.write("Items backed up:\n")
     for item in items:
         out.write("  ./%s\n" % item)
-    excluded, notes = [], []
+    excluded, notes, warnings = [], [], []
     count = size = 0
-    for entry in archive_writer.iter_entries(stack, items, args.exclude, excluded, notes):
+    for entry in archive_writer.iter_entries(stack, items, args.exclude, excluded, notes,
+                                             warnings):
         count += 1
         if stat.S_ISREG(entry.st.st_mode):
             size += entry.st.st_size
@@ -276,6 +278,8 @@ def dry_run(stack, args):
             out.write("  ./%s\n" % rel)
     for note in notes:
         out.write("Note: %s\n" % note)
+    for warning in warnings:
+        out.write("Warning: %s\n" % warning)
     folder = os.path.join(backups, "backup")
     policy = iotstack.retention_policy(args)
     if policy and os.path.isdir(folder):
@@ -288,7 +292,7 @@ def dry_run(stack, args):
             dest, iotstack.host_folder(), " (encrypted with gpg to %s)" % ", ".join(args.encrypt_to)
             if args.encrypt_to else ""))
     out.write("Dry run: nothing was written.\n")
-    return run.EXIT_OK
+    return run.EXIT_WARNINGS if warnings else run.EXIT_OK
 
 
 def run_backup(stack, args, owner, owner_how, outcome):
@@ -298,8 +302,9 @@ def run_backup(stack, args, owner, owner_how, outcome):
         for folder in ("", "backup", "rolling", "logs"):
             iotstack.ensure_dir(os.path.join(backups, folder), owner)
         if os.path.lexists(os.path.join(stack, iotstack.JOURNAL_NAME)):
-            raise run.UserError("an interrupted restore is pending; run restore.py --recover "
-                                "before backing up")
+            raise run.UserError("an interrupted restore is pending and could not be finished "
+                                "as this user; run 'sudo python3 restore.py --recover' in %s "
+                                "before backing up" % stack)
         now = iotstack.now_local()
         plan = plan_backup(args.type, now, backups, os.path.exists)
         log = iotstack.RunLog(plan.log)
@@ -350,6 +355,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
         compose = docker_compose.open_compose(stack, log)
     error = None
     window = time.monotonic()
+    previous = iotstack.newest_archive(os.path.join(stack, "backups"))
     try:
         with docker_compose.services_stopped(compose, log, report, stack):
             make_backup(stack, plan, items, args, owner, log, result)
@@ -373,10 +379,15 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
             error = run.UserError("post_backup.sh failed with status %d (the backup itself is "
                                   "complete)" % status)
     if result.get("published"):
-        # Only a complete, verified archive makes older ones expendable.
-        remove_old_backups(os.path.join(stack, "backups"), plan, iotstack.retention_policy(args),
-                           log)
-        failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log)
+        # Only a complete, verified archive of the usual size makes older
+        # ones expendable.
+        policy = iotstack.retention_policy(args)
+        shrunk = iotstack.shrink_warning(result["size"], previous)
+        if shrunk:
+            result["stats"].warnings.append(shrunk)
+            policy = None
+        remove_old_backups(os.path.join(stack, "backups"), plan, policy, log)
+        failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log, policy)
         if failures and error is None:
             error = run.UserError("%s; the local backup is kept" % "; ".join(failures))
     finish_log(stack, log, plan, items, result, report, started)
@@ -410,8 +421,9 @@ def remove_old_backups(backups, plan, policy, log):
         log.line("Removed old backup (%s): backup/%s" % (iotstack.describe_policy(policy), name))
 
 
-def copy_offsite(backups, plan, args, log):
-    """Copy the new archive(s) to every destination; a list of failures."""
+def copy_offsite(backups, plan, args, log, policy):
+    """Copy the new archive(s) to every destination, then apply the
+    retention policy there; a list of failures."""
     if not args.copy_to:
         return []
     from . import encryption, offsite
@@ -436,7 +448,6 @@ def copy_offsite(backups, plan, args, log):
                 for path, rel in sources:
                     checked = offsite.upload(dest, path, rel, host)
                     log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
-                policy = iotstack.retention_policy(args)
                 if policy and dest.method in ("rclone", "rsync"):
                     names = [rel.split("/", 1)[1] for rel, _size, _mtime
                              in offsite.list_backups(dest, host) if rel.startswith("backup/")]
@@ -517,6 +528,9 @@ def backup_command(args):
     if args.encrypt_to:
         from . import encryption
         encryption.check_recipients(args.encrypt_to)  # before anything is stopped or written
+    # A real run that cannot recover refuses below, in one line of its own.
+    journal.recover_first(stack, sys.stdout, lambda message: args.dry_run and sys.stderr.write(
+        "%s: warning: %s\n" % (PROG, message)))
     if args.dry_run:
         return dry_run(stack, args)
     try:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from .run import EXIT_BUSY, EXIT_USAGE, UserError, remember_log
+from .run import EXIT_BUSY, EXIT_USAGE, UserError, fix_for, remember_log
 
 # Items of a backup, in archive order.  services/ and volumes/ are expected;
 # the rest are saved when present.  Directory items end in "/".
@@ -195,6 +195,35 @@ def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily
             for name in sorted(by_stem.get(stem, []))]
 
 
+def newest_archive(backups):
+    """(name relative to backups, size) of the newest archive in backup/ and
+    rolling/ (by mtime), or None: what a new backup is compared with."""
+    newest = None
+    for folder in ("backup", "rolling"):
+        with contextlib.suppress(OSError), os.scandir(os.path.join(backups, folder)) as it:
+            for entry in it:
+                if entry.name.endswith(".tar.gz") and not entry.name.startswith(".") \
+                        and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if newest is None or st.st_mtime > newest[0]:
+                        newest = (st.st_mtime, folder + "/" + entry.name, st.st_size)
+    return None if newest is None else newest[1:]
+
+
+def shrink_warning(new_size, previous):
+    """The size guard: a warning when the new archive is less than half the
+    size of the previous one (a disk not mounted, a volume deleted), else
+    None.  previous is newest_archive()'s answer before this run."""
+    if previous is None:
+        return None
+    name, old_size = previous
+    if new_size * 2 >= old_size:
+        return None
+    return ("this backup (%d bytes) is less than half the size of the previous one, %s "
+            "(%d bytes): is a disk not mounted, or a volume gone? It is kept, and no old "
+            "backup was removed" % (new_size, name, old_size))
+
+
 def manifest_items(exists):
     """(items to archive, required items that are missing), in archive order."""
     items = [item for item in MANIFEST_ITEMS if exists(item.rstrip("/"))]
@@ -219,6 +248,25 @@ def is_excluded(rel, patterns):
         if "/" not in bare and fnmatch.fnmatchcase(name, bare):
             return True
     return False
+
+
+# The member that records a backup's --exclude patterns: outside every
+# item, so GNU tar and the original restore.sh just put it in .tmp/.
+EXCLUDES_MEMBER = ".tmp/iotstack-backup-excludes.json"
+
+
+def excludes_record(patterns, excluded):
+    return (json.dumps({"version": 1, "patterns": list(patterns), "excluded": list(excluded)},
+                       indent=1) + "\n").encode()
+
+
+def parse_excludes(data):
+    """The patterns of an excludes record; [] when it cannot be read."""
+    try:
+        patterns = json.loads(data.decode("utf-8")).get("patterns", [])
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return []
+    return [p for p in patterns if isinstance(p, str)] if isinstance(patterns, list) else []
 
 
 # Items by their first path component: item_of runs once per member.
@@ -251,12 +299,29 @@ def ensure_dir(path, owner):
     Folders left to root by the old script are given back too (IOTstack #254).
     """
     created = False
+    path = os.path.normpath(path)
     if not os.path.isdir(path):
+        problem = not_a_folder(path, os.path.lexists(path), os.path.islink(path),
+                               os.readlink(path) if os.path.islink(path) else None)
+        if problem:
+            raise UserError(problem)
         os.makedirs(path, exist_ok=True)
         created = True
     if owner is not None:
         os.chown(path, owner.uid, owner.gid)
     return created
+
+
+def not_a_folder(path, exists, is_link, target):
+    """Why a folder we need cannot be made at path (it is not a folder), or
+    None: a symlink whose target is missing is most often a USB disk that
+    is not mounted, and the backup must not go to the SD card instead."""
+    if is_link:
+        return ("%s is a symlink to %s, which does not exist: mount that disk (or create "
+                "the folder), or remove the link" % (path, target))
+    if exists:
+        return "%s is not a folder: move it out of the way and run again" % path
+    return None
 
 
 def chown_to(path, owner):
@@ -320,23 +385,42 @@ def stack_lock(stack, owner=None):
         if owner is not None:
             os.chown(tmp, owner.uid, owner.gid)
     path = os.path.join(stack, LOCK_NAME)
+    fd, writable = open_lock_file(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise UserError("cannot open the lock file %s: %s" % (path, e.strerror)) from None
-    try:
+        if owner is not None:
+            # Whoever runs next (root from cron, or the user) can open it.
+            with contextlib.suppress(OSError):
+                os.fchown(fd, owner.uid, owner.gid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
             raise UserError("another backup or restore is running on %s%s"
                             % (stack, " (%s)" % holder if holder else ""), EXIT_BUSY) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, ("%s pid %d since %s\n" % (os.path.basename(sys.argv[0]), os.getpid(),
-                                                  time.strftime("%H:%M:%S"))).encode(), 0)
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, ("%s pid %d since %s\n" % (os.path.basename(sys.argv[0]), os.getpid(),
+                                                      time.strftime("%H:%M:%S"))).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def open_lock_file(path):
+    """(fd, writable): the lock file opened for writing, else, when another
+    user (root, from an earlier run) owns it, for reading: flock works on
+    either, so the lock holds whoever created the file."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), True
+    except PermissionError:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        except OSError as e:
+            error = e
+    except OSError as e:
+        error = e
+    raise UserError("cannot open the lock file %s: %s; %s"
+                    % (path, error.strerror, fix_for(os.path.dirname(path)))) from None
 
 
 def run_hook(stack, name, log):

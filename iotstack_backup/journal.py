@@ -15,7 +15,8 @@ import os
 import shutil
 
 from . import docker_compose, iotstack
-from .unpack import staging_ancestors
+from .run import EXIT_BUSY, UserError, describe_os_error
+from .unpack import live_points, staging_ancestors
 
 STAGING_PREFIX = "restore-staging."
 
@@ -39,39 +40,88 @@ def read_journal(stack):
         return None
 
 
-def swap_in(stack, journal):
-    """Rename each unit aside and its staged copy in; the journal says how far."""
+# Inside a folder on another disk (a mount point, or a symlink out of the
+# stack), the staged copies and the replaced entries wait in these folders,
+# on that disk: a rename never crosses disks, and nothing is written under
+# a mount point onto the disk below it.
+FOREIGN_STAGING = ".iotstack-restore-staging."
+FOREIGN_ASIDE = ".iotstack-restore-old."
+
+# .tmp/restore-foreign.TOKEN.json lists those folders from before the
+# journal exists, so that recovery finds them after a crash.
+FOREIGN_RECORD = "restore-foreign."
+
+
+def split_units(units, points, keep, children):
+    """The swaps that restore `units` and leave in place what must stay:
+    the points (mount points and symlinks to other disks: the folder stays,
+    its contents are swapped on that disk) and `keep` (live entries the
+    backup excluded: left exactly as they are).  A unit holding neither is
+    one swap, as always; one holding some is opened, its entries swapped
+    one by one.  children(rel) lists the names below rel, live and staged.
+    Returns [(rel, domain)], domain the innermost point holding rel ("" for
+    the stack itself)."""
+    inner = set(points) | set(keep)
+    swaps = []
+
+    def visit(rel, domain):
+        if rel in keep:
+            return
+        if rel in points:
+            for name in children(rel):
+                visit(rel + "/" + name, rel)
+        elif any(other.startswith(rel + "/") for other in inner):
+            for name in children(rel):
+                visit(rel + "/" + name, domain)
+        else:
+            swaps.append((rel, domain))
+
+    for unit in units:
+        above = [point for point in points if unit.startswith(point + "/")]
+        visit(unit, max(above, key=len) if above else "")
+    return swaps
+
+
+def journal_entries(stack, journal):
+    """[(live, staged, aside, old, new)] absolute paths: what swap_in renames.
+    A version 1 journal (one staging and aside folder) says it per unit."""
+    if "entries" in journal:
+        return [(e["live"], e["staged"], e["aside"], e["old"], e["new"])
+                for e in journal["entries"]]
     staging = os.path.join(stack, journal["staging"])
     aside = os.path.join(stack, journal["aside"])
+    return [(os.path.join(stack, unit), os.path.join(staging, unit), os.path.join(aside, unit),
+             True, True) for unit in journal["units"]]
+
+
+def swap_in(stack, journal):
+    """Rename each entry aside and its staged copy in; the journal says how far."""
     write_journal(stack, journal)
     for parent in journal["created_parents"]:
         os.mkdir(os.path.join(stack, parent))
-    for unit in journal["units"]:
-        live = os.path.join(stack, unit)
-        if os.path.lexists(live):
-            os.rename(live, os.path.join(aside, unit))
-        os.rename(os.path.join(staging, unit), live)
+    folders = set()
+    for live, staged, aside, old, new in journal_entries(stack, journal):
+        if old and os.path.lexists(live):
+            os.rename(live, aside)
+        if new:
+            os.rename(staged, live)
+        folders.add(os.path.dirname(live))
     keep_parent_times(stack, journal)
-    for folder in {os.path.dirname(os.path.join(stack, unit)) for unit in journal["units"]}:
+    for folder in folders:
         iotstack.fsync_dir(folder)
     journal["state"] = "committed"
     write_journal(stack, journal)
 
 
 def roll_back(stack, journal):
-    """Undo swap_in from any point: a unit whose staged copy is gone was
+    """Undo swap_in from any point: an entry whose staged copy is gone was
     swapped in, so it goes back to staging and the old one returns."""
-    staging = os.path.join(stack, journal["staging"])
-    aside = os.path.join(stack, journal["aside"])
-    for unit in reversed(journal["units"]):
-        live = os.path.join(stack, unit)
-        new = os.path.join(staging, unit)
-        old = os.path.join(aside, unit)
-        if not os.path.lexists(new) and os.path.lexists(live):
-            os.makedirs(os.path.dirname(new), exist_ok=True)
-            os.rename(live, new)
-        if os.path.lexists(old):
-            os.rename(old, live)
+    for live, staged, aside, old, new in reversed(journal_entries(stack, journal)):
+        if new and not os.path.lexists(staged) and os.path.lexists(live):
+            os.makedirs(os.path.dirname(staged), exist_ok=True)
+            os.rename(live, staged)
+        if old and os.path.lexists(aside):
+            os.rename(aside, live)
     for parent in reversed(journal["created_parents"]):
         try:
             os.rmdir(os.path.join(stack, parent))
@@ -101,12 +151,52 @@ def keep_parent_times(stack, journal):
 
 
 def clean_up(stack, journal):
-    """After commit or roll back: drop staging (and aside unless kept)."""
-    shutil.rmtree(os.path.join(stack, journal["staging"]), ignore_errors=True)
-    if not journal.get("keep_old") or journal["state"] != "committed":
-        shutil.rmtree(os.path.join(stack, journal["aside"]), ignore_errors=True)
+    """After commit or roll back: drop staging (and aside unless kept), on
+    every disk."""
+    keep = journal.get("keep_old") and journal["state"] == "committed"
+    foreign = journal.get("foreign", {"staging": [], "aside": []})
+    for path in [os.path.join(stack, journal["staging"])] + foreign["staging"]:
+        shutil.rmtree(path, ignore_errors=True)
+    if not keep:
+        for path in [os.path.join(stack, journal["aside"])] + foreign["aside"]:
+            shutil.rmtree(path, ignore_errors=True)
+    if foreign["staging"]:
+        keep_parent_times(stack, journal)  # our folders in them are gone
     os.unlink(journal_path(stack))
     iotstack.fsync_dir(os.path.dirname(journal_path(stack)))
+    remove_foreign_record(stack, journal)
+
+
+def foreign_record_path(stack, staging_rel):
+    token = os.path.basename(staging_rel)[len(STAGING_PREFIX):]
+    return os.path.join(stack, ".tmp", FOREIGN_RECORD + token + ".json")
+
+
+def write_foreign_record(stack, staging_rel, folders):
+    """Before a folder of ours is made on another disk: where it will be."""
+    iotstack.write_json_atomically(foreign_record_path(stack, staging_rel), folders)
+
+
+def remove_foreign_record(stack, journal):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(foreign_record_path(stack, journal["staging"]))
+
+
+def remove_foreign_folders(record):
+    """Staging and aside folders of a run that died before its journal: only
+    folders of ours (by name), and an aside one only when it holds nothing."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            folders = json.load(f)
+    except (OSError, ValueError):
+        folders = {}
+    for path in folders.get("staging", []):
+        if os.path.basename(path).startswith(FOREIGN_STAGING):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in folders.get("aside", []):
+        if os.path.basename(path).startswith(FOREIGN_ASIDE):
+            remove_empty_tree(path)
+    os.unlink(record)
 
 
 def recover(stack, log, out):
@@ -131,7 +221,10 @@ def recover(stack, log, out):
         out.write(message + "\n")
     for name in sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []:
         rel = ".tmp/" + name
-        if name.startswith(STAGING_PREFIX) and rel not in with_journal:
+        if name.startswith(FOREIGN_RECORD):
+            remove_foreign_folders(os.path.join(tmp, name))
+            log.line("Removed the folders of an interrupted restore on other disks")
+        elif name.startswith(STAGING_PREFIX) and rel not in with_journal:
             # Unpacked before any swap began: nothing live was touched.
             shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
             log.line("Removed the staging folder of an interrupted restore: %s" % rel)
@@ -145,6 +238,40 @@ def recover(stack, log, out):
     return journal is not None
 
 
+def pending(stack):
+    """Whether an interrupted restore left a journal or a staging folder."""
+    if os.path.lexists(journal_path(stack)):
+        return True
+    tmp = os.path.join(stack, ".tmp")
+    with contextlib.suppress(OSError):
+        return any(name.startswith(STAGING_PREFIX) for name in os.listdir(tmp))
+    return False
+
+
+def recover_first(stack, out, warn, owner=None):
+    """What every run does first, --list, --verify and --dry-run included:
+    finish or roll back an interrupted restore, saying which on out; when
+    this user may not (files of root), warn(line) says how to finish it.
+    A restore still running (it holds the lock) is left alone."""
+    if stack is None or not pending(stack):
+        return
+    try:
+        with iotstack.stack_lock(stack, owner):
+            recover(stack, iotstack.RunLog(), out)
+    except UserError as e:
+        if e.code == EXIT_BUSY:
+            return
+        error = str(e)
+    except OSError as e:
+        error = describe_os_error(e)
+    except (ValueError, KeyError, TypeError) as e:
+        error = "%s is damaged: %s %s" % (journal_path(stack), type(e).__name__, e)
+    else:
+        return
+    warn("an interrupted restore of %s is pending and could not be finished (%s): run "
+         "'sudo python3 restore.py --recover' in %s" % (stack, error, stack))
+
+
 def remove_empty_tree(path):
     for folder, _dirs, files in os.walk(path, topdown=False):
         if not files:
@@ -154,15 +281,123 @@ def remove_empty_tree(path):
                 pass
 
 
-def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old):
+def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swaps=None,
+                    domains=None):
+    """The journal of a swap.  swaps: split_units' answer (default: each
+    unit whole); domains: {point: (live folder, staging folder, aside
+    folder)} for the points on other disks."""
     aside = os.path.join(stack, aside_rel)
+    staging = os.path.join(stack, staging_rel)
+    if swaps is None:
+        swaps = [(unit, "") for unit in units]
+    places = {"": (stack, staging, aside)}
+    places.update(domains or {})
     created = []
-    for unit in units:
-        for ancestor in staging_ancestors(unit):
-            os.makedirs(os.path.join(aside, ancestor), exist_ok=True)
-            if not os.path.lexists(os.path.join(stack, ancestor)) and ancestor not in created:
-                created.append(ancestor)
+    entries = []
+    for rel, domain in swaps:
+        live_root, staging_root, aside_root = places[domain]
+        inner = rel[len(domain) + 1:] if domain else rel
+        live = os.path.join(live_root, inner)
+        staged = os.path.join(staging_root, inner)
+        old_path = os.path.join(aside_root, inner)
+        os.makedirs(os.path.dirname(old_path), exist_ok=True)
+        if not domain:
+            for ancestor in staging_ancestors(rel):
+                if not os.path.lexists(os.path.join(stack, ancestor)) and ancestor not in created:
+                    created.append(ancestor)
+        entries.append({"rel": rel, "live": live, "staged": staged, "aside": old_path,
+                        "old": os.path.lexists(live), "new": os.path.lexists(staged)})
+    times = parent_times(stack, units)
+    for entry in entries:
+        # The folders that stay while their entries are swapped (a mount
+        # point, a folder opened around one) keep their times too.
+        folder = os.path.dirname(entry["live"])
+        if folder != stack and folder not in times and os.path.isdir(folder):
+            st = os.stat(folder)
+            times[folder] = [st.st_atime_ns, st.st_mtime_ns]
     os.makedirs(aside, exist_ok=True)
-    return {"version": 1, "state": "swapping", "archive": archive, "staging": staging_rel,
-            "aside": aside_rel, "units": units, "created_parents": created,
-            "keep_old": keep_old, "parent_times": parent_times(stack, units)}
+    foreign = {"staging": [place[1] for point, place in sorted((domains or {}).items())],
+               "aside": [place[2] for point, place in sorted((domains or {}).items())]}
+    return {"version": 2, "state": "swapping", "archive": archive, "staging": staging_rel,
+            "aside": aside_rel, "units": units, "entries": entries, "foreign": foreign,
+            "created_parents": created, "keep_old": keep_old, "parent_times": times}
+
+
+class OtherDisks:
+    """The mount points and symlinks to other disks in what is restored
+    (live_points): their members are staged in a folder on that
+    disk, and their contents swapped there, so the mount or link stays,
+    the data goes back onto its disk and no rename crosses disks.  A point
+    the archive holds nothing for is left as it is."""
+
+    def __init__(self, stack, only, token, staging_rel):
+        self.stack, self.staging_rel = stack, staging_rel
+        self.found = live_points(stack, only or list(iotstack.ITEM_NAMES))
+        self.places = {}
+        self.times = {}  # of the points' folders, before ours are made in them
+        for point in self.found:
+            real = os.path.realpath(os.path.join(stack, point))
+            st = os.stat(real)
+            self.times[real] = [st.st_atime_ns, st.st_mtime_ns]
+            self.places[point] = (real, os.path.join(real, FOREIGN_STAGING + token),
+                                  os.path.join(real, FOREIGN_ASIDE + token))
+        self.made = []
+        self.points = {}    # the points whose data is restored
+        self.untouched = []  # the points the archive holds nothing for
+        self.domains = {}
+
+    def stager_options(self):
+        return {"redirect": {point: place[1] for point, place in self.places.items()},
+                "link_points": [p for p, kind in self.found.items() if kind == "link"],
+                "on_new_point": self._new_point}
+
+    def _new_point(self, point):
+        self.made.append(point)
+        write_foreign_record(self.stack, self.staging_rel, {
+            "staging": [self.places[p][1] for p in self.made],
+            "aside": [self.places[p][2] for p in self.made]})
+
+    def staged(self, stager):
+        for point, kind in self.found.items():
+            if point in stager.redirect and point in stager.made_points:
+                self.points[point] = kind
+                self.domains[point] = self.places[point]
+            elif point in stager.redirect:
+                self.untouched.append(point)
+
+    def drop(self):
+        """Remove what was staged on other disks (nothing live changed)."""
+        for point in self.made:
+            shutil.rmtree(self.places[point][1], ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(foreign_record_path(self.stack, self.staging_rel))
+
+    def swaps(self, units, keep, staging, log):
+        for point in self.untouched:
+            log.line("Kept as it is: %s (a %s the backup holds nothing for)"
+                     % (point, "mount point" if self.found[point] == "mount" else
+                        "symlink to another disk"))
+        for point, kind in sorted(self.points.items()):
+            log.line("%s is a %s: its data goes back onto %s" % (
+                point, "mount point" if kind == "mount" else "symlink", self.places[point][0]))
+        if not self.points and not keep and not self.untouched:
+            return None
+
+        def where(rel):
+            above = [p for p in self.points if rel == p or rel.startswith(p + "/")]
+            if not above:
+                return os.path.join(self.stack, rel), os.path.join(staging, rel)
+            point = max(above, key=len)
+            live, staged, _aside = self.places[point]
+            return live + rel[len(point):], staged + rel[len(point):]
+
+        def children(rel):
+            names = set()
+            for path in where(rel):
+                if os.path.isdir(path) and (not os.path.islink(path) or rel in self.points):
+                    names.update(os.listdir(path))
+            return sorted(name for name in names if not name.startswith(".iotstack-restore-")
+                          and not (name == "lost+found" and self.found.get(rel) == "mount"))
+
+        return split_units(units, self.points, set(keep) | set(self.untouched),
+                                   children)

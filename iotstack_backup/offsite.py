@@ -29,12 +29,13 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
 import zlib
 
-from .iotstack import fsync_dir
+from .iotstack import ARCHIVE_MODE, fsync_dir
 
 METHODS = ("rclone", "rsync", "scp")
 
@@ -433,6 +434,7 @@ def download(dest: Destination, host: str, rel_name: str, local_path: str) -> No
         if got != size:
             raise CopyError("%s: download of %s/%s failed: got %d bytes, the destination lists %d"
                             % (dest, host, rel_name, got, size))
+        os.chmod(partial, ARCHIVE_MODE)  # rclone and scp make it 0644; it holds secrets
         _fsync_file(partial)
         os.replace(partial, local_path)
         fsync_dir(folder)
@@ -768,7 +770,30 @@ def _rclone_features(dest):
                         % dest) from None
 
 
+def rclone_local_path(target):
+    """The folder of an rclone target on the local backend (":local:/mnt/usb"
+    or ":local,opt=x:/mnt/usb"), else None."""
+    if not target.startswith((":local:", ":local,")):
+        return None
+    return target.partition(":")[2].partition(":")[2] or "."
+
+
 def _rclone_upload(dest, local_path, rel_name, host):
+    local_target = rclone_local_path(dest.target)
+    if local_target is not None and not os.path.isdir(local_target):
+        # As for rsync: rclone would create it, on the SD card under the
+        # mount point of a disk that is not mounted.
+        raise CopyError("%s: %s does not exist (it must exist: create it once, or mount the disk)"
+                        % (dest, local_target))
+    checked = _rclone_copy(dest, local_path, rel_name, host)
+    if local_target is not None:
+        # rclone creates local files 0644: the copy keeps the archive's mode.
+        os.chmod(os.path.join(local_target, host, rel_name),
+                 stat.S_IMODE(os.stat(local_path).st_mode))
+    return checked
+
+
+def _rclone_copy(dest, local_path, rel_name, host):
     hashes, can_rename = _rclone_features(dest)
     final = _rclone_path(dest, host, rel_name)
     staged = _rclone_path(dest, host, _partial_name(rel_name)) if can_rename else final

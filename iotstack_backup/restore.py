@@ -19,9 +19,11 @@ import sys
 import time
 
 from . import (
-    docker_compose, iotstack, pgzip, picker, progress, run, service_mounts, settings, tarformat)
+    docker_compose, iotstack, journal, pgzip, picker, progress, run, service_mounts, settings,
+    tarformat, unpack)
 from .journal import (
     ASIDE_PREFIX,
+    OtherDisks,
     STAGING_PREFIX,
     clean_up,
     prepare_journal,
@@ -33,6 +35,7 @@ from .unpack import (
     EarlyWriteback,
     Stager,
     check_units,
+    live_excluded,
     normalize_member_name,
     read_archive,
 )
@@ -213,10 +216,12 @@ def restore_with_log(stack, archive, args, log, out):
     staging_rel = ".tmp/" + STAGING_PREFIX + token
     aside_rel = ".tmp/" + ASIDE_PREFIX + token
     staging = os.path.join(stack, staging_rel)
+    disks = OtherDisks(stack, args.only, token, staging_rel)
 
     # 1. Read, check and (unless --in-place) unpack: nothing live changes.
     if args.in_place:
         summary = checked(archive, args.only, None)
+        unpack.check_room_in_place(stack, summary, replaced_units(summary.items, args.only))
     else:
         need, free = estimated_size(archive), iotstack.free_bytes(tmp)
         if need > free:
@@ -233,12 +238,14 @@ def restore_with_log(stack, archive, args, log, out):
             writer = pgzip.default_jobs() > 1
             with EarlyWriteback() as writeback, contextlib.closing(
                     Stager(staging, as_root, fresh_root=True, writeback=writeback,
-                           writer=writer)) as stager:
+                           writer=writer, **disks.stager_options())) as stager:
                 summary = checked(archive, args.only, stager, bar, staging)
             bar.finish()
+            disks.staged(stager)
         except BaseException:
             bar.stop()
             shutil.rmtree(staging, ignore_errors=True)
+            disks.drop()
             raise
     log.field("Members", summary.members)
     log.field("Data Size (bytes)", summary.bytes)
@@ -256,9 +263,16 @@ def restore_with_log(stack, archive, args, log, out):
         if not units:
             raise run.UserError("the archive holds no IOTstack items (services/, volumes/, "
                                 "docker-compose.yml...)")
-        check_units(stack, units)
+        check_units(stack, units, disks.points)
+        swaps = None
+        if not args.in_place:
+            keep = live_excluded(stack, units, summary.excludes)
+            for rel in sorted(keep):
+                log.line("Kept as it is (excluded from the backup): %s" % rel)
+            swaps = disks.swaps(units, keep, staging, log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        disks.drop()
         raise
     log.line("Replacing: %s" % ", ".join(units))
     if not args.in_place:
@@ -271,10 +285,11 @@ def restore_with_log(stack, archive, args, log, out):
     old_compose = compose_bytes(stack)  # read now: --in-place deletes it
     with docker_compose.services_stopped(compose, log, report, stack):
         if args.in_place:
-            replace_in_place(stack, archive, args.only, units, as_root, log)
+            replace_in_place(stack, archive, args.only, units, as_root, log, summary.excludes)
         else:
             journal = prepare_journal(stack, archive, units, staging_rel, aside_rel,
-                                      args.keep_old)
+                                      args.keep_old, swaps, disks.domains)
+            journal["parent_times"].update(disks.times)
             try:
                 swap_in(stack, journal)
             except BaseException:
@@ -318,23 +333,35 @@ def checked(archive, only, stager, progress=None, staging=None):
             raise run.UserError("not enough free space to unpack beside the current files; "
                                 "nothing was changed; free some space or use --in-place") from None
         raise run.UserError("unpacking failed: %s; nothing was changed"
-                            % (e.strerror or e)) from None
+                            % run.describe_os_error(e)) from None
 
 
-def replace_in_place(stack, archive, only, units, as_root, log):
+def replace_in_place(stack, archive, only, units, as_root, log, excludes=()):
     """The original's delete-then-extract, after the full check has passed."""
+    points = unpack.live_points(stack, units)
+    keep = live_excluded(stack, units, excludes)
     for unit in units:
-        path = os.path.join(stack, unit)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+        unpack.delete_except(stack, unit, points, keep)
     log.line("In place: deleted %s, unpacking over them" % ", ".join(units))
+    tracker = unpack.UnitTracker(units)
+    stager = Stager(stack, as_root)
+    adding = stager.add
+
+    def add(member, rel, reader):
+        tracker.saw(rel)
+        adding(member, rel, reader)
+    stager.add = add
     try:
-        read_archive(archive, only, Stager(stack, as_root))
-    except tarformat.ArchiveError as e:
-        raise run.UserError("the archive changed or failed while unpacking in place: %s" % e) \
-            from None
+        read_archive(archive, only, stager)
+    except (tarformat.ArchiveError, OSError) as e:
+        complete, incomplete = tracker.outcome()
+        cause = e if isinstance(e, tarformat.ArchiveError) else run.describe_os_error(e)
+        message = ("unpacking in place failed: %s; incomplete or missing now: %s%s; restore "
+                   "them again from %s" % (cause, ", ".join(incomplete),
+                                           "; complete: %s" % ", ".join(complete)
+                                           if complete else "", archive))
+        log.line("ERROR: " + message)
+        raise run.UserError(message) from None
 
 
 def backups_at(stack, source=None, host=None):
@@ -384,6 +411,11 @@ def dry_run(stack, archive, args, out):
     for unit in units:
         state = "replace" if os.path.lexists(os.path.join(stack, unit)) else "create"
         out.write("Would %s: %s\n" % (state, unit))
+    for rel in sorted(live_excluded(stack, units, summary.excludes)):
+        out.write("Would keep as it is (excluded from the backup): %s\n" % rel)
+    for point, kind in sorted(unpack.live_points(stack, units).items()):
+        out.write("Would keep the %s %s; its data goes back onto that disk\n"
+                  % ("mount point" if kind == "mount" else "symlink", point))
     for warning in summary.warnings:
         out.write("Warning: %s\n" % warning)
     out.write(stop_text(args, services_to_stop(stack, args, iotstack.RunLog())[1], would=True)
@@ -454,10 +486,13 @@ def restore_command(args):
     out = sys.stdout
     if args.verify:
         stack = iotstack.find_stack_dir(args.dir, os.environ, os.getcwd(), iotstack.INSTALL_DIR)
+        journal.recover_first(stack, out, warn)
         return verify_only(stack, args.verify, out)
     stack = iotstack.locate_stack(args.dir)
     from . import menu
     menu.warn_if_gone(stack)
+    if args.list or args.dry_run:
+        journal.recover_first(stack, out, warn)
     args.only = [normalize_only(path) for path in args.only]
     host = args.from_host or iotstack.host_folder()
     if args.list:
@@ -495,6 +530,11 @@ def restore_command(args):
             return run.EXIT_USAGE
     with run.signals_raise():
         return run_restore(stack, archive, args, owner)
+
+
+def warn(message):
+    sys.stderr.write("%s: warning: %s\n" % (PROG, message))
+    sys.stderr.flush()
 
 
 def fetch(stack, source, host, name, owner, out, passphrase_file=None):

@@ -92,12 +92,53 @@ def describe_os_error(error):
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "%s: the disk is full; free some space and run again" % where
     if error.errno in (errno.EACCES, errno.EPERM) and path:
-        return ("%s; if it was left to root by an earlier run, give it back with "
-                "'sudo chown -R %s: %s', or run this with sudo"
-                % (where, _user_name(), path))
+        return "%s; %s" % (where, fix_for(path))
     if error.errno == errno.EROFS:
         return "%s: the file system is read-only" % where
     return where
+
+
+def foreign_owned(path, uid, owner_of):
+    """The folder to give back when `path` may not be written: the highest
+    of its existing ancestors (path included) in the unbroken chain owned by
+    someone else, stopping below the first one that is ours (so never
+    /home or /).  owner_of(path) is the uid or None when it does not exist.
+    Returns None when nothing on the way belongs to anybody else."""
+    path = os.path.abspath(path)
+    chain = []
+    while True:
+        owner = owner_of(path)
+        if owner is not None:
+            if owner == uid:
+                break
+            chain.append(path)
+        elif chain:
+            break
+        parent = os.path.dirname(path)
+        if parent == path:
+            # Nothing on the way is ours: only the nearest one is worth naming.
+            return chain[0] if chain else None
+        path = parent
+    return chain[-1] if chain else None
+
+
+def _owner_of(path):
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
+
+
+def fix_for(path):
+    """What to do when `path` may not be written or read: the chown that
+    gives back a folder left to root by an earlier run, or sudo."""
+    if os.geteuid() == 0:
+        return "check its permissions and the disk it is on"
+    folder = foreign_owned(path, os.geteuid(), _owner_of)
+    if folder is None:
+        return "check its permissions, or run this with sudo"
+    return ("if it was left to root by an earlier run, give it back with "
+            "'sudo chown -R %s: %s', or run this with sudo" % (_user_name(), folder))
 
 
 def _user_name():

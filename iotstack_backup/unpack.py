@@ -10,11 +10,14 @@ after every header, every member and the gzip CRC have passed; regular
 files may be created by a writer process (file_writer) and a background
 sync keeps the disk busy, but every file is on disk before the swap.
 """
+import contextlib
 import os
+import shutil
 import stat
 
 from . import archive_writer, file_writer, iotstack, tarformat
 from .pgzip import GzipError, iter_gunzip
+from .progress import human_size
 from .run import UserError
 from .tarformat import ArchiveError
 
@@ -137,6 +140,7 @@ class Summary:
         self.found_only = set()
         self.skipped = []
         self.warnings = []
+        self.excludes = []  # the backup's --exclude patterns
 
 
 def read_archive(path, only, unpack=None, progress=None):
@@ -149,6 +153,10 @@ def read_archive(path, only, unpack=None, progress=None):
         for member in reader:
             rel = policy.check(member)
             summary.members += 1
+            if rel == iotstack.EXCLUDES_MEMBER and member.type == "file":
+                summary.excludes = iotstack.parse_excludes(
+                    b"".join(bytes(piece) for piece in reader.data(member)))
+                continue
             item = iotstack.item_of(rel)
             if item is None or (only and not restorable(rel, only)):
                 if rel and item is None and len(summary.skipped) < 1000:
@@ -200,7 +208,8 @@ class Stager:
     whenever a member touches a path it may not have written yet, so that
     members take effect in archive order either way."""
 
-    def __init__(self, root, as_root, fresh_root=False, writeback=None, writer=False):
+    def __init__(self, root, as_root, fresh_root=False, writeback=None, writer=False,
+                 redirect=None, link_points=None, on_new_point=None):
         self.root = root
         self.writeback = writeback  # an EarlyWriteback, told each file's size
         self.as_root = as_root
@@ -221,10 +230,37 @@ class Stager:
         # Regular files are created by a writer process when asked (and
         # fork exists); sent holds those sent since it last caught up.
         self.sent = set()
+        # {point: its staging folder on the other disk} (see restore's
+        # points): members below a point are staged there, the folder made
+        # when the first one comes; a point that the archive holds as a
+        # symlink or file is an ordinary member.
+        self.redirect = dict(redirect or {})
+        self.link_points = set(link_points or ())
+        self.made_points = set()
+        self.on_new_point = on_new_point
         self.writer = None
         if writer and hasattr(os, "fork"):
             self.writer = file_writer.FileWriterProcess(self.create_file,
                                                         raisable=(tarformat.ArchiveError,))
+
+    def place(self, rel):
+        """Where a member is staged: below root, or in a point's folder."""
+        if self.redirect:
+            point = rel
+            while point:
+                folder = self.redirect.get(point)
+                if folder is not None:
+                    if point not in self.made_points:
+                        # Made by this process (the writer process finds
+                        # it made: a file's folder is prepared here first).
+                        if not os.path.isdir(folder):
+                            if self.on_new_point is not None:
+                                self.on_new_point(point)
+                            os.mkdir(folder, 0o700)
+                        self.made_points.add(point)
+                    return folder + rel[len(point):]
+                point = point.rpartition("/")[0]
+        return os.path.join(self.root, rel)
 
     def _wait_for_writer(self):
         self.writer.wait()
@@ -242,7 +278,7 @@ class Stager:
                                  for folder in staging_ancestors(parent) + [parent]):
                 self._wait_for_writer()  # an error about that file comes first
             try:
-                os.makedirs(os.path.join(self.root, parent), exist_ok=True)
+                os.makedirs(self.place(parent), exist_ok=True)
             except (FileExistsError, NotADirectoryError):
                 # An earlier member put a file where this one needs a folder:
                 # a damaged archive, said in one line like the others.
@@ -251,7 +287,7 @@ class Stager:
             while parent not in self.made:
                 self.made.add(parent)
                 parent = parent.rpartition("/")[0]
-        return os.path.join(self.root, rel)
+        return self.place(rel)
 
     @staticmethod
     def _clear(path, rel):
@@ -270,7 +306,7 @@ class Stager:
 
     def create_file(self, rel, mode, uid, gid, mtime, pieces):
         """Runs in the writer process when there is one."""
-        path = os.path.join(self.root, rel)
+        path = self.place(rel)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         # The staging root is private (0700), so a file may have its
         # final permissions while it is being written.
@@ -295,8 +331,20 @@ class Stager:
     def add(self, member, rel, reader):
         if rel == "":
             return
-        path = self._prepare(rel)
         kind = member.type
+        if rel in self.redirect and kind != "dir":
+            if rel not in self.link_points:
+                raise tarformat.ArchiveError(
+                    "member %r is not a folder, but %s is a mount point here: the restore "
+                    "never replaces a mount point" % (rel, rel))
+            # The archive holds the link itself: an ordinary member.
+            del self.redirect[rel]
+            if kind == "file":
+                self._prepare(rel)
+                self.create_file(rel, member.mode, member.uid, member.gid, member.mtime,
+                                 reader.data(member))
+                return
+        path = self._prepare(rel)
         if kind == "file":
             if self.writer is not None:
                 self.writer.send(rel, member.mode, member.uid, member.gid, member.mtime,
@@ -330,7 +378,7 @@ class Stager:
                 self._wait_for_writer()
             # The policy made sure no folder on the way is a symlink; lstat
             # makes sure the target itself is not one.
-            target = os.path.join(self.root, target_rel)
+            target = self.place(target_rel)
             try:
                 is_file = stat.S_ISREG(os.lstat(target).st_mode)
             except FileNotFoundError:
@@ -367,16 +415,228 @@ class Stager:
             self.sent.clear()
         self.dirs.sort(key=lambda entry: -entry[0])
         for _depth, rel, member in self.dirs:
-            self._meta(member, os.path.join(self.root, rel))
+            self._meta(member, self.place(rel))
         self.dirs = []
 
 
-def check_units(stack, units):
-    """Refuse units whose place on disk lies behind a symlink."""
+# A member takes at most this much more room than its bytes (the last
+# block of a file, a folder's block): what --in-place adds to the estimate.
+MEMBER_OVERHEAD = 4096
+
+
+def room_needed(summary):
+    """Bytes the restored members may take on disk, at most."""
+    return summary.bytes + summary.members * MEMBER_OVERHEAD
+
+
+def used_bytes(path, device):
+    """Bytes that deleting path frees on `device` (not what lies on other
+    disks mounted below it)."""
+    total = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if st.st_dev == device:
+        total += st.st_blocks * 512
+    if stat.S_ISDIR(st.st_mode):
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(folder, name))
+                    if st.st_dev == device and (st.st_nlink == 1 or stat.S_ISDIR(st.st_mode)):
+                        total += st.st_blocks * 512
+    return total
+
+
+def in_place_shortfall(needed, free, freed):
+    """How many bytes --in-place would lack (0 when it fits)."""
+    return max(0, needed - free - freed)
+
+
+def check_room_in_place(stack, summary, units):
+    """Before --in-place deletes anything: the archive must fit in the free
+    space plus what deleting the items frees."""
+    device = os.stat(stack).st_dev
+    needed = room_needed(summary)
+    free = iotstack.free_bytes(stack)
+    freed = sum(used_bytes(os.path.join(stack, unit), device) for unit in units)
+    short = in_place_shortfall(needed, free, freed)
+    if short:
+        raise UserError(
+            "not enough space to restore in place: about %s needed, %s free plus %s freed by "
+            "deleting %s; nothing was changed; free %s and run again"
+            % (human_size(needed), human_size(free), human_size(freed),
+               ", ".join(units), human_size(short)))
+
+
+def delete_except(stack, rel, points, keep):
+    """Delete rel for --in-place, but never a mount point or a symlink to
+    another disk (only what is in it) nor what the backup excluded."""
+    path = os.path.join(stack, rel)
+    if rel in keep or not os.path.lexists(path):
+        return
+    inner = [other for other in list(points) + list(keep) if other.startswith(rel + "/")]
+    if rel in points or inner:
+        for name in os.listdir(path):
+            if not (name == "lost+found" and points.get(rel) == "mount"):
+                delete_except(stack, rel + "/" + name, points, keep)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class UnitTracker:
+    """Which units an unpacking in place reached, in archive order: when it
+    fails, the last one is incomplete and those after it are missing."""
+
+    def __init__(self, units):
+        self.units = list(units)
+        self.seen = []
+
+    def saw(self, rel):
+        for unit in self.units:
+            if rel == unit or rel.startswith(unit + "/"):
+                if not self.seen or self.seen[-1] != unit:
+                    self.seen.append(unit)
+                return
+
+    def outcome(self):
+        """(complete, incomplete) units after a failure."""
+        complete = self.seen[:-1]
+        return complete, [unit for unit in self.units if unit not in complete]
+
+
+def live_points(stack, tops):
+    """{rel: "mount" | "link"}: the folders at, above or below the tops
+    (items, or --only paths) that hold data on another disk: mount points,
+    and symlinks to folders outside the stack.  A restore keeps them where
+    they are and puts their data back onto that disk."""
+    real_stack = os.path.realpath(stack)
+    points = {}
+
+    def kind_of(rel, parent_dev):
+        """("mount" | "link" | "dir" | None, device) of a live entry."""
+        path = os.path.join(stack, rel)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None, None
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            if os.path.isdir(real) and real != real_stack \
+                    and not real.startswith(real_stack + "/"):
+                return "link", os.stat(real).st_dev
+            return None, None
+        if stat.S_ISDIR(st.st_mode):
+            return ("mount" if st.st_dev != parent_dev else "dir"), st.st_dev
+        return None, None
+
+    for top in tops:
+        dev = os.stat(stack).st_dev
+        kind = "dir"
+        for rel in staging_ancestors(top) + [top]:
+            kind, dev = kind_of(rel, dev)
+            if kind is None:
+                break
+            if kind != "dir":
+                points[rel] = kind
+        if kind is None:
+            continue
+        folders = [(top, dev)]
+        while folders:
+            rel, dev = folders.pop()
+            try:
+                with os.scandir(os.path.join(stack, rel)) as it:
+                    names = [entry.name for entry in it
+                             if entry.is_dir() and not entry.name.startswith(
+                                 (".iotstack-restore-", "lost+found"))]
+            except OSError:
+                continue
+            for name in names:
+                child = rel + "/" + name
+                kind, child_dev = kind_of(child, dev)
+                if kind is None:
+                    continue
+                if kind != "dir":
+                    points[child] = kind
+                if kind != "link":  # never walk out of the stack below an item
+                    folders.append((child, child_dev))
+    return points
+
+
+def live_excluded(stack, units, patterns):
+    """The live entries of the units that the backup's exclude patterns
+    match (checked as the backup checks them): a restore leaves them as
+    they are.  A folder matched is kept whole."""
+    if not patterns:
+        return set()
+    keep = set()
+    for unit in units:
+        path = os.path.join(stack, unit)
+        if not os.path.lexists(path):
+            continue
+        is_dir = os.path.isdir(path)
+        if iotstack.is_excluded(unit + "/" if is_dir else unit, patterns):
+            keep.add(unit)
+            continue
+        if not is_dir:
+            continue
+        for folder, dirs, files in os.walk(path):
+            rel_folder = os.path.relpath(folder, stack)
+            for name in list(dirs):
+                rel = rel_folder + "/" + name
+                if iotstack.is_excluded(rel + "/", patterns):
+                    keep.add(rel)
+                    dirs.remove(name)
+                elif os.path.islink(os.path.join(folder, name)):
+                    dirs.remove(name)
+            for name in files:
+                rel = rel_folder + "/" + name
+                if iotstack.is_excluded(rel, patterns):
+                    keep.add(rel)
+    return keep
+
+
+def not_ours(stack, units, uid):
+    """(unit, path) of the first live entry of the units that belongs to
+    another user (or a folder that cannot be read), or None: a restore
+    without root could neither remove it nor give its replacement the
+    owner it had."""
+    for unit in units:
+        top = os.path.join(stack, unit)
+        try:
+            if os.lstat(top).st_uid != uid:
+                return unit, unit
+        except FileNotFoundError:
+            continue
+        if not os.path.isdir(top) or os.path.islink(top):
+            continue
+        for folder, dirs, files in os.walk(top):
+            if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+                return unit, os.path.relpath(folder, stack)
+            for name in dirs + files:
+                path = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_uid != uid:
+                        return unit, os.path.relpath(path, stack)
+    return None
+
+
+def check_units(stack, units, points=()):
+    """Refuse units whose place on disk lies behind a symlink, and, when not
+    root, units holding what another user owns."""
+    if os.geteuid() != 0:
+        foreign = not_ours(stack, units, os.geteuid())
+        if foreign is not None:
+            raise UserError("cannot replace %s without root: %s belongs to another user or "
+                            "cannot be read (a container's files); run restore.py with sudo"
+                            % foreign)
     for unit in units:
         for ancestor in staging_ancestors(unit):
             path = os.path.join(stack, ancestor)
-            if os.path.islink(path):
+            if os.path.islink(path) and ancestor not in points:
                 raise UserError("cannot restore %s: %s is a symlink on disk, and the "
                                     "restore never writes through one" % (unit, ancestor))
             if os.path.lexists(path) and not os.path.isdir(path):

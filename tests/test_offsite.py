@@ -411,7 +411,7 @@ class RcloneLocalTest(MethodContract, unittest.TestCase):
     TRANSFER_HELPER = "_rclone_transfer"
     FETCH_HELPER = "_rclone_fetch"
     EXPECT_CHECK = "size and md5 checked"
-    TARGET_MUST_EXIST = False  # rclone creates folders, as it does on any remote
+    TARGET_MUST_EXIST = True  # a local folder: most likely a USB disk, as for rsync
 
     @classmethod
     def setUpClass(cls):
