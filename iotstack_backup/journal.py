@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from . import docker_compose, iotstack
+from . import iotstack
 from .unpack import staging_ancestors
 
 STAGING_PREFIX = "restore-staging."
@@ -141,7 +141,6 @@ def recover(stack, log, out):
             remove_empty_tree(os.path.join(tmp, name))
     if os.path.exists(journal_path(stack) + ".new"):
         os.unlink(journal_path(stack) + ".new")
-    docker_compose.restart_left_stopped(stack, log, out)
     return journal is not None
 
 

@@ -46,6 +46,8 @@ exit codes:
      directory is as it was (post_restore.sh failing also gives 1, with the
      files restored)
   2  bad arguments, archive not found, or no confirmation
+  3  restored with --no-stop: the containers named still hold the old
+     files until restarted (the command is printed)
   4  another backup or restore of this stack is running
 """
 
@@ -166,7 +168,12 @@ def run_restore(stack, archive, args, owner):
             log.field("Started At", now.isoformat(timespec="seconds"))
             log.field("Current Directory", stack)
             recover(stack, log, out)
+            leftover = docker_compose.restart_left_stopped(stack, log, out)
             if args.recover:
+                if leftover is not None and leftover.failed:
+                    raise run.UserError(
+                        "still stopped: %s; the record stays, so the next run tries again"
+                        % "; ".join("%s (%s)" % pair for pair in leftover.failed))
                 out.write("Nothing else to do (--recover).\n")
                 return run.EXIT_OK
             log.field("Archive", archive)
@@ -246,11 +253,12 @@ def restore_with_log(stack, archive, args, log, out):
         os.sync()  # the staged files are on disk before the old ones can go
 
     # 2. Swap, with the stack stopped.
-    compose = None if args.no_stop else docker_compose.open_compose(stack, log)
-    report = {}
+    window = docker_compose.ServiceWindow(stack, log)
     hook_status = None
     old_compose = compose_bytes(stack)  # read now: --in-place deletes it
-    with docker_compose.services_stopped(compose, log, report, stack):
+    with window:
+        if not args.no_stop:
+            stop_or_refuse(window, staging)
         if args.in_place:
             replace_in_place(stack, archive, args.only, units, as_root, log)
         else:
@@ -273,18 +281,65 @@ def restore_with_log(stack, archive, args, log, out):
             out.write(message + "\n")
             log.line(message)
         hook_status = iotstack.run_hook(stack, "post_restore.sh", log)
-    if report.get("restart_error"):
-        raise run.UserError("restored, but services could not be started again: %s"
-                            % report["restart_error"])
+    docker_compose.log_fields(log, window)
+    if window.failed:
+        raise run.UserError("restored, but could not start again: %s" % "; ".join(
+            "%s (%s)" % pair for pair in window.failed))
     out.write("Restored %s: %s (%d members, %s)\n" % (
         os.path.basename(archive), ", ".join(units), summary.members,
         progress.human_size(summary.bytes)))
-    if report.get("stopped"):
-        out.write("Services stopped and started again: %s\n" % ", ".join(report["stopped"]))
+    print_services(window, out)
     if hook_status:
         raise run.UserError("post_restore.sh failed with status %d; the files are restored "
                             "(see the log)" % hook_status)
+    if args.no_stop:
+        return warn_still_running(stack, window, log, out)
     return run.EXIT_OK
+
+
+def stop_or_refuse(window, staging):
+    """Stop the running services, or change nothing: files swapped under a
+    running database are what restore exists to avoid."""
+    if window.unavailable:
+        reason = "cannot tell which services run: %s" % window.unavailable
+    else:
+        try:
+            window.stop(window.running)
+            return
+        except docker_compose.StackUnavailable as e:
+            reason = str(e)
+    shutil.rmtree(staging, ignore_errors=True)
+    raise run.UserError("%s; nothing was changed (fix Docker, or restore under running "
+                        "containers with --no-stop)" % reason)
+
+
+def print_services(window, out):
+    if window.started:
+        out.write("Services stopped and started again: %s\n" % ", ".join(window.started))
+        out.write("Downtime (s): %s\n" % docker_compose.downtimes(window))
+    if window.left_alone:
+        out.write("Services left alone: %s\n" % docker_compose.describe(window.left_alone))
+    for name, advice in window.missing:
+        out.write("Warning: %s %s\n" % (name, advice))
+
+
+def warn_still_running(stack, window, log, out):
+    """--no-stop: the running containers keep the replaced files open until
+    they restart.  Exit 3 naming them and the command, or 0 if none ran."""
+    if window.unavailable:
+        message = ("Warning: could not check which containers still use the old files (%s); "
+                   "restart the running ones: cd %s && docker compose restart"
+                   % (window.unavailable, stack))
+    elif window.running:
+        message = ("Warning: these containers still hold the old files: %s; restart them: "
+                   "cd %s && %s restart %s" % (
+                       ", ".join(window.container_names(window.running)), stack,
+                       window.compose_words, " ".join(window.running)))
+    else:
+        return run.EXIT_OK
+    log.line(message)
+    out.write(message + "\n")
+    return run.EXIT_WARNINGS
 
 
 def checked(archive, only, stager, progress=None, staging=None):
