@@ -56,6 +56,7 @@ PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 ONEOFF_LABEL = "com.docker.compose.oneoff"
 WORKDIR_LABEL = "com.docker.compose.project.working_dir"
+VERSION_LABEL = "com.docker.compose.version"
 # Where docker usually lives: cron's PATH (/usr/bin:/bin) lacks /usr/local/bin,
 # where Docker's convenience script and many Pi guides put it.
 USUAL_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin",
@@ -95,13 +96,20 @@ def _run(argv, cwd=None, timeout=QUERY_TIMEOUT):
             result.stderr.decode("utf-8", "replace"))
 
 
+def installed(environ=None):
+    """Whether a docker command exists (on PATH or in the usual places)."""
+    environ = os.environ if environ is None else environ
+    return bool(find_program("docker", environ.get("PATH"))
+                or find_program("docker-compose", environ.get("PATH")))
+
+
 def compose_command(docker):
     """["<docker>", "compose"] (v2) or ["<docker-compose>"] (v1), or StackUnavailable."""
     if docker:
         with contextlib.suppress(StackUnavailable):
             if _run([docker, "compose", "version"])[0] == 0:
                 return [docker, "compose"]
-    v1 = find_program("docker-compose")
+    v1 = find_program("docker-compose", os.environ.get("PATH"))
     if v1:
         return [v1]
     raise StackUnavailable("neither 'docker compose' nor 'docker-compose' was found")
@@ -155,6 +163,7 @@ class Container:
         self.service = labels.get(SERVICE_LABEL, "")
         self.oneoff = labels.get(ONEOFF_LABEL, "").lower() == "true"
         self.working_dir = labels.get(WORKDIR_LABEL)
+        self.made_by_v1 = labels.get(VERSION_LABEL, "").startswith("1.")
         self.state = state.get("Status", "unknown")
         self.started_at = docker_time(state.get("StartedAt"))
         self.exit_code = state.get("ExitCode")
@@ -179,6 +188,13 @@ class Engine:
     def compose_words(self):
         """How a user types our compose command: "docker compose" or "docker-compose"."""
         return "docker-compose" if self.v1 else "docker compose"
+
+    def follow_creator(self, containers):
+        """Use compose v1 for containers v1 made, when it is here: v1 and v2
+        name and find containers differently."""
+        v1 = find_program("docker-compose", os.environ.get("PATH"))
+        if v1 and not self.v1 and containers and all(c.made_by_v1 for c in containers):
+            self.compose, self.v1 = [v1], True
 
     def _project_name(self, environ):
         if not self.v1:
@@ -263,6 +279,11 @@ class ServiceWindow:
         self._down = {}     # service -> [monotonic stop begin, start end or None]
         self._containers = {}
         self.engine = None
+        if not installed(environ):
+            # No docker command anywhere: no container can run from here.
+            log.line("Docker is not installed (no docker command on PATH or in %s): no "
+                     "service runs, none to stop" % ", ".join(USUAL_DIRS))
+            return
         try:
             self.engine = Engine(stack, environ)
             found = self.engine.containers()
@@ -271,6 +292,7 @@ class ServiceWindow:
             log.line("Docker: %s; no service was stopped" % e)
             return
         ours, foreign = split_by_folder(found, stack)
+        self.engine.follow_creator(ours)
         if foreign:
             # Same project name, another folder: compose would mix them up;
             # we never stop another stack's containers.
@@ -282,8 +304,8 @@ class ServiceWindow:
         self.left_alone = sorted((name, state) for name, state in states.items()
                                  if state != "running")
         self._containers = services
-        log.line("Services running (project %s): %s"
-                 % (self.engine.project, ", ".join(self.running) or "none"))
+        log.line("Services running (project %s, %s): %s"
+                 % (self.engine.project, self.compose_words, ", ".join(self.running) or "none"))
         if self.left_alone:
             log.line("Services left alone: %s" % describe(self.left_alone))
 
