@@ -11,8 +11,8 @@ and restore.main() in this process, and scripts run with ``script_env()``, use i
 tests of archives and swaps, where no service runs and stack control stays out of
 the way (it is tested on the real engine, never against a stand-in).
 """
+import concurrent.futures
 import os
-import shutil
 import tempfile
 from unittest import mock
 
@@ -28,6 +28,9 @@ RUNNING = ("mosquitto", "nodered")
 def use_engine(testcase):
     """DOCKER_HOST of the engine in os.environ while testcase runs; the Engine."""
     eng = E.engine()
+    if os.environ.get("DOCKER_HOST") == eng.docker_host and \
+            "COMPOSE_PROJECT_NAME" not in os.environ:
+        return eng
     patcher = mock.patch.dict(os.environ, {"DOCKER_HOST": eng.docker_host})
     patcher.start()
     testcase.addCleanup(patcher.stop)
@@ -42,9 +45,11 @@ def unique_dir(testcase, prefix="i11-"):
 
 
 def iotstack_project(testcase, flavour="v2", services=None, running=RUNNING, scale=0.05,
-                     tree=True):
+                     tree=True, stopped_too=True, cleanup=True, up=True):
     """A ComposeProject in a fresh IOTstack tree (tree=False: a bare folder with
-    services/), `running` up and the other services created and stopped."""
+    services/), `running` up and the other services created and stopped
+    (stopped_too=False: never created; up=False: no container at all).
+    cleanup=False: the caller removes it."""
     use_engine(testcase)
     E.require_flavour(flavour)
     tmp = unique_dir(testcase)
@@ -55,8 +60,11 @@ def iotstack_project(testcase, flavour="v2", services=None, running=RUNNING, sca
         os.makedirs(os.path.join(stack, "services"))
     E.write_compose(stack, SERVICES if services is None else services)
     project = E.ComposeProject(stack, flavour=flavour)
-    testcase.addCleanup(project.remove)
-    project.up()
+    if cleanup:
+        testcase.addCleanup(project.remove)
+    if not up:
+        return project
+    project.up(*([] if stopped_too else running))
     others = sorted(set(project.states()) - set(running))
     if others:
         project.stop(*others, timeout=0)
@@ -78,5 +86,7 @@ def script_env(**extra):
     return env
 
 
-def copy_tree(src, dst):
-    shutil.copytree(src, dst, symlinks=True)
+def remove_all(projects, workers=3):
+    """Remove many projects side by side (each takes about a second)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda project: project.remove(), projects))
