@@ -315,7 +315,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
     except run.UserError as e:
         error = e
     except (run.Interrupted, KeyboardInterrupt) as e:
-        log.line("Interrupted (%s): no new archive was written" % (e or "Ctrl-C"))
+        log.line("Interrupted (%s): no new archive was written" % (str(e) or "Ctrl-C"))
         finish_log(stack, log, plan, items, result, window, stack_warnings, started)
         raise
 

@@ -278,6 +278,7 @@ class ServiceWindow:
         self._record = {}   # service -> {"containers": [ids], "stopped_at": time}
         self._down = {}     # service -> [monotonic stop begin, start end or None]
         self._containers = {}
+        self._inherited = {}  # a killed run's entries not (yet) taken over
         self.engine = None
         if not installed(environ):
             # No docker command anywhere: no container can run from here.
@@ -291,6 +292,7 @@ class ServiceWindow:
             self.unavailable = str(e)
             log.line("Docker: %s; no service was stopped" % e)
             return
+        self._inherited = entries(read_record(self.marker))
         ours, foreign = split_by_folder(found, stack)
         self.engine.follow_creator(ours)
         if foreign:
@@ -404,7 +406,7 @@ class ServiceWindow:
         if code != 0 or late:
             for name in late:
                 code, _out, err = self.engine.compose_run("start", name)
-                if code != 0 or "rror" in err:
+                if code != 0 or "error" in err.lower():  # v1 says so, yet exits 0
                     errors[name] = _last_line(err)
         return errors
 
@@ -437,10 +439,12 @@ class ServiceWindow:
                 self.log.line("Warning: %s %s" % (name, advice))
 
     def _write_marker(self):
-        """The marker names what is stopped now; gone when nothing is."""
-        if self._record:
+        """The marker names what is stopped now (with what a killed run left
+        and nobody could start yet); gone when nothing is."""
+        services = dict(self._inherited, **self._record)
+        if services:
             write_json_atomically(self.marker, {"version": 2, "project": self.engine.project,
-                                                "services": self._record})
+                                                "services": services})
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.marker)
@@ -455,6 +459,7 @@ class ServiceWindow:
         still stopped since that run stopped them become this window's to start.
         Returns (due, gone): names, and (name, why) of those left alone."""
         due, gone = [], []
+        self._inherited = {}
         if isinstance(record.get("project"), str) and record["project"]:
             # The project it stopped, even if .env or the environment differ now.
             self.engine.project = record["project"]
@@ -520,20 +525,22 @@ def restart_left_stopped(stack, log, out=None, environ=None):
     marker = os.path.join(stack, STOPPED_MARKER)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(marker + ".new")  # killed before its rename: never in force
-    try:
-        with open(marker, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    record = read_record(marker)
+    if record is None:
         return None
-    except ValueError:
-        record = {}
     window = ServiceWindow(stack, log, environ)
     if window.unavailable:
         say(log, out, "Warning: an interrupted run left services stopped, and they cannot be "
                       "started now: %s" % window.unavailable)
         window.failed = [(name, window.unavailable) for name in entries(record)]
         return window
-    due, gone = window.adopt(record)
+    try:
+        _due, gone = window.adopt(record)
+    except StackUnavailable as e:
+        window.failed = [(name, str(e)) for name in entries(record)]
+        say(log, out, "Warning: an interrupted run left services stopped, and they cannot be "
+                      "started now: %s" % e)
+        return window
     for name, why in gone:
         say(log, out, "Left %s as it is: %s since an interrupted run stopped it" % (name, why))
     window.close()
@@ -546,6 +553,18 @@ def restart_left_stopped(stack, log, out=None, environ=None):
     for name, advice in window.missing:
         say(log, out, "Warning: %s (stopped by an interrupted run) is %s" % (name, advice))
     return window
+
+
+def read_record(marker):
+    """The marker's content (a dict), {} when unreadable, None when absent."""
+    try:
+        with open(marker, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def entries(record):

@@ -260,6 +260,12 @@ class KilledRunTests(EngineCase):
         self.assertEqual(project.states(), {"slow": "running", "cfg": "exited"})
         with open(marker(self.stack)) as f:
             self.assertEqual(list(json.load(f)["services"]), ["cfg"])
+        # A backup in between stops and starts slow, and keeps cfg's record.
+        code, out, err = call(backup.main, self.backup_args())
+        self.assertEqual(code, 3, out + err)
+        self.assertIn("cfg, stopped by an interrupted run, is still stopped", out)
+        with open(marker(self.stack)) as f:
+            self.assertEqual(list(json.load(f)["services"]), ["cfg"])
         os.rmdir(os.path.join(self.stack, "volumes/cfg/settings.conf"))
         with open(os.path.join(self.stack, "volumes/cfg/settings.conf"), "w") as f:
             f.write("x=1\n")
@@ -510,6 +516,12 @@ class RefusalTests(EngineCase):
             f.write(b"\x1f\x8b\x08\x00not really gzip")
         code, out, err = call(restore.main, ["damaged.tar.gz", "noask", "--dir", self.stack])
         self.assertEqual(code, 1, out + err)
+
+    def test_no_stop_in_backup_ini(self):
+        with open(os.path.join(self.stack, "backup.ini"), "w") as f:
+            f.write("[backup]\nno-stop = true\n")
+        code, out, err = call(backup.main, self.backup_args())
+        self.assertEqual((code, err), (0, ""), out)
 
     def test_dry_run_stops_nothing(self):
         code, out, err = call(backup.main, self.backup_args("--dry-run"))
