@@ -166,8 +166,6 @@ class Container:
         self.made_by_v1 = labels.get(VERSION_LABEL, "").startswith("1.")
         self.state = state.get("Status", "unknown")
         self.started_at = docker_time(state.get("StartedAt"))
-        self.exit_code = state.get("ExitCode")
-        self.error = state.get("Error") or ""
 
 
 class Engine:

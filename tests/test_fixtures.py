@@ -2,12 +2,8 @@
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 import unittest
-from unittest import mock
 
 from tests import stacktree
 from tests.stacktree import IS_ROOT, P, build_stack, diff_snapshots, snapshot
