@@ -249,16 +249,13 @@ def dry_run(stack, args):
     if args.no_stop:
         out.write("Services: left running (--no-stop)\n")
     else:
-        log = iotstack.RunLog()
-        compose = docker_compose.open_compose(stack, log)
-        if compose is not None:
-            try:
-                running = compose.running_services()
-                out.write("Would stop and start again: %s\n" % (", ".join(running) or "none"))
-            except docker_compose.StackUnavailable as e:
-                log.line("Docker: %s; carrying on without stopping services" % e)
-        for line in log.lines:
-            out.write(line + "\n")
+        window = docker_compose.ServiceWindow(stack, iotstack.RunLog())
+        if window.unavailable:
+            out.write("Would not stop services: %s\n" % window.unavailable)
+        else:
+            out.write("Would stop and start again: %s\n" % (", ".join(window.running) or "none"))
+            if window.left_alone:
+                out.write("Would leave alone: %s\n" % docker_compose.describe(window.left_alone))
     for item in missing:
         out.write("Missing: ./%s (noted in the log, not an error)\n" % item)
     out.write("Items backed up:\n")
@@ -338,7 +335,7 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
     if plan.rolling:
         log.field("Rolling File", relative(stack, plan.rolling))
     remove_stale_partials(os.path.join(stack, "backups"), log)
-    docker_compose.restart_left_stopped(stack, log, sys.stdout)
+    leftover = docker_compose.restart_left_stopped(stack, log, sys.stdout)
     items, missing = iotstack.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
     for item in missing:
         log.line("Note: ./%s is missing; backing up the rest" % item)
@@ -347,17 +344,19 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
     if status:
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
                             "written (see %s)" % (status, relative(stack, plan.log)))
-    report = outcome.setdefault("report", {})
-    compose = None
+    window = None
     if args.no_stop:
         log.line("Services: left running (--no-stop)")
     else:
-        compose = docker_compose.open_compose(stack, log)
+        window = docker_compose.ServiceWindow(stack, log)
+    stack_warnings = leftover_warnings(leftover)
     error = None
-    window = time.monotonic()
+    outcome["window"] = window
+    outcome["stack_warnings"] = stack_warnings
     previous = iotstack.newest_archive(os.path.join(stack, "backups"))
     try:
-        with docker_compose.services_stopped(compose, log, report, stack):
+        with window or contextlib.nullcontext():
+            stack_warnings += stop_services(window)
             make_backup(stack, plan, items, args, owner, log, result)
     except OSError as e:
         if iotstack.is_disk_full(e):
@@ -369,9 +368,8 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
         error = e
     except (run.Interrupted, KeyboardInterrupt) as e:
         log.line("Interrupted (%s): no new archive was written" % (str(e) or "Ctrl-C"))
-        finish_log(stack, log, plan, items, result, report, started)
+        finish_log(stack, log, plan, items, result, window, stack_warnings, started)
         raise
-    result["window"] = time.monotonic() - window  # the downtime, when services were stopped
 
     if error is None:
         status = iotstack.run_hook(stack, "post_backup.sh", log)
@@ -390,21 +388,56 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
         failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log, policy)
         if failures and error is None:
             error = run.UserError("%s; the local backup is kept" % "; ".join(failures))
-    finish_log(stack, log, plan, items, result, report, started)
+    stack_warnings += missing_warnings(window)
+    finish_log(stack, log, plan, items, result, window, stack_warnings, started)
+    not_started = start_failures(window)
     if error is not None:
         log.line("ERROR: %s" % error)
         if result.get("published"):  # a failed copy or hook: the backup itself is there
-            print_summary(stack, plan, result, report)
-        if report.get("restart_error"):
-            run.say_error(PROG, "services could not be started again: %s"
-                          % report["restart_error"])
+            print_summary(stack, plan, result, window, stack_warnings)
+        if not_started:
+            run.say_error(PROG, not_started)
         raise error
-    if report.get("restart_error"):
-        raise run.UserError("backup complete, but services could not be started again: %s"
-                            % report["restart_error"])
-    print_summary(stack, plan, result, report)
-    warnings = result["stats"].warnings + report.get("warnings", [])
+    if not_started:
+        raise run.UserError("backup complete, but %s" % not_started)
+    print_summary(stack, plan, result, window, stack_warnings)
+    warnings = result["stats"].warnings + stack_warnings
     return run.EXIT_WARNINGS if warnings else run.EXIT_OK
+
+
+def stop_services(window):
+    """Stop every running service for the archive's sake; warnings when the
+    backup has to be taken live instead."""
+    if window is None:
+        return []
+    if window.unavailable:
+        return ["services were not stopped (the backup was taken live): %s"
+                % window.unavailable]
+    try:
+        window.stop(window.running)
+    except docker_compose.StackUnavailable as e:
+        window.log.line("Warning: %s" % e)
+        return ["%s; the backup was taken with them running" % e]
+    return []
+
+
+def leftover_warnings(leftover):
+    """What an interrupted run left stopped and could not be started now."""
+    if leftover is None:
+        return []
+    return ["%s, stopped by an interrupted run, is still stopped: %s" % failure
+            for failure in leftover.failed]
+
+
+def missing_warnings(window):
+    return ["%s %s" % pair for pair in (window.missing if window else [])]
+
+
+def start_failures(window):
+    """The one line for services that could not be started again, or ""."""
+    if window is None or not window.failed:
+        return ""
+    return "could not start again: %s" % "; ".join("%s (%s)" % pair for pair in window.failed)
 
 
 def remove_old_backups(backups, plan, policy, log):
@@ -469,7 +502,7 @@ def copy_offsite(backups, plan, args, log, policy):
     return failures
 
 
-def finish_log(stack, log, plan, items, result, report, started):
+def finish_log(stack, log, plan, items, result, window, stack_warnings, started):
     stats = result.get("stats")
     if "rolling_overwritten" in result:
         log.field("Rolling Overwritten", result["rolling_overwritten"])
@@ -478,8 +511,7 @@ def finish_log(stack, log, plan, items, result, report, started):
     if stats is not None:
         log.field("Members", stats.members)
         log.field("Data Size (bytes)", stats.bytes)
-    log.field("Services Stopped", ", ".join(report.get("stopped", [])) or "none")
-    log.field("Services Started", ", ".join(report.get("started", [])) or "none")
+    docker_compose.log_fields(log, window)
     log.field("Duration (s)", "%.1f" % (time.monotonic() - started))
     log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
     log.line("Items backed up:")
@@ -490,20 +522,23 @@ def finish_log(stack, log, plan, items, result, report, started):
         log.line("./%s" % rel)
     for note in (stats.notes if stats else []):
         log.line("Note: %s" % note)
-    for warning in (stats.warnings if stats else []) + report.get("warnings", []):
+    for warning in (stats.warnings if stats else []) + stack_warnings:
         log.line("Warning: %s" % warning)
 
 
-def print_summary(stack, plan, result, report):
+def print_summary(stack, plan, result, window, stack_warnings):
     stats = result["stats"]
     verified = "verified" if result.get("verified") else "not verified"
     lines = ["Backup complete: %s (%s, %d items, %s)" % (
         relative(stack, plan.targets[0]), progress.human_size(result["size"]), stats.members, verified)]
     if plan.dated and plan.rolling:
         lines.append("Rolling copy: %s" % relative(stack, plan.rolling))
-    if report.get("stopped"):
-        lines.append("Services stopped and started again: %s" % ", ".join(report["stopped"]))
-    for warning in stats.warnings + report.get("warnings", []):
+    if window is not None and window.started:
+        lines.append("Services stopped and started again: %s" % ", ".join(window.started))
+        lines.append("Downtime (s): %s" % docker_compose.downtimes(window))
+    if window is not None and window.left_alone:
+        lines.append("Services left alone: %s" % docker_compose.describe(window.left_alone))
+    for warning in stats.warnings + stack_warnings:
         lines.append("Warning: %s" % warning)
     lines.append("Log: %s" % relative(stack, plan.log))
     sys.stdout.write("\n".join(lines) + "\n")

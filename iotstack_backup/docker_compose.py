@@ -1,27 +1,72 @@
-"""Stopping and starting the stack's services with Docker Compose.
+"""Stopping and starting the stack's services with Docker Compose, never leaving them down.
 
-Compose finds `docker compose` (v2) or `docker-compose` (v1) and runs it in
-the IOTstack directory.  How it keeps the stack up: services_stopped stops
-exactly the services that were running, with `stop` (never `down`, which
-recreates containers), and starts exactly those again however the block
-inside ends: an error, Ctrl-C or SIGTERM.  Before it stops anything it
-writes a marker in .tmp/ naming them, removed only after they were started,
-so that the next run of either command starts what a killed run (kill -9, a
-power cut) left stopped.
+A ServiceWindow is made once per run, in the IOTstack directory.  It finds
+the compose project by compose's own rules (`COMPOSE_PROJECT_NAME` in the
+environment, then in `.env`, then the directory's name; compose v2 is asked
+directly, so its `name:` key counts too), and reads the state of each of the
+project's containers from the engine (`docker inspect`, never the YAML):
+
+    window = ServiceWindow(stack, log)      # finds what runs; never raises
+    window.unavailable                      # None, or why docker cannot be used
+    with window:                            # close() on the way out, always
+        window.stop(["influxdb"])           # any number of groups, any order
+        ...                                 # read influxdb's data
+        window.start(["influxdb"])          # each service on its own
+        window.stop(["nodered", "grafana"])
+        ...
+    # every service stopped above runs again here, whatever happened inside
+
+How it keeps the stack up:
+- only services with a container in state `running` are ever stopped;
+  paused, restarting, exited and created ones are left as they are, and
+  named in the log (`left_alone`);
+- `stop()` first writes a marker in .tmp/ naming every service this run has
+  stopped and not yet started again, with their container ids and when the
+  stop began; a kill -9 leaves it, and the next run of either command
+  (restart_left_stopped) starts exactly those containers, unless they were
+  started (or removed, or recreated) by someone since;
+- SIGTERM, SIGINT and SIGHUP wait while `stop` or `start` runs (compose runs
+  in a session of its own, so Ctrl-C never cuts it short either), then
+  unwind the run, whose `close()` starts everything again;
+- `start()` never lets one service cost another its start: one compose call
+  for all, then each service that is still not running on its own; a
+  service the compose file no longer has is reported (`missing`) with what
+  to do, never passed to compose, where it would fail the whole call;
+- `close()` removes the marker only when everything it had to start runs.
+
+What it exposes for the log and the summary: `running`, `left_alone`
+[(service, state)], `stopped`, `started`, `failed` [(service, reason)],
+`missing` [(service, what to do)], `outstanding` (stopped, not started),
+`downtime()` {service: seconds from the stop's start to the start's end}.
 """
 import contextlib
+import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 
+from . import run
 from .iotstack import write_json_atomically
 
 STOPPED_MARKER = ".tmp/iotstack-stopped-services.json"
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
+WORKDIR_LABEL = "com.docker.compose.project.working_dir"
+VERSION_LABEL = "com.docker.compose.version"
+# Where docker usually lives: cron's PATH (/usr/bin:/bin) lacks /usr/local/bin,
+# where Docker's convenience script and many Pi guides put it.
+USUAL_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin",
+              "/snap/bin")
+QUERY_TIMEOUT = 60
+ACTION_TIMEOUT = 900  # a stop waits for every stop_grace_period
 
 
 class StackUnavailable(Exception):
-    """docker or its daemon cannot be used; the caller goes on without it."""
+    """docker or its daemon cannot be used: the message says why."""
 
 
 def _last_line(text):
@@ -30,138 +75,508 @@ def _last_line(text):
     return lines[-1] if lines else "no output"
 
 
-def compose_command(run=subprocess.run):
-    """["docker", "compose"] (v2), ["docker-compose"] (v1), or StackUnavailable."""
-    if shutil.which("docker"):
-        try:
-            probe = run(["docker", "compose", "version"], stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            probe = None
-        if probe is not None and probe.returncode == 0:
-            return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
+def find_program(name, path=None):
+    """The program on PATH, else in the usual places, else None; always
+    None with IOTSTACK_NO_DOCKER=1 (a stack without Docker, or a test that
+    must not touch one, though the machine has it)."""
+    if os.environ.get("IOTSTACK_NO_DOCKER") == "1":
+        return None
+    found = shutil.which(name, path=path)
+    if found:
+        return found
+    return shutil.which(name, path=os.pathsep.join(USUAL_DIRS))
+
+
+def _run(argv, cwd=None, timeout=QUERY_TIMEOUT):
+    """(returncode, stdout, stderr) as text.  In a session of its own, so
+    that Ctrl-C or a closed terminal never interrupts docker half-way."""
+    try:
+        result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                timeout=timeout, start_new_session=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise StackUnavailable("%s: %s" % (" ".join(argv[:2]), e)) from None
+    return (result.returncode, result.stdout.decode("utf-8", "replace"),
+            result.stderr.decode("utf-8", "replace"))
+
+
+def installed(environ=None):
+    """Whether a docker command exists (on PATH or in the usual places)."""
+    environ = os.environ if environ is None else environ
+    return bool(find_program("docker", environ.get("PATH"))
+                or find_program("docker-compose", environ.get("PATH")))
+
+
+def compose_command(docker):
+    """["<docker>", "compose"] (v2) or ["<docker-compose>"] (v1), or StackUnavailable."""
+    if docker:
+        with contextlib.suppress(StackUnavailable):
+            if _run([docker, "compose", "version"])[0] == 0:
+                return [docker, "compose"]
+    v1 = find_program("docker-compose", os.environ.get("PATH"))
+    if v1:
+        return [v1]
     raise StackUnavailable("neither 'docker compose' nor 'docker-compose' was found")
 
 
-class Compose:
-    """The compose project in the stack directory."""
+def dotenv_value(stack, key):
+    """KEY's value in the stack's .env, as compose reads it, or None."""
+    try:
+        with open(os.path.join(stack, ".env"), encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    value = None
+    for line in lines:
+        name, sep, text = line.strip().partition("=")
+        if sep and name.strip() == key:
+            value = text.strip().strip("'\"")
+    return value
 
-    def __init__(self, stack, command):
+
+def project_name_by_rules(stack, environ, v1=False):
+    """Compose's rules: COMPOSE_PROJECT_NAME (environment, then .env), else
+    the folder's name, lowercased with what compose drops dropped."""
+    name = (environ.get("COMPOSE_PROJECT_NAME") or dotenv_value(stack, "COMPOSE_PROJECT_NAME")
+            or os.path.basename(os.path.abspath(stack)))
+    name = re.sub(r"[^-_a-z0-9]", "", name.lower())
+    return name if v1 else name.lstrip("-_")
+
+
+def docker_time(text):
+    """Seconds since the epoch of docker's "2026-12-01T15:31:11.715982374Z"."""
+    match = re.match(r"(\d+)-(\d+)-(\d+)T(\d+):(\d+):(\d+)(?:\.(\d+))?", text or "")
+    if not match:
+        return None
+    parts = [int(p) for p in match.groups()[:6]]
+    fraction = float("0." + match.group(7)) if match.group(7) else 0.0
+    if parts[0] < 1970:
+        return 0.0  # "0001-01-01T00:00:00Z": never
+    moment = datetime.datetime(*parts, tzinfo=datetime.timezone.utc)
+    return moment.timestamp() + fraction
+
+
+class Container:
+    """One container of the project, as `docker inspect` describes it."""
+
+    def __init__(self, info):
+        labels = info.get("Config", {}).get("Labels") or {}
+        state = info.get("State") or {}
+        self.id = info.get("Id", "")
+        self.name = info.get("Name", "").lstrip("/")
+        self.service = labels.get(SERVICE_LABEL, "")
+        self.oneoff = labels.get(ONEOFF_LABEL, "").lower() == "true"
+        self.working_dir = labels.get(WORKDIR_LABEL)
+        self.made_by_v1 = labels.get(VERSION_LABEL, "").startswith("1.")
+        self.state = state.get("Status", "unknown")
+        self.started_at = docker_time(state.get("StartedAt"))
+
+
+class Engine:
+    """The docker CLI, the compose command and the project of one stack."""
+
+    def __init__(self, stack, environ=None):
+        environ = os.environ if environ is None else environ
         self.stack = stack
-        self.command = command
+        self.docker = find_program("docker", environ.get("PATH"))
+        self.compose = compose_command(self.docker)
+        self.v1 = len(self.compose) == 1
+        if not self.docker:
+            raise StackUnavailable("no docker command (looked on PATH and in %s)"
+                                   % ", ".join(USUAL_DIRS))
+        self.project = self._project_name(environ)
 
-    def _run(self, *args, timeout=600):
+    @property
+    def compose_words(self):
+        """How a user types our compose command: "docker compose" or "docker-compose"."""
+        return "docker-compose" if self.v1 else "docker compose"
+
+    def follow_creator(self, containers):
+        """Use compose v1 for containers v1 made, when it is here: v1 and v2
+        name and find containers differently."""
+        v1 = find_program("docker-compose", os.environ.get("PATH"))
+        if v1 and not self.v1 and containers and all(c.made_by_v1 for c in containers):
+            self.compose, self.v1 = [v1], True
+
+    def _project_name(self, environ):
+        if not self.v1:
+            # v2 knows its rules best (a `name:` in the file included).
+            code, out, _err = _run(self.compose + ["config", "--format", "json"], cwd=self.stack)
+            if code == 0:
+                with contextlib.suppress(ValueError, AttributeError):
+                    name = json.loads(out).get("name")
+                    if name:
+                        return name
+        return project_name_by_rules(self.stack, environ, self.v1)
+
+    def containers(self, ids=None):
+        """The project's containers (one-off `run` ones aside), or those of ids
+        that still exist.  StackUnavailable when the daemon does not answer."""
+        if ids is None:
+            code, out, err = _run([self.docker, "ps", "-a", "-q", "--no-trunc", "--filter",
+                                   "label=%s=%s" % (PROJECT_LABEL, self.project)])
+            if code != 0:
+                raise StackUnavailable(_last_line(err))
+            ids = out.split()
+        if not ids:
+            return []
+        code, out, err = _run([self.docker, "inspect", "--type", "container"] + list(ids))
         try:
-            result = subprocess.run(self.command + list(args), cwd=self.stack,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise StackUnavailable("%s %s: %s" % (" ".join(self.command), args[0], e)) from None
-        if result.returncode != 0:
-            cause = _last_line(result.stderr.decode("utf-8", "replace"))
-            raise StackUnavailable("%s %s failed: %s" % (" ".join(self.command), args[0], cause))
-        return result.stdout.decode("utf-8", "replace")
+            found = [Container(info) for info in json.loads(out or "[]")]
+        except (ValueError, AttributeError):
+            found = None
+        if found is None or (code != 0 and not found and "No such" not in err):
+            raise StackUnavailable(_last_line(err))
+        return [c for c in found if not c.oneoff and c.service]
 
-    def running_services(self):
-        out = self._run("ps", "--services", "--filter", "status=running", timeout=120)
-        return sorted({line.strip() for line in out.splitlines() if line.strip()})
+    def compose_run(self, *args, timeout=ACTION_TIMEOUT):
+        return _run(self.compose + ["-p", self.project] + list(args), cwd=self.stack,
+                    timeout=timeout)
+
+    def services_in_file(self):
+        """The services the compose file names now, or None when compose cannot read it."""
+        code, out, _err = self.compose_run("config", "--services", timeout=QUERY_TIMEOUT)
+        return set(out.split()) if code == 0 else None
+
+
+def split_by_folder(containers, stack):
+    """(ours, foreign): containers compose made from this folder (or that do
+    not say where from), and those made from another one."""
+    here = os.path.realpath(stack)
+    ours = [c for c in containers
+            if not c.working_dir or os.path.realpath(c.working_dir) == here]
+    return ours, [c for c in containers if c not in ours]
+
+
+def by_service(containers):
+    """{service: [Container]}."""
+    grouped = {}
+    for container in containers:
+        grouped.setdefault(container.service, []).append(container)
+    return grouped
+
+
+def service_state(containers):
+    """"running" when one of the service's containers runs, else their states."""
+    states = sorted({c.state for c in containers})
+    return "running" if "running" in states else "/".join(states)
+
+
+class ServiceWindow:
+    """The services of one run: which ran, which this run stopped, and getting
+    every one of those running again.  See the module's docstring."""
+
+    def __init__(self, stack, log, environ=None):
+        self.stack = stack
+        self.log = log
+        self.marker = os.path.join(stack, STOPPED_MARKER)
+        self.unavailable = None
+        self.running = []
+        self.left_alone = []
+        self.stopped = []
+        self.started = []
+        self.failed = []
+        self.missing = []
+        self._record = {}   # service -> {"containers": [ids], "stopped_at": time}
+        self._down = {}     # service -> [monotonic stop begin, start end or None]
+        self._containers = {}
+        self._inherited = {}  # a killed run's entries not (yet) taken over
+        self.engine = None
+        if not installed(environ):
+            # No docker command anywhere: no container can run from here.
+            log.line("Docker is not installed (no docker command on PATH or in %s): no "
+                     "service runs, none to stop" % ", ".join(USUAL_DIRS))
+            return
+        try:
+            self.engine = Engine(stack, environ)
+            found = self.engine.containers()
+        except StackUnavailable as e:
+            self.unavailable = str(e)
+            log.line("Docker: %s; no service was stopped" % e)
+            return
+        self._inherited = entries(read_record(self.marker))
+        ours, foreign = split_by_folder(found, stack)
+        self.engine.follow_creator(ours)
+        if foreign:
+            # Same project name, another folder: compose would mix them up;
+            # we never stop another stack's containers.
+            log.line("Left alone, same project name but created from another folder: %s"
+                     % ", ".join("%s (%s)" % (c.name, c.working_dir) for c in foreign))
+        services = by_service(ours)
+        states = {name: service_state(group) for name, group in services.items()}
+        self.running = sorted(name for name, state in states.items() if state == "running")
+        self.left_alone = sorted((name, state) for name, state in states.items()
+                                 if state != "running")
+        self._containers = services
+        log.line("Services running (project %s, %s): %s"
+                 % (self.engine.project, self.compose_words, ", ".join(self.running) or "none"))
+        if self.left_alone:
+            log.line("Services left alone: %s" % describe(self.left_alone))
+
+    @property
+    def compose_words(self):
+        return self.engine.compose_words if self.engine else "docker compose"
+
+    @property
+    def outstanding(self):
+        """Stopped by this run and not started again, in the order stopped."""
+        return [name for name in self.stopped if name in self._record]
+
+    def container_names(self, services):
+        """The names of these services' containers (as found at the start)."""
+        return [c.name for name in services for c in self._containers.get(name, [])]
+
+    def downtime(self):
+        """{service: seconds down} for every service this run stopped (so far)."""
+        now = time.monotonic()
+        return {name: (end if end is not None else now) - begin
+                for name, (begin, end) in self._down.items()}
 
     def stop(self, services):
-        if services:
-            self._run("stop", *services)
+        """Stop these services (those among `running`, not stopped yet) in one
+        compose call.  The marker names them before the call; a signal waits
+        until the call is over.  Raises StackUnavailable naming those still
+        running afterwards; the ones that did stop are started by close()."""
+        group = [s for s in services if s in self.running and s not in self.stopped]
+        if not group or self.engine is None:
+            return
+        with run.signals_deferred():
+            begin = time.monotonic()
+            stamp = time.time()
+            for name in group:
+                self._record[name] = {"containers": [c.id for c in self._containers[name]],
+                                      "stopped_at": stamp}
+                self._down[name] = [begin, None]
+            self.stopped.extend(group)
+            self._write_marker()
+            self.log.line("Stopping: %s" % ", ".join(group))
+            code, _out, err = self.engine.compose_run("stop", *group)
+            still = self._still_running(group)
+            if still is None:
+                still = group if code != 0 else []
+            self.log.line("Stopped: %s (%.1f s)" % (
+                ", ".join(s for s in group if s not in still) or "none",
+                time.monotonic() - begin))
+        if still:
+            reason = _last_line(err) if code != 0 else "still running after stop"
+            raise StackUnavailable("could not stop %s: %s" % (", ".join(still), reason))
+
+    def _still_running(self, group):
+        """Which of group run now, or None when docker does not answer."""
+        try:
+            now = self._ours()
+        except StackUnavailable:
+            return None
+        return [s for s in group if service_state(now.get(s, [])) == "running"]
 
     def start(self, services):
+        """Start again those of services this run stopped.  Each ends up in
+        `started`, `failed` (with the reason) or `missing` (with what to do);
+        the marker keeps only the failed ones."""
+        group = [s for s in self.outstanding if s in services]
+        if not group or self.engine is None:
+            return
+        with run.signals_deferred():
+            in_file = self.engine.services_in_file()
+            absent = [s for s in group if in_file is not None and s not in in_file]
+            present = [s for s in group if s not in absent]
+            errors = self._start_each(present)
+            now = self._states()
+            for name in present:
+                if now.get(name) == "running":
+                    self.started.append(name)
+                    self._record.pop(name)
+                    self._down[name][1] = time.monotonic()
+                else:
+                    self.failed.append((name, errors.get(name) or describe_exit(now.get(name))))
+            for name in absent:
+                self.missing.append((name, self._advice(name)))
+                self._record.pop(name)
+            self._write_marker()
+        self._log_start(present, absent)
+
+    def _start_each(self, names):
+        """One compose call for all; each one still not running again on its
+        own, so one that cannot start never holds back another.  Returns
+        {service: the error compose gave}."""
+        if not names:
+            return {}
+        code, _out, err = self.engine.compose_run("start", *names)
+        now = self._states()
+        late = [s for s in names if now.get(s) != "running"]
+        errors = {}
+        if code != 0 or late:
+            for name in late:
+                code, _out, err = self.engine.compose_run("start", name)
+                if code != 0 or "error" in err.lower():  # v1 says so, yet exits 0
+                    errors[name] = _last_line(err)
+        return errors
+
+    def _ours(self):
+        """{service: [Container]} of this folder's containers, now."""
+        return by_service(split_by_folder(self.engine.containers(), self.stack)[0])
+
+    def _states(self):
+        try:
+            return {name: service_state(group) for name, group in self._ours().items()}
+        except StackUnavailable:
+            return {}
+
+    def _advice(self, name):
+        containers = self._containers.get(name, [])
+        names = " ".join(c.name for c in containers) or name
+        return ("no longer in the compose file, so it stays stopped: start its old "
+                "container with 'docker start %s', or remove it with '%s up -d "
+                "--remove-orphans'" % (names, self.compose_words))
+
+    def _log_start(self, present, absent):
+        started = [s for s in present if s in self.started]
+        if started:
+            self.log.line("Started again: %s" % ", ".join(started))
+        for name, reason in self.failed:
+            if name in present:
+                self.log.line("ERROR: %s could not be started again: %s" % (name, reason))
+        for name, advice in self.missing:
+            if name in absent:
+                self.log.line("Warning: %s %s" % (name, advice))
+
+    def _write_marker(self):
+        """The marker names what is stopped now (with what a killed run left
+        and nobody could start yet); gone when nothing is."""
+        services = dict(self._inherited, **self._record)
         if services:
-            self._run("start", *services)
+            write_json_atomically(self.marker, {"version": 2, "project": self.engine.project,
+                                                "services": services})
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.marker)
+
+    def close(self):
+        """Start everything this run stopped and has not started again."""
+        with run.signals_deferred():
+            self.start(self.outstanding)
+
+    def adopt(self, record):
+        """Take over a killed run's marker: the services whose containers are
+        still stopped since that run stopped them become this window's to start.
+        Returns (due, gone): names, and (name, why) of those left alone."""
+        due, gone = [], []
+        self._inherited = {}
+        if isinstance(record.get("project"), str) and record["project"]:
+            # The project it stopped, even if .env or the environment differ now.
+            self.engine.project = record["project"]
+        for name, entry in sorted(entries(record).items()):
+            ids = entry.get("containers") or []
+            stamp = entry.get("stopped_at")
+            found = self.engine.containers(ids) if ids else self._containers.get(name, [])
+            if not found:
+                gone.append((name, "its container was removed or recreated"))
+            elif any(c.state != "exited" for c in found):
+                gone.append((name, "it is %s" % service_state(found)))
+            elif stamp is not None and any((c.started_at or 0) > stamp for c in found):
+                gone.append((name, "it was started and stopped again"))
+            else:
+                due.append(name)
+                self._containers[name] = found
+                self._record[name] = {"containers": [c.id for c in found], "stopped_at": stamp}
+                self._down[name] = [time.monotonic(), None]
+                self.stopped.append(name)
+        self._write_marker()
+        return due, gone
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
-def open_compose(stack, log):
-    """A Compose for the stack, or None (logged) when docker cannot be used."""
-    try:
-        return Compose(stack, compose_command())
-    except StackUnavailable as e:
-        log.line("Docker: %s; carrying on without stopping services" % e)
-        return None
+def log_fields(log, window):
+    """The log's Services fields: who was stopped, started, left alone, and
+    how long each was down (window None: nothing was touched)."""
+    stopped = window.stopped if window else []
+    log.field("Services Stopped", ", ".join(stopped) or "none")
+    log.field("Services Started", ", ".join(window.started if window else []) or "none")
+    log.field("Services Left Alone", describe(window.left_alone)
+              if window and window.left_alone else "none")
+    if stopped:
+        log.field("Downtime (s)", downtimes(window))
 
 
-def restart_left_stopped(stack, log, out=None):
-    """Start the services that a killed run stopped and could not restart.
+def downtimes(window):
+    """"influxdb 3.2, nodered 3.1"."""
+    return ", ".join("%s %.1f" % item for item in sorted(window.downtime().items()))
 
-    The marker is written before `stop` and removed after `start`, so only a
-    run that died in between (kill -9, power cut) leaves it behind.
-    """
+
+def describe(pairs):
+    """"a (paused), b (exited)"."""
+    return ", ".join("%s (%s)" % pair for pair in pairs)
+
+
+def describe_exit(state):
+    return "not running after start (%s)" % (state or "no container")
+
+
+def restart_left_stopped(stack, log, out=None, environ=None):
+    """Start what a killed run stopped and never started again (its marker
+    says which containers, and when).  A container started by anyone since,
+    removed or recreated is left as it is.  The marker stays until every
+    service it names has started or left the compose file.  Returns the
+    ServiceWindow used (its `failed` says what is still down), or None."""
     marker = os.path.join(stack, STOPPED_MARKER)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(marker + ".new")  # killed before its rename: never in force
+    record = read_record(marker)
+    if record is None:
+        return None
+    window = ServiceWindow(stack, log, environ)
+    if window.unavailable:
+        say(log, out, "Warning: an interrupted run left services stopped, and they cannot be "
+                      "started now: %s" % window.unavailable)
+        window.failed = [(name, window.unavailable) for name in entries(record)]
+        return window
+    try:
+        _due, gone = window.adopt(record)
+    except StackUnavailable as e:
+        window.failed = [(name, str(e)) for name in entries(record)]
+        say(log, out, "Warning: an interrupted run left services stopped, and they cannot be "
+                      "started now: %s" % e)
+        return window
+    for name, why in gone:
+        say(log, out, "Left %s as it is: %s since an interrupted run stopped it" % (name, why))
+    window.close()
+    if window.started:
+        say(log, out, "Started %s again: an interrupted run had stopped them"
+            % ", ".join(window.started))
+    for name, reason in window.failed:
+        say(log, out, "Warning: %s, stopped by an interrupted run, could not be started: %s"
+            % (name, reason))
+    for name, advice in window.missing:
+        say(log, out, "Warning: %s (stopped by an interrupted run) is %s" % (name, advice))
+    return window
+
+
+def read_record(marker):
+    """The marker's content (a dict), {} when unreadable, None when absent."""
     try:
         with open(marker, encoding="utf-8") as f:
-            services = json.load(f)["services"]
+            record = json.load(f)
     except FileNotFoundError:
-        return
-    except (ValueError, KeyError, TypeError):
-        services = []
-    if services:
-        compose = open_compose(stack, log)
-        try:
-            if compose is None:
-                raise StackUnavailable("docker cannot be used")
-            compose.start(services)
-            message = "Started %s again: an interrupted run had stopped them" % ", ".join(services)
-        except StackUnavailable as e:
-            message = ("Warning: an interrupted run left %s stopped and they could not be "
-                       "started: %s" % (", ".join(services), e))
-        log.line(message)
-        if out is not None:
-            out.write(message + "\n")
-    os.unlink(marker)
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
-@contextlib.contextmanager
-def services_stopped(compose, log, report, stack=None):
-    """Stop the running services; start exactly those again on the way out,
-    whatever happens inside (errors, Ctrl-C, SIGTERM).  report is a dict that
-    receives 'stopped', 'started' and 'restart_error'.  With stack given, a
-    marker in .tmp/ lets the next run restart them after a kill -9."""
-    report.setdefault("stopped", [])
-    report.setdefault("started", [])
-    if compose is None:
-        yield
-        return
-    try:
-        running = compose.running_services()
-    except StackUnavailable as e:
-        log.line("Docker: %s; carrying on without stopping services" % e)
-        yield
-        return
-    log.line("Services running: %s" % (", ".join(running) or "none"))
-    stopped = []
-    marker = os.path.join(stack, STOPPED_MARKER) if stack else None
-    try:
-        if running:
-            if marker:
-                write_json_atomically(marker, {"services": running})
-            try:
-                compose.stop(running)
-                stopped = running
-            except StackUnavailable as e:
-                # Some may have stopped: start them all again afterwards.
-                stopped = running
-                report.setdefault("warnings", []).append("could not stop services: %s" % e)
-                log.line("Warning: could not stop services: %s" % e)
-            report["stopped"] = stopped
-            log.line("Services stopped: %s" % ", ".join(stopped))
-        yield
-    finally:
-        if stopped:
-            try:
-                compose.start(stopped)
-                report["started"] = stopped
-                log.line("Services started again: %s" % ", ".join(stopped))
-                if marker:
-                    os.unlink(marker)
-            except StackUnavailable as e:
-                report["restart_error"] = str(e)
-                log.line("ERROR: services could not be started again (%s): %s"
-                         % (", ".join(stopped), e))
+def entries(record):
+    services = record.get("services") if isinstance(record, dict) else None
+    if isinstance(services, list):  # the first marker format: names only
+        return {name: {} for name in services if isinstance(name, str)}
+    return services if isinstance(services, dict) else {}
+
+
+def say(log, out, message):
+    log.line(message)
+    if out is not None:
+        out.write(message + "\n")

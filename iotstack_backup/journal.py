@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from . import docker_compose, iotstack
+from . import iotstack
 from .run import EXIT_BUSY, UserError, describe_os_error
 from .unpack import live_points, staging_ancestors
 
@@ -234,7 +234,6 @@ def recover(stack, log, out):
             remove_empty_tree(os.path.join(tmp, name))
     if os.path.exists(journal_path(stack) + ".new"):
         os.unlink(journal_path(stack) + ".new")
-    docker_compose.restart_left_stopped(stack, log, out)
     return journal is not None
 
 

@@ -27,17 +27,18 @@ def facts(outcome, error):
     """The keyword arguments of mqtt.status_message from what the run
     recorded in `outcome` (nothing, when it failed early)."""
     result = outcome.get("result") or {}
-    report = outcome.get("report") or {}
+    window = outcome.get("window")
     plan = outcome.get("plan")
     archive = size = downtime = None
     if plan is not None and result.get("published"):
         path = plan.targets[0]
         archive = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
         size = result.get("size")
-    if "window" in result:
-        downtime = result["window"] if report.get("stopped") else 0.0
+    if "stats" in result:
+        # The longest outage of any service: what a user waits through.
+        downtime = max(window.downtime().values(), default=0.0) if window is not None else 0.0
     stats = result.get("stats")
-    warnings = (stats.warnings if stats else []) + report.get("warnings", [])
+    warnings = (stats.warnings if stats else []) + outcome.get("stack_warnings", [])
     started = outcome.get("started")
     return {
         "archive": archive,

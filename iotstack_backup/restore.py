@@ -50,6 +50,8 @@ EXIT_CODES = {
                      "files restored)",
     run.EXIT_USAGE: "bad arguments, archive not found, no FILENAME and no terminal to pick\n"
                     "one on, or no confirmation",
+    run.EXIT_WARNINGS: "restored with --no-stop: the containers named still hold the old\n"
+                       "files until restarted (the command is printed)",
     run.EXIT_BUSY: "another backup or restore of this stack is running",
     run.EXIT_SIGHUP: "interrupted by SIGHUP (terminal closed): the next run finishes or\n"
                      "rolls back",
@@ -186,7 +188,12 @@ def run_restore(stack, archive, args, owner):
             log.field("Started At", now.isoformat(timespec="seconds"))
             log.field("Current Directory", stack)
             recover(stack, log, out)
+            leftover = docker_compose.restart_left_stopped(stack, log, out)
             if args.recover:
+                if leftover is not None and leftover.failed:
+                    raise run.UserError(
+                        "still stopped: %s; the record stays, so the next run tries again"
+                        % "; ".join("%s (%s)" % pair for pair in leftover.failed))
                 out.write("Nothing else to do (--recover).\n")
                 return run.EXIT_OK
             log.field("Archive", archive)
@@ -279,11 +286,13 @@ def restore_with_log(stack, archive, args, log, out):
         os.sync()  # the staged files are on disk before the old ones can go
 
     # 2. Swap, with the stack stopped.
-    compose, _services = services_to_stop(stack, args, log, query=False)
-    report = {}
+    window = docker_compose.ServiceWindow(stack, log)
+    services = services_to_stop(window, stack, args, log)
     hook_status = None
     old_compose = compose_bytes(stack)  # read now: --in-place deletes it
-    with docker_compose.services_stopped(compose, log, report, stack):
+    with window:
+        if not args.no_stop:
+            stop_or_refuse(window, services, staging)
         if args.in_place:
             replace_in_place(stack, archive, args.only, units, as_root, log, summary.excludes)
         else:
@@ -307,18 +316,65 @@ def restore_with_log(stack, archive, args, log, out):
             out.write(message + "\n")
             log.line(message)
         hook_status = iotstack.run_hook(stack, "post_restore.sh", log)
-    if report.get("restart_error"):
-        raise run.UserError("restored, but services could not be started again: %s"
-                            % report["restart_error"])
+    docker_compose.log_fields(log, window)
+    if window.failed:
+        raise run.UserError("restored, but could not start again: %s" % "; ".join(
+            "%s (%s)" % pair for pair in window.failed))
     out.write("Restored %s: %s (%d members, %s)\n" % (
         os.path.basename(archive), ", ".join(units), summary.members,
         progress.human_size(summary.bytes)))
-    if report.get("stopped"):
-        out.write("Services stopped and started again: %s\n" % ", ".join(report["stopped"]))
+    print_services(window, out)
     if hook_status:
         raise run.UserError("post_restore.sh failed with status %d; the files are restored "
                             "(see the log)" % hook_status)
+    if args.no_stop:
+        return warn_still_running(stack, window, log, out)
     return run.EXIT_OK
+
+
+def stop_or_refuse(window, services, staging):
+    """Stop the services, or change nothing: files swapped under a running
+    database are what restore exists to avoid."""
+    if window.unavailable:
+        reason = "cannot tell which services run: %s" % window.unavailable
+    else:
+        try:
+            window.stop(services)
+            return
+        except docker_compose.StackUnavailable as e:
+            reason = str(e)
+    shutil.rmtree(staging, ignore_errors=True)
+    raise run.UserError("%s; nothing was changed (fix Docker, or restore under running "
+                        "containers with --no-stop)" % reason)
+
+
+def print_services(window, out):
+    if window.started:
+        out.write("Services stopped and started again: %s\n" % ", ".join(window.started))
+        out.write("Downtime (s): %s\n" % docker_compose.downtimes(window))
+    if window.left_alone:
+        out.write("Services left alone: %s\n" % docker_compose.describe(window.left_alone))
+    for name, advice in window.missing:
+        out.write("Warning: %s %s\n" % (name, advice))
+
+
+def warn_still_running(stack, window, log, out):
+    """--no-stop: the running containers keep the replaced files open until
+    they restart.  Exit 3 naming them and the command, or 0 if none ran."""
+    if window.unavailable:
+        message = ("Warning: could not check which containers still use the old files (%s); "
+                   "restart the running ones: cd %s && docker compose restart"
+                   % (window.unavailable, stack))
+    elif window.running:
+        message = ("Warning: these containers still hold the old files: %s; restart them: "
+                   "cd %s && %s restart %s" % (
+                       ", ".join(window.container_names(window.running)), stack,
+                       window.compose_words, " ".join(window.running)))
+    else:
+        return run.EXIT_OK
+    log.line(message)
+    out.write(message + "\n")
+    return run.EXIT_WARNINGS
 
 
 def checked(archive, only, stager, progress=None, staging=None):
@@ -418,47 +474,44 @@ def dry_run(stack, archive, args, out):
                   % ("mount point" if kind == "mount" else "symlink", point))
     for warning in summary.warnings:
         out.write("Warning: %s\n" % warning)
-    out.write(stop_text(args, services_to_stop(stack, args, iotstack.RunLog())[1], would=True)
-              + "\n")
+    out.write(stop_text(args, planned_stops(stack, args), would=True) + "\n")
     out.write("Dry run: nothing was changed.\n")
     return run.EXIT_OK
 
 
-def services_to_stop(stack, args, log, query=True):
-    """(compose handle or None, the running services it will stop, or None
-    when docker cannot tell).  With --only, only the services with a bind
-    mount under (or holding) what is restored; when docker cannot say
-    which, every running service, as for a whole restore."""
+def services_to_stop(window, stack, args, log):
+    """The running services the swap stops, or None when docker cannot
+    tell.  With --only, only those with a bind mount under (or holding)
+    what is restored; when docker cannot say which, every running service,
+    as for a whole restore."""
     if args.no_stop:
-        return None, []
-    compose = docker_compose.open_compose(stack, log)
-    if compose is None:
-        return None, None
-    if args.only:
-        containers = service_mounts.inspect_containers()
-        if containers is None:
-            log.line("Docker: cannot tell which services keep their data under %s; stopping "
-                     "every running service" % ", ".join(args.only))
-        else:
-            using = service_mounts.services_using(containers, stack, args.only)
-            log.line("Services with data under %s: %s" % (", ".join(args.only),
-                                                          ", ".join(using) or "none"))
-            compose = service_mounts.OnlyServices(compose, using)
-    if not query:
-        return compose, None
-    try:
-        return compose, compose.running_services()
-    except docker_compose.StackUnavailable as e:
-        log.line("Docker: %s" % e)
-        return compose, None
+        return []
+    if window.unavailable:
+        return None
+    if not args.only:
+        return list(window.running)
+    containers = service_mounts.inspect_containers()
+    if containers is None:
+        log.line("Docker: cannot tell which services keep their data under %s; stopping "
+                 "every running service" % ", ".join(args.only))
+        return list(window.running)
+    using = service_mounts.services_using(containers, stack, args.only)
+    log.line("Services with data under %s: %s" % (", ".join(args.only), ", ".join(using) or "none"))
+    return [service for service in window.running if service in using]
+
+
+def planned_stops(stack, args):
+    """services_to_stop for a question or a dry run: asks the engine, changes nothing."""
+    log = iotstack.RunLog()
+    return services_to_stop(docker_compose.ServiceWindow(stack, log), stack, args, log)
 
 
 def stop_text(args, services, would=False):
     if args.no_stop:
         return "Services: left running (--no-stop)"
     if services is None:
-        return ("Services: cannot tell which are running (docker does not answer); any that "
-                "run will be stopped during the swap and started again")
+        return ("Services: cannot tell which are running (docker does not answer); the "
+                "restore changes nothing unless you add --no-stop")
     if not services:
         return "Services to stop: none" + (" with data under %s" % ", ".join(args.only)
                                             if args.only else " running")
@@ -524,7 +577,7 @@ def restore_command(args):
         if sys.stdin is None or not sys.stdin.isatty():
             raise run.UserError("not on a terminal, so nobody can confirm: add 'noask' "
                                 "or --yes to restore without asking", run.EXIT_USAGE)
-        services = services_to_stop(stack, args, iotstack.RunLog())[1]
+        services = planned_stops(stack, args)
         if not ask_yes(archive, stack, stop_text(args, services)):
             out.write("Nothing was changed.\n")
             return run.EXIT_USAGE

@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 import traceback
 
 EXIT_OK = 0
@@ -67,6 +68,41 @@ def signals_raise():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM, SIGINT and SIGHUP wait until the block is over, then act as
+    they would have: a `docker compose stop` or `start` under way is never
+    cut short, and the run still unwinds (and starts its services) after it.
+    A handler only records the signal, so a thread of ours cannot take it
+    and let it through early.  Outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {}
+    for sig in DEFERRED_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            _act_on(caught[0], previous[caught[0]])
+
+
+def _act_on(signum, handler):
+    """What handler would have done with signum."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
 
 
 def say_error(prog, message):

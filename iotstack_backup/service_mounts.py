@@ -60,20 +60,3 @@ def services_using(containers, stack, only):
                     if _inside(source, target) or _inside(target, source):
                         wanted.add(service)
     return sorted(wanted)
-
-
-class OnlyServices:
-    """A compose handle that sees only some services running, so that
-    services_stopped stops and starts just those."""
-
-    def __init__(self, compose, services):
-        self.compose, self.services = compose, set(services)
-
-    def running_services(self):
-        return [s for s in self.compose.running_services() if s in self.services]
-
-    def stop(self, services):
-        self.compose.stop(services)
-
-    def start(self, services):
-        self.compose.start(services)

@@ -15,8 +15,8 @@ component, service uids/gids (0, 1000, 472, 1883, an unnamed 54321, mixed uid/gi
 setuid/setgid files, a read-only file, a sticky 1777 directory, 0700/0600 entries and
 fixed integer mtimes on everything (directories included).
 
-The fake ``docker`` helpers live in ``tests/fake_docker.py`` and are re-exported here
-(``install_fake_docker``, ``read_calls``, ``read_state``, ``set_mode``, ...).
+Tests of stopping and starting services use real compose projects on a real engine
+(``tests/engine.py``, ``tests/real_stack.py``), never a stand-in for docker.
 
 Everything is stdlib only and works on Python 3.9+.  When not running as root, ownership
 is simply not changed (every entry belongs to the current user) - use ``IS_ROOT`` to skip
@@ -615,14 +615,3 @@ def diff_snapshots(a, b, ignore=()):
                 out.append("%s: %s differs: %s != %s"
                            % (rel, field, _fmt(field, va), _fmt(field, vb)))
     return out
-
-
-# Re-export the fake docker helpers so tests can import everything from one place.
-try:  # package import (python -m unittest tests.xxx)
-    from .fake_docker import (  # noqa: E402,F401
-        install_fake_docker, read_calls, read_call_details, read_state, set_mode,
-        set_state, clear_calls, path_without_docker)
-except ImportError:  # tests/ itself on sys.path
-    from fake_docker import (  # noqa: E402,F401
-        install_fake_docker, read_calls, read_call_details, read_state, set_mode,
-        set_state, clear_calls, path_without_docker)

@@ -25,7 +25,7 @@ def no_docker_env(bin_dir, **extra):
     variables, and no .pyc writes."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DOCKER_", "IOTSTACK", "SUDO_"))}
-    env.update(PATH=bin_dir, PYTHONDONTWRITEBYTECODE="1", **extra)
+    env.update(PATH=bin_dir, PYTHONDONTWRITEBYTECODE="1", IOTSTACK_NO_DOCKER="1", **extra)
     return env
 
 

@@ -1,5 +1,7 @@
-"""End-to-end tests of backup.py: main([...]) on a built tree, a fake docker
-on PATH, and assertions on the files, the archive, the log and the exit code."""
+"""End-to-end tests of backup.py: main([...]) on a built tree and assertions on
+the files, the archive, the log and the exit code.  Classes with engine = True
+run real compose projects on the real engine (nodered and mosquitto running);
+the others run as on a machine without Docker, where nothing is stopped."""
 import contextlib
 import datetime
 import fcntl
@@ -17,7 +19,7 @@ import tempfile
 import unittest
 from unittest import mock
 
-from tests import fake_docker
+from tests import real_stack
 from tests.stacktree import IS_ROOT, build_stack, diff_snapshots, snapshot
 from iotstack_backup import (
     archive_writer, backup, docker_compose, iotstack, progress, run, tarformat)
@@ -60,22 +62,26 @@ def manifest_snapshot(root):
 
 
 class StackTestCase(unittest.TestCase):
-    """A fresh tree and a fake docker with nodered and mosquitto running."""
+    """A fresh tree; with engine = True, its services are a real compose
+    project with nodered and mosquitto running (influxdb, grafana stopped)."""
 
     scale = 0.3
-    running = ("nodered", "mosquitto")
+    engine = False
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="backup-test-")
-        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
-        self.stack = os.path.join(self.tmp, "IOTstack")
-        build_stack(self.stack, scale=self.scale)
-        self.docker_state = os.path.join(self.tmp, "docker")
-        env = fake_docker.install_fake_docker(os.path.join(self.tmp, "bin"), self.docker_state,
-                                              running=self.running)
-        patcher = mock.patch.dict(os.environ, env)
+        patcher = mock.patch.dict(os.environ, {})
         patcher.start()
         self.addCleanup(patcher.stop)
+        if self.engine:
+            self.project = real_stack.iotstack_project(self, scale=self.scale)
+            self.stack = self.project.stack_dir
+            self.tmp = os.path.dirname(self.stack)
+        else:
+            real_stack.without_docker(self)
+            self.tmp = tempfile.mkdtemp(prefix="backup-test-")
+            self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+            self.stack = os.path.join(self.tmp, "IOTstack")
+            build_stack(self.stack, scale=self.scale)
         os.environ.pop("IOTSTACK", None)
         os.environ.pop("SUDO_USER", None)
         clock = mock.patch.object(iotstack, "now_local", return_value=NOW)
@@ -88,8 +94,14 @@ class StackTestCase(unittest.TestCase):
     def backup(self, *args):
         return run_main(backup, list(args) + ["--dir", self.stack])
 
-    def calls(self):
-        return fake_docker.read_calls(self.docker_state)
+    def states(self):
+        return self.project.states()
+
+    def assert_as_before(self):
+        """nodered and mosquitto run, influxdb and grafana stay stopped, no marker."""
+        self.assertEqual(self.states(), {"nodered": "running", "mosquitto": "running",
+                                         "influxdb": "exited", "grafana": "exited"})
+        self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
 
     def write_hook(self, name, body):
         path = os.path.join(self.stack, name)
@@ -289,99 +301,84 @@ class ArchiveContentTest(StackTestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])
         self.assertIn("Would write: ./backups/backup/backup_2026-11-26_0200.tar.gz", out)
-        self.assertIn("Would stop and start again: mosquitto, nodered", out)
         self.assertIn("  ./docker-compose.override.yml", out)
-        self.assertNotIn(["docker", "compose", "stop"], [c[:3] for c in self.calls()])
+        # What it says about real services: StackControlTest.test_dry_run_stops_nothing.
 
 
 class StackHandlingTest(StackTestCase):
+    engine = True
+
     def test_stops_and_starts_exactly_the_running_services(self):
         self.write_hook("pre_backup.sh", "docker compose ps --services --filter status=running "
-                                         "| tr '\\n' ' '; echo")
+                                         "| sort | tr '\\n' ' '; echo")
         self.write_hook("post_backup.sh", "echo post: $(docker compose ps --services "
-                                          "--filter status=running)")
-        code, out, _err = self.backup("1", *USER_ARGS)
+                                          "--filter status=running | sort)")
+        with real_stack.E.EventWatcher(self.project) as events:
+            code, out, _err = self.backup("1", *USER_ARGS)
         self.assertEqual(code, 0)
-        verbs = [c[2] if c[:2] == ["docker", "compose"] else c[1] for c in self.calls()]
-        self.assertNotIn("down", verbs)
-        self.assertNotIn("up", verbs)
-        self.assertIn(["docker", "compose", "stop", "mosquitto", "nodered"], self.calls())
-        self.assertIn(["docker", "compose", "start", "mosquitto", "nodered"], self.calls())
-        self.assertLess(verbs.index("stop"), verbs.index("start"))
-        state = fake_docker.read_state(self.docker_state)
-        self.assertEqual(state["running"], {"nodered", "mosquitto"})  # grafana stays stopped
+        for name in ("mosquitto", "nodered"):
+            actions = events.actions(name, only=("die", "start", "create", "destroy"))
+            self.assertEqual(actions, ["die", "start"], name)  # stop/start, never down/up
+        self.assertEqual(events.events("grafana") + events.events("influxdb"), [])
+        self.assert_as_before()  # grafana and influxdb stay stopped
         log = read_log(self.stack)
         self.assertIn("pre_backup.sh: mosquitto nodered", log)
         self.assertIn("post_backup.sh: post: mosquitto nodered", log)
         self.assertIn("Services Stopped: mosquitto, nodered", log)
         self.assertIn("Services Started: mosquitto, nodered", log)
+        self.assertIn("Services Left Alone: grafana (exited), influxdb (exited)", log)
         self.assertIn("Services stopped and started again: mosquitto, nodered", out)
-        self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
 
     def test_failing_pre_backup_stops_before_anything(self):
         self.write_hook("pre_backup.sh", "echo dump failed; exit 3")
-        code, _out, err = self.backup("3", *USER_ARGS)
+        with real_stack.E.EventWatcher(self.project) as events:
+            code, _out, err = self.backup("3", *USER_ARGS)
         self.assertEqual(code, 1)
         self.assertIn("pre_backup.sh failed with status 3", err)
-        self.assertFalse([c for c in self.calls() if "stop" in c])
+        self.assertEqual(events.stop(), [])
         self.assertEqual(self.archives("backup"), [])
         self.assertIn("pre_backup.sh: dump failed", read_log(self.stack))
 
     def test_no_stop(self):
-        self.assertEqual(self.backup("1", "--no-stop", *USER_ARGS)[0], 0)
-        self.assertFalse([c for c in self.calls() if "stop" in c or "ps" in c])
+        with real_stack.E.EventWatcher(self.project) as events:
+            self.assertEqual(self.backup("1", "--no-stop", *USER_ARGS)[0], 0)
+        self.assertEqual(events.stop(), [])
+        self.assert_as_before()
 
-    def test_v1_docker_compose_when_the_plugin_is_missing(self):
-        fake_docker.set_mode(self.docker_state, "no-compose-plugin")
-        self.assertEqual(self.backup("1", *USER_ARGS)[0], 0)
-        self.assertIn(["docker-compose", "stop", "mosquitto", "nodered"], self.calls())
-        self.assertIn(["docker-compose", "start", "mosquitto", "nodered"], self.calls())
-
-    def test_no_daemon_is_logged_and_the_backup_goes_on(self):
-        fake_docker.set_mode(self.docker_state, "no-daemon")
-        code, _out, _err = self.backup("1", *USER_ARGS)
-        self.assertEqual(code, 0)
+    def test_no_daemon_the_backup_is_taken_live_with_exit_3(self):
+        with real_stack.E.EventWatcher(self.project) as events, mock.patch.dict(
+                os.environ, {"DOCKER_HOST": "unix://%s/nothing.sock" % self.tmp}):
+            code, out, _err = self.backup("1", *USER_ARGS)
+        self.assertEqual(code, run.EXIT_WARNINGS)
         self.assertIn("Cannot connect to the Docker daemon", read_log(self.stack))
+        self.assertIn("Warning: services were not stopped (the backup was taken live): "
+                      "Cannot connect to the Docker daemon", out)
         self.assert_verifies(self.dated)
-
-    def test_no_docker_at_all(self):
-        path = fake_docker.path_without_docker(os.path.join(self.tmp, "nodocker"))
-        with mock.patch.dict(os.environ, {"PATH": path}):
-            code, _out, _err = self.backup("1", *USER_ARGS)
-        self.assertEqual(code, 0)
-        self.assertIn("neither 'docker compose' nor 'docker-compose' was found",
-                      read_log(self.stack))
-
-    def test_services_restart_failure_is_an_error(self):
-        fake_docker.set_mode(self.docker_state, "fail-start")
-        code, _out, err = self.backup("1", *USER_ARGS)
-        self.assertEqual(code, 1)
-        self.assertIn("services could not be started again", err)
-        self.assert_verifies(self.dated)  # the backup itself is good
+        self.assertEqual(events.stop(), [])
+        self.assert_as_before()
 
     def test_services_restarted_when_verify_fails(self):
         def broken(verifier, size, expected):
             verifier.cancel()
             raise tarformat.ArchiveError("simulated read error")
-        with mock.patch.object(archive_writer.FollowingVerifier, "finish", broken):
+        with real_stack.E.EventWatcher(self.project) as events, mock.patch.object(
+                archive_writer.FollowingVerifier, "finish", broken):
             code, _out, err = self.backup("3", *USER_ARGS)
         self.assertEqual(code, 1)
         self.assertIn("verification of the new archive failed", err)
         self.assertEqual(self.archives("backup") + self.archives("rolling"), [])
-        self.assertEqual(fake_docker.read_state(self.docker_state)["running"],
-                         {"nodered", "mosquitto"})
+        for name in ("mosquitto", "nodered"):
+            self.assertEqual(events.actions(name, only=("die", "start")), ["die", "start"])
+        self.assert_as_before()
         self.assertIn("Verified: FAILED: simulated read error", read_log(self.stack))
 
-    def test_services_left_stopped_by_a_killed_run_are_started(self):
-        fake_docker.set_state(self.docker_state, running=[])
-        iotstack.write_json_atomically(os.path.join(self.stack, docker_compose.STOPPED_MARKER),
-                                  {"services": ["mosquitto", "nodered"]})
-        code, out, _err = self.backup("1", *USER_ARGS)
+
+class NoDockerTest(StackTestCase):
+    def test_no_docker_at_all(self):
+        code, _out, _err = self.backup("1", *USER_ARGS)
         self.assertEqual(code, 0)
-        self.assertIn("Started mosquitto, nodered again", out)
-        self.assertEqual(fake_docker.read_state(self.docker_state)["running"],
-                         {"nodered", "mosquitto"})
-        self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
+        self.assertIn("Docker is not installed", read_log(self.stack))
+        self.assertIn("Services Stopped: none", read_log(self.stack))
 
 
 class ConcurrencyTest(StackTestCase):
@@ -393,7 +390,7 @@ class ConcurrencyTest(StackTestCase):
         self.assertEqual(code, run.EXIT_BUSY)
         self.assertIn("another backup or restore is running", err)
         self.assertFalse(os.path.exists(os.path.join(self.backups, "logs")))
-        self.assertFalse(self.calls())
+        # Nothing stopped: test_stack_control.BackupRefusalTest.
 
     def test_pending_restore_journal_blocks_backup(self):
         with open(os.path.join(self.stack, iotstack.JOURNAL_NAME), "w") as f:
@@ -430,7 +427,7 @@ class OwnershipTest(StackTestCase):
         self.assertEqual(code, 2)
         self.assertIn("unknown user 'no-such-user-xyz'", err)
         self.assertFalse(os.path.exists(os.path.join(self.backups, "logs")))
-        self.assertFalse(self.calls())
+        # Nothing stopped: test_stack_control.BackupRefusalTest.
 
     def test_no_user_from_cron_takes_sudo_user_without_asking(self):
         user = self.user_with_foreign_group()
@@ -530,6 +527,7 @@ class NormalUserTest(StackTestCase):
 @unittest.skipUnless(IS_ROOT, "mounting a small tmpfs needs root")
 class FullDiskTest(StackTestCase):
     scale = 1.0
+    engine = True
 
     def test_disk_full_removes_the_partial_and_keeps_earlier_backups(self):
         shutil.rmtree(self.backups)
@@ -551,8 +549,7 @@ class FullDiskTest(StackTestCase):
                      for n in os.listdir(os.path.join(self.backups, d)) if n.endswith(".partial")]
         self.assertEqual(leftovers, [])
         self.assertEqual(self.archives("backup"), [])
-        self.assertEqual(fake_docker.read_state(self.docker_state)["running"],
-                         {"nodered", "mosquitto"})
+        self.assert_as_before()
 
 
 def strace_available():
@@ -561,15 +558,20 @@ def strace_available():
 
 @unittest.skipUnless(strace_available(), "needs strace and root (ptrace)")
 class KillTest(StackTestCase):
-    """Kill the real process at its Nth rename: names only hold complete archives."""
+    """Kill the real process at its Nth rename: names only hold complete archives.
+
+    strace follows threads (-f) but docker runs in its own process, which
+    strace would follow too: its renames would shift the counts, so docker's
+    children are not traced (--detach-on=execve)."""
 
     scale = 0.1
+    engine = True
 
     def run_script(self, strace_args, *args):
-        cmd = ["strace", "-f", "-qq", "-o", "/dev/null"] + strace_args + [
+        cmd = ["strace", "-f", "--detach-on=execve", "-qq", "-o", "/dev/null"] + strace_args + [
             sys.executable, BACKUP_SCRIPT] + list(args) + ["--dir", self.stack] + USER_ARGS
         return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, env=real_stack.script_env(), timeout=300)
 
     def archives(self):
         return sorted(glob.glob(os.path.join(self.backups, "*", "*.tar.gz")))
@@ -595,35 +597,31 @@ class KillTest(StackTestCase):
             self.fail("the backup never completed")
         self.assertGreater(n, 2)
         # The next run cleans up and restarts what a killed run left stopped.
-        fake_docker.set_state(self.docker_state, running=[])
-        iotstack.write_json_atomically(os.path.join(self.stack, docker_compose.STOPPED_MARKER),
-                                  {"services": ["mosquitto", "nodered"]})
         self.assertEqual(self.backup("3", *USER_ARGS)[0], 0)
         partials = glob.glob(os.path.join(self.backups, "*", ".*.partial"))
         self.assertEqual(partials, [])
+        self.assert_as_before()
 
     def test_kill_9_while_stopped_then_next_run_restarts_services(self):
         result = self.run_script(["-e", "trace=rename,renameat,renameat2", "-e",
                                   "inject=rename,renameat,renameat2:signal=SIGKILL:when=2"], "1")
         self.assertEqual(result.returncode, -signal.SIGKILL)
-        self.assertEqual(fake_docker.read_state(self.docker_state)["running"], set())
+        self.assertEqual(self.states(), {"nodered": "exited", "mosquitto": "exited",
+                                         "influxdb": "exited", "grafana": "exited"})
         code, out, _err = self.backup("1", *USER_ARGS)
         self.assertEqual(code, 0)
         self.assertIn("Started mosquitto, nodered again", out)
-        self.assertEqual(fake_docker.read_state(self.docker_state)["running"],
-                         {"nodered", "mosquitto"})
+        self.assert_as_before()
 
     def test_sigterm_while_writing_restarts_services_and_leaves_no_archive(self):
-        # strace counts the writes of every traced process (the fake docker's
-        # too), so several points are tried; each must end in a clean state.
+        # strace counts the writes of every thread, so several points are
+        # tried; each must end in a clean state.
         interrupted = 0
         for n in (5, 20, 60):
             shutil.rmtree(self.backups, ignore_errors=True)
             result = self.run_script(["-e", "trace=write", "-e",
                                       "inject=write:signal=SIGTERM:when=%d" % n], "3")
-            state = fake_docker.read_state(self.docker_state)
-            self.assertEqual(state["running"], {"nodered", "mosquitto"})
-            self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
+            self.assert_as_before()
             self.assertEqual(glob.glob(os.path.join(self.backups, "*", ".*.partial")), [])
             if result.returncode == 0:
                 continue

@@ -139,7 +139,7 @@ class StackCase(unittest.TestCase):
 
     def run_as(self, user, script, *args, stdout=subprocess.PIPE):
         """Run backup.py or restore.py on the stack as `user`."""
-        env = {"PATH": self.bin, "HOME": self.tmp, "LANG": "C.UTF-8"}
+        env = {"PATH": self.bin, "HOME": self.tmp, "LANG": "C.UTF-8", "IOTSTACK_NO_DOCKER": "1"}
         demote = None
         python = sys.executable
         if user == "pi" and IS_ROOT:
@@ -230,7 +230,7 @@ class BackupsFolderTest(StackCase):
                      "--no-stop"],
                     preexec_fn=demote_to(self.pi) if user == "pi" and IS_ROOT else None,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    env={"PATH": self.bin, "HOME": self.tmp})
+                    env={"PATH": self.bin, "HOME": self.tmp, "IOTSTACK_NO_DOCKER": "1"})
                 self.assertTrue(proc.stdout.readline().startswith(b"IOTstack directory:"))
                 proc.stdout.close()
                 stderr = proc.stderr.read()

@@ -164,7 +164,7 @@ class InstallTests(MenuCase):
         self.assertEqual(code, 0, shown)
         self.assertIn("  1) backup/%s" % os.path.basename(dated[0]), shown)
         self.assertIn("  2) rolling/%s" % os.path.basename(rolling[0]), shown)
-        self.assertIn("Services: cannot tell which are running", shown)
+        self.assertIn("Services to stop: none running", shown)
         self.assertEqual(read(flows), "[1]\n")
         self.assertFalse(os.path.exists(os.path.join(self.stack, "old-restore-ran")))
 

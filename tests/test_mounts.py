@@ -256,7 +256,7 @@ class OtherDiskTest(MountCase):
                      sys.executable, os.path.join(REPO, "restore.py"), "--dir", self.stack,
                      "--no-stop", "--yes", archive],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                    env={"PATH": self.bin}, timeout=120)
+                    env={"PATH": self.bin, "IOTSTACK_NO_DOCKER": "1"}, timeout=120)
                 listed = self.run_as("root", "restore.py", "--list")
                 self.assertEqual(listed.returncode, run.EXIT_OK, listed.stderr)
                 self.assertTrue(os.path.ismount(influx))

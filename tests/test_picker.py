@@ -158,7 +158,7 @@ class PickerTests(PickerCase):
         self.assertIn("(3 days ago)", listed[2])
         self.assertIn("type a number from 1 to 3", shown)
         self.assertIn("Restore %s into %s" % (self.first, self.stack), shown)
-        self.assertIn("Services: cannot tell which are running", shown)
+        self.assertIn("Services to stop: none running", shown)
         self.assertEqual(read(self.flows), "[first]\n")
 
     def test_answer_no_or_enter_changes_nothing(self):

@@ -1,10 +1,12 @@
-"""End-to-end tests of restore.py: real trees, real archives, a fake docker.
+"""End-to-end tests of restore.py: real trees, real archives, real containers.
 
 Each test builds a small IOTstack tree (tests/stacktree.py), backs it up with
 backup.py, changes the tree, runs restore.main() in-process (or restore.py as
 a subprocess, for strace's fault injection and signals) and compares
 snapshots.  The promise under test: a restore either puts the backup in place
-exactly, or leaves the IOTstack directory exactly as it was.
+exactly, or leaves the IOTstack directory exactly as it was.  Classes with
+engine = True run the tree's services as a real compose project (nodered and
+mosquitto running); the others run as on a machine without Docker.
 """
 import collections
 import concurrent.futures
@@ -28,9 +30,9 @@ import unittest
 import warnings
 from unittest import mock
 
-from tests.stacktree import (
-    IS_ROOT, P, build_stack, clear_calls, diff_snapshots, install_fake_docker,
-    path_without_docker, read_calls, read_state, set_mode, snapshot)
+from tests import real_stack
+from tests.engine import EventWatcher
+from tests.stacktree import IS_ROOT, P, build_stack, diff_snapshots, snapshot
 from iotstack_backup import (
     backup, docker_compose, file_writer, iotstack, journal, pgzip, progress, restore, tarformat,
     unpack)
@@ -132,38 +134,64 @@ def change_tree(stack):
 
 
 class RestoreCase(unittest.TestCase):
-    """A fresh tree in a temporary directory, a fake docker running RUNNING."""
+    """A fresh tree in a temporary directory; with engine = True its services
+    run on the real engine, RUNNING up, watched from the start."""
 
-    running = RUNNING
+    engine = False
 
     def setUp(self):
-        holder = tempfile.TemporaryDirectory(prefix="restore-test-")
-        self.addCleanup(holder.cleanup)
-        self.tmp = holder.name
-        self.stack = os.path.join(self.tmp, "IOTstack")
-        self.bin = os.path.join(self.tmp, "bin")
-        self.state = os.path.join(self.tmp, "docker-state")
-        build_stack(self.stack, scale=SCALE)
-        self.env = install_fake_docker(self.bin, self.state, running=self.running)
-        patcher = mock.patch.dict(os.environ, self.env)
+        patcher = mock.patch.dict(os.environ, {})
         patcher.start()
         self.addCleanup(patcher.stop)
         for name in ("SUDO_USER", "IOTSTACK"):  # restored by patcher.stop
             os.environ.pop(name, None)
+        if self.engine:
+            self.project = real_stack.iotstack_project(self, scale=SCALE)
+            self.stack = self.project.stack_dir
+            self.tmp = os.path.dirname(self.stack)
+            self.events = EventWatcher(self.project).start()
+            self.addCleanup(self.events.stop)
+            return
+        real_stack.without_docker(self)
+        holder = tempfile.TemporaryDirectory(prefix="restore-test-")
+        self.addCleanup(holder.cleanup)
+        self.tmp = holder.name
+        self.stack = os.path.join(self.tmp, "IOTstack")
+        build_stack(self.stack, scale=SCALE)
 
     def make_backup(self, kind="3"):
         argv = [kind, "root"] if IS_ROOT else [kind]
         # --no-stop: the backup is not under test, and each docker call costs time.
         code, out, err = call(backup.main, argv + ["--no-stop", "--dir", self.stack])
         self.assertEqual(code, 0, out + err)
-        clear_calls(self.state)
         return os.path.join(self.stack, re.search(r"Backup complete: \./(\S+)", out).group(1))
 
     def restore(self, *argv):
         return call(restore.main, list(argv) + ["--dir", self.stack])
 
     def running_now(self):
-        return read_state(self.state)["running"]
+        return {name for name, state in self.project.states().items() if state == "running"}
+
+    def assert_services_untouched(self):
+        """Nothing was stopped or started: on the engine, no such event and
+        RUNNING still up; without Docker, no run got as far as the services."""
+        if self.engine:
+            self.assertEqual([e for e in self.events.events()
+                              if e.action in ("kill", "die", "stop", "start")], [])
+            self.assertEqual(self.running_now(), set(RUNNING))
+            return
+        logs = glob.glob(os.path.join(self.stack, "backups/logs/restore_*.log"))
+        for path in logs:
+            with open(path, encoding="utf-8") as f:
+                self.assertNotRegex(f.read(), "Docker is not installed|Services running")
+
+    def assert_stopped_and_started(self):
+        """RUNNING were stopped and started once each; nothing created or removed."""
+        for name in RUNNING:
+            self.assertEqual(self.events.actions(name, only=("die", "start", "create",
+                                                             "destroy")), ["die", "start"])
+        self.assertEqual(self.events.events("influxdb") + self.events.events("grafana"), [])
+        self.assertEqual(self.running_now(), set(RUNNING))
 
     def restore_log(self):
         """The text of the restore logs, oldest name first."""
@@ -181,9 +209,6 @@ class RestoreCase(unittest.TestCase):
                                                    journal.ASIDE_PREFIX))]
         self.assertEqual(left, [], "left in .tmp/")
 
-    def commands(self, verb):
-        return [call_[3:] for call_ in read_calls(self.state)
-                if call_[:2] == ["docker", "compose"] and call_[2:3] == [verb]]
 
 
 # ---------------------------------------------------------------------------
@@ -371,8 +396,7 @@ class HostileArchiveTests(RestoreCase):
             "target": sha256(self.target), "passwd": sha256("/etc/passwd"),
             "nlink": (os.stat(self.target).st_nlink, os.stat("/etc/passwd").st_nlink)})
         # Refused before any service was touched.
-        self.assertEqual(self.commands("stop"), [])
-        self.assertEqual(self.running_now(), set(RUNNING))
+        self.assert_services_untouched()
         self.assertIn("ERROR:", self.restore_log())
         return err
 
@@ -490,7 +514,6 @@ class HostileArchiveTests(RestoreCase):
 
     def test_damaged_archives(self):
         archive = self.make_backup()
-        clear_calls(self.state)
         with open(archive, "rb") as f:
             good = f.read()
         size = len(good)
@@ -523,8 +546,8 @@ RENAMES = "rename,renameat,renameat2"
 UNLINKS = "unlink,unlinkat"
 MKDIRS = "mkdir,mkdirat"
 
-# One changed tree, with its own fake docker, and what it held before.
-Run = collections.namedtuple("Run", "stack env state old kept")
+# One changed tree, with its own compose project, and what it held before.
+Run = collections.namedtuple("Run", "stack env project old kept services")
 
 
 @unittest.skipUnless(STRACE, "strace is not installed")
@@ -532,10 +555,10 @@ Run = collections.namedtuple("Run", "stack env state old kept")
 class KillTests(unittest.TestCase):
     """restore.py killed by strace at the Nth rename/unlink, then recovered.
 
-    strace runs without -f: its injection counters are per process, and the
-    fake docker (a child) replaces its state file by rename, so with -f it
-    would be the one killed at "rename 1", not the restore.  Each attempt
-    has a tree and a fake docker of its own, so attempts run side by side.
+    strace runs without -f: its injection counters are per process, and
+    docker's own processes must not count.  Each attempt has a tree and a
+    compose project of its own on the real engine, so attempts run side by
+    side.
     """
 
     @classmethod
@@ -545,6 +568,8 @@ class KillTests(unittest.TestCase):
         cls.tmp = holder.name
         template = os.path.join(cls.tmp, "template")
         build_stack(template, scale=SCALE)
+        # The services' compose file, as fresh_run's trees have it.
+        real_stack.E.write_compose(template, real_stack.SERVICES)
         code, out, err = call(backup.main, ["1", "root", "--no-stop", "--dir", template])
         assert code == 0, out + err
         cls.archive = os.path.join(cls.tmp, "backup.tar.gz")
@@ -554,21 +579,32 @@ class KillTests(unittest.TestCase):
         cls.count = 0
         cls.traces = {}
 
+    def setUp(self):
+        real_stack.use_engine(self)
+        # The tests that kill at every call of a kind run dozens of attempts:
+        # their services have no containers (each costs seconds here), so
+        # they check the journal and that nothing is started; the others,
+        # and test_stack_control, check the services at the points that
+        # matter (the marker, the stop, the swap, the start).
+        self.services = True
+        self.projects = []
+        # Removed side by side, at the end: one at a time costs minutes.
+        self.addCleanup(real_stack.remove_all, self.projects)
+
     def fresh_run(self):
-        """A changed tree at a new path, a fake docker running RUNNING."""
+        """A changed tree at a new path, its services RUNNING on the engine
+        (influxdb and grafana, stopped, have no containers: they cost time)."""
         type(self).count += 1
-        base = os.path.join(self.tmp, "run%d" % self.count)
-        stack = os.path.join(base, "IOTstack")
-        build_stack(stack, scale=SCALE)
+        project = real_stack.iotstack_project(self, scale=SCALE, stopped_too=False,
+                                              cleanup=False, up=self.services)
+        self.projects.append(project)
+        stack = project.stack_dir
         os.makedirs(os.path.join(stack, "backups/logs"))  # as a backup leaves it
         change_tree(stack)
-        state = os.path.join(base, "docker-state")
-        env = install_fake_docker(os.path.join(base, "bin"), state, running=RUNNING)
         # No .pyc writes: their renames would shift the counts when another
         # Python version or an edit made them stale.
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **env)
-        env.pop("SUDO_USER", None)
-        return Run(stack, env, state, items(stack), others(stack))
+        return Run(stack, real_stack.script_env(), project, items(stack), others(stack),
+                   self.services)
 
     def script(self, run, *argv, trace=None, inject=None):
         """restore.py on run's tree; under strace, which sends a signal at a
@@ -584,7 +620,8 @@ class KillTests(unittest.TestCase):
     def trace_of(self, trace):
         """The calls of one undisturbed restore of a fresh tree, as (name,
         first path argument); the same for every fresh tree, so made once."""
-        if trace not in self.traces:
+        key = (trace, self.services)
+        if key not in self.traces:
             run = self.fresh_run()
             log = os.path.join(self.tmp, "trace-%d.txt" % self.count)
             argv = [STRACE, "-qq", "-s", "4096", "-o", log, "-e", "trace=" + trace,
@@ -592,16 +629,17 @@ class KillTests(unittest.TestCase):
             subprocess.run(argv, cwd=run.stack, env=run.env, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, check=True, timeout=120)
             with open(log) as f:
-                self.traces[trace] = [
+                self.traces[key] = [
                     re.match(r'(\w+)\((?:[^"]*)"([^"]*)"', line).groups()
                     for line in f if not line.startswith(("---", "+++"))]
-        return self.traces[trace]
+        return self.traces[key]
 
     def killed(self, trace, ns, then):
         """For each n: a fresh run, restore.py killed at its nth call of
         trace, then restore.py with the arguments then (if it was killed).
         Yields (n, run, killed, then's result), attempts side by side."""
-        runs = [self.fresh_run() for _ in ns]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            runs = list(pool.map(lambda _n: self.fresh_run(), ns))
 
         def attempt(run, n):
             result = self.script(run, self.archive, "noask", trace=trace,
@@ -641,7 +679,8 @@ class KillTests(unittest.TestCase):
         self.assertFalse(os.path.lexists(os.path.join(run.stack, iotstack.JOURNAL_NAME + ".new")))
         names = os.listdir(os.path.join(run.stack, ".tmp"))
         self.assertEqual([n for n in names if n.startswith("restore-")], [])
-        self.assertEqual(read_state(run.state)["running"], set(RUNNING))
+        running = {"nodered": "running", "mosquitto": "running"}
+        self.assertEqual(run.project.states(), running if run.services else {})
 
     def assert_killed(self, result):
         self.assertIn(result.returncode, (-9, 137), result.stderr)
@@ -652,6 +691,7 @@ class KillTests(unittest.TestCase):
         return collections.Counter(name for name, _ in self.trace_of(trace))
 
     def test_kill_at_every_rename(self):
+        self.services = False
         # N = 1, 2, 3... until a run is no longer killed: the undisturbed
         # run's count says where that is.
         counts = self.counts(RENAMES)
@@ -667,6 +707,7 @@ class KillTests(unittest.TestCase):
         self.assertIn("old", outcomes)
 
     def test_kill_at_sampled_unlinks(self):
+        self.services = False
         # unlinkat: shutil.rmtree of the staging and aside folders (after the
         # commit); unlink: the journal and the stopped-services marker.
         counts = self.counts(UNLINKS)
@@ -728,6 +769,7 @@ class KillTests(unittest.TestCase):
                 self.assert_no_journal(run)
 
     def test_kill_during_an_only_restore_of_a_missing_subtree(self):
+        self.services = False
         # change_tree() removed volumes/grafana: the swap makes it, and a roll
         # back must take it away again.
         inside = lambda snap: {k: v for k, v in snap.items()
@@ -785,13 +827,14 @@ class KillTests(unittest.TestCase):
         self.assertLessEqual(n, len(mkdirs))
         run = self.fresh_run()
         before = whole(run.stack)
-        result = self.script(run, self.archive, "noask", trace=MKDIRS,
-                             inject="signal=SIGTERM:when=%d" % n)
+        with EventWatcher(run.project) as events:
+            result = self.script(run, self.archive, "noask", trace=MKDIRS,
+                                 inject="signal=SIGTERM:when=%d" % n)
         self.assertEqual(result.returncode, 143, result.stderr)
         self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
         self.assertIn("interrupted by SIGTERM", result.stderr)
         self.assertEqual(diff_snapshots(before, whole(run.stack)), [])
-        self.assertEqual(read_calls(run.state), [])  # the services were never touched
+        self.assertEqual(events.stop(), [])  # the services were never touched
 
     def test_no_marker_litter_after_a_kill(self):
         # Bug in backuplib (not restore.py): write_json_atomically leaves
@@ -822,13 +865,15 @@ def script_env():
 class SignalTests(RestoreCase):
     """Signals at a point reached without strace: from post_restore.sh."""
 
+    engine = True
+
     def run_script(self, *argv):
         return subprocess.run([sys.executable, RESTORE_PY] + list(argv), cwd=self.stack,
                               env=script_env(), stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
 
     def test_sigterm_and_ctrl_c_after_the_swap(self):
-        for sig, code in (("TERM", 143), ("INT", 130)):
+        for sig, code in (("TERM", 143), ("INT", 130), ("HUP", 129)):
             with self.subTest(signal=sig):
                 hook = os.path.join(self.stack, "post_restore.sh")
                 with open(hook, "w") as f:
@@ -864,7 +909,7 @@ class OptionTests(RestoreCase):
         self.assertEqual(err.count("\n"), 1, err)
         self.assertIn("noask", err)
         self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])
-        self.assertEqual(read_calls(self.state), [])
+        self.assert_services_untouched()
 
     def test_asks_on_a_terminal(self):
         class Terminal(io.StringIO):
@@ -1038,7 +1083,7 @@ class OptionTests(RestoreCase):
         code, out, err = call(restore.main, ["--verify", os.path.join(self.tmp, "nothere")])
         self.assertEqual(code, 2)
         self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])  # not even a log
-        self.assertEqual(read_calls(self.state), [])
+        self.assert_services_untouched()
 
     def test_dry_run(self):
         archive = self.make_backup()
@@ -1050,23 +1095,9 @@ class OptionTests(RestoreCase):
         self.assertIn("Would create: .env", out)
         self.assertIn("nothing was changed", out)
         self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])
-        # It asks docker what runs (to name what it would stop), and stops nothing.
-        self.assertEqual(self.commands("stop") + self.commands("start"), [])
+        self.assert_services_untouched()
         code, out, err = self.restore(os.path.join(self.tmp, "nothere.tar.gz"), "--dry-run")
         self.assertEqual(code, 2)
-
-    def test_in_place(self):
-        archive = self.make_backup()
-        expected = items(self.stack)
-        change_tree(self.stack)
-        kept = others(self.stack)
-        code, out, err = self.restore(archive, "noask", "--in-place")
-        self.assertEqual((code, err), (0, ""), out)
-        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
-        self.assertEqual(diff_snapshots(kept, others(self.stack)), [])
-        self.assert_no_leftovers()
-        self.assertEqual(self.commands("stop"), [list(RUNNING)])
-        self.assertEqual(self.running_now(), set(RUNNING))
 
     def test_in_place_says_when_the_compose_file_changed(self):
         archive = self.make_backup()
@@ -1092,7 +1123,7 @@ class OptionTests(RestoreCase):
                 self.assertEqual(code, 1, out + err)
                 self.assertEqual(err.count("\n"), 1, err)
                 self.assertEqual(diff_snapshots(before, whole(self.stack)), [])
-                self.assertEqual(self.commands("stop"), [])
+                self.assert_services_untouched()
         self.assertFalse(os.path.lexists(os.path.join(self.tmp, "evil")))
 
     def test_keep_old(self):
@@ -1114,46 +1145,6 @@ class OptionTests(RestoreCase):
         code, out, err = self.restore(archive, "noask")
         self.assertEqual(code, 0, err)
         self.assertTrue(os.path.isdir(kept))
-
-    def test_failing_post_restore_hook(self):
-        with open(os.path.join(self.stack, "post_restore.sh"), "w") as f:
-            f.write("echo hook says hello\necho hook error >&2\nexit 3\n")
-        archive = self.make_backup()
-        expected = items(self.stack)
-        change_tree(self.stack)
-        with hook_pipe_warnings_ignored():
-            code, out, err = self.restore(archive, "noask")
-        self.assertEqual(code, 1, out + err)
-        self.assertEqual(err.count("\n"), 1, err)
-        self.assertIn("post_restore.sh failed with status 3", err)
-        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])  # files restored
-        log = self.restore_log()
-        self.assertIn("post_restore.sh: hook says hello", log)
-        self.assertIn("post_restore.sh: hook error", log)
-        self.assertIn("post_restore.sh exited with status 3", log)
-        self.assertIn("ERROR: post_restore.sh failed", log)
-        self.assertIn("Finished At:", log)
-        self.assertEqual(self.running_now(), set(RUNNING))
-
-    def test_post_restore_hook_output_is_in_the_log_never_truncated(self):
-        with open(os.path.join(self.stack, "post_restore.sh"), "w") as f:
-            f.write("echo restored in $(pwd)\nls docker-compose.yml\n")
-        archive = self.make_backup()
-        change_tree(self.stack)
-        with hook_pipe_warnings_ignored():
-            code, out, err = self.restore(archive, "noask")
-        self.assertEqual((code, err), (0, ""), out)
-        log = self.restore_log()
-        lines = log.splitlines()
-        self.assertTrue(lines[0].startswith("Started At:"), lines[0])
-        hook = lines.index("  post_restore.sh: restored in %s" % self.stack)
-        self.assertIn("  post_restore.sh: docker-compose.yml", lines)
-        self.assertIn("post_restore.sh exited with status 0", lines)
-        finished = [i for i, line in enumerate(lines) if line.startswith("Finished At:")]
-        self.assertEqual(len(finished), 1, log)
-        self.assertGreater(finished[0], hook)
-        # The hook ran after the files were in place, with the services stopped.
-        self.assertLess(lines.index("Services stopped: %s" % ", ".join(RUNNING)), hook)
 
     def test_hook_pipe_is_closed(self):
         # Bug in backuplib (not restore.py): run_hook reads proc.stdout to the
@@ -1216,6 +1207,8 @@ class OptionTests(RestoreCase):
 # 6. The stack
 
 class StackTests(RestoreCase):
+    engine = True
+
     def test_stops_and_starts_exactly_the_running_services(self):
         archive = self.make_backup()
         change_tree(self.stack)
@@ -1223,50 +1216,48 @@ class StackTests(RestoreCase):
         real_swap = journal.swap_in
 
         def spy(stack, journal):
-            during.append(read_state(self.state)["running"])
+            during.append(self.running_now())
             return real_swap(stack, journal)
 
         with mock.patch.object(restore, "swap_in", spy):
             code, out, err = self.restore(archive, "noask")
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(during, [set()])  # nothing ran during the swap
-        self.assertEqual([sorted(args) for args in self.commands("stop")], [list(RUNNING)])
-        self.assertEqual([sorted(args) for args in self.commands("start")], [list(RUNNING)])
-        self.assertEqual(self.commands("down") + self.commands("up"), [])
-        state = read_state(self.state)
-        self.assertEqual(state["running"], set(RUNNING))
-        self.assertEqual(state["down_count"], 0)
+        self.assert_stopped_and_started()  # stop/start, never down/up
+        self.assertEqual(self.project.states(), {"nodered": "running", "mosquitto": "running",
+                                                 "influxdb": "exited", "grafana": "exited"})
         self.assertIn("Services stopped and started again: %s" % ", ".join(RUNNING), out)
+        self.assertIn("Services left alone: grafana (exited), influxdb (exited)", out)
 
-    def test_no_stop(self):
+    def test_no_stop_names_the_containers_that_hold_the_old_files(self):
         archive = self.make_backup()
         code, out, err = self.restore(archive, "noask", "--no-stop")
-        self.assertEqual((code, err), (0, ""), out)
-        self.assertEqual(self.commands("stop") + self.commands("start"), [])
-        self.assertEqual(self.running_now(), set(RUNNING))
+        self.assertEqual((code, err), (3, ""), out)
+        self.assert_services_untouched()
+        names = [self.project.container_name(name) for name in RUNNING]
+        self.assertIn("these containers still hold the old files: %s" % ", ".join(names), out)
+        self.assertIn("cd %s && docker compose restart %s" % (self.stack, " ".join(RUNNING)),
+                      out)
+        self.assertIn("restart %s" % " ".join(RUNNING), self.restore_log())
 
-    def test_without_docker(self):
+    def test_without_daemon_nothing_is_changed(self):
         archive = self.make_backup()
-        expected = items(self.stack)
         change_tree(self.stack)
-        os.environ["PATH"] = path_without_docker(os.path.join(self.tmp, "nodocker"))
-        code, out, err = self.restore(archive, "noask")
-        self.assertEqual((code, err), (0, ""), out)
-        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
-        self.assertRegex(self.restore_log(), "Docker: neither .* was found; carrying on")
-        self.assertEqual(read_calls(self.state), [])
-
-    def test_without_daemon(self):
-        archive = self.make_backup()
-        expected = items(self.stack)
-        change_tree(self.stack)
-        set_mode(self.state, "no-daemon")
-        code, out, err = self.restore(archive, "noask")
-        self.assertEqual((code, err), (0, ""), out)
-        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
-        self.assertRegex(self.restore_log(),
-                         "Docker: .*Cannot connect to the Docker daemon.*carrying on")
-        self.assertEqual(self.commands("stop"), [])
+        before = whole(self.stack)
+        with mock.patch.dict(os.environ, {"DOCKER_HOST": "unix://%s/nothing.sock" % self.tmp}):
+            code, out, err = self.restore(archive, "noask")
+            self.assertEqual(code, 1, out + err)
+            self.assertEqual(err.count("\n"), 1, err)
+            self.assertRegex(err, "Cannot connect to the Docker daemon.*nothing was changed.*"
+                                  "--no-stop")
+            self.assertEqual(diff_snapshots(before, whole(self.stack)), [])
+            self.assert_no_leftovers()
+            code, out, err = self.restore(archive, "noask", "--no-stop")
+        self.assertEqual((code, err), (3, ""), out)
+        self.assertRegex(out, "could not check which containers still use the old files "
+                              "\\(Cannot connect to the Docker daemon.*\\); restart the running "
+                              "ones: cd %s && docker compose restart" % re.escape(self.stack))
+        self.assert_services_untouched()
 
     def test_says_when_the_compose_file_changed(self):
         archive = self.make_backup()
@@ -1279,22 +1270,6 @@ class StackTests(RestoreCase):
         self.assertEqual((code, err), (0, ""))
         self.assertIn("docker compose up -d", out)
         self.assertIn("docker compose up -d", self.restore_log())
-
-    def test_restart_failure_is_an_error_with_the_files_restored(self):
-        archive = self.make_backup()
-        expected = items(self.stack)
-        change_tree(self.stack)
-        real_swap = journal.swap_in
-
-        def swap_then_break_docker(stack, journal):
-            real_swap(stack, journal)
-            set_mode(self.state, "fail-start")
-
-        with mock.patch.object(restore, "swap_in", swap_then_break_docker):
-            code, out, err = self.restore(archive, "noask")
-        self.assertEqual(code, 1, out + err)
-        self.assertIn("could not be started again", err)
-        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
 
     def test_a_failing_swap_is_rolled_back(self):
         archive = self.make_backup()
@@ -1321,9 +1296,76 @@ class StackTests(RestoreCase):
         self.assertEqual(diff_snapshots(kept, others(self.stack)), [])
         self.assertFalse(os.path.lexists(os.path.join(self.stack, iotstack.JOURNAL_NAME)))
         self.assert_no_leftovers()
-        self.assertEqual(self.running_now(), set(RUNNING))
+        self.assert_stopped_and_started()
         self.assertIn("every item was put back", self.restore_log())
         self.assertIn("Details of the error:", self.restore_log())
+
+    def test_in_place(self):
+        archive = self.make_backup()
+        expected = items(self.stack)
+        change_tree(self.stack)
+        kept = others(self.stack)
+        code, out, err = self.restore(archive, "noask", "--in-place")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
+        self.assertEqual(diff_snapshots(kept, others(self.stack)), [])
+        self.assert_no_leftovers()
+        self.assert_stopped_and_started()
+
+    def test_failing_post_restore_hook(self):
+        with open(os.path.join(self.stack, "post_restore.sh"), "w") as f:
+            f.write("echo hook says hello\necho hook error >&2\nexit 3\n")
+        archive = self.make_backup()
+        expected = items(self.stack)
+        change_tree(self.stack)
+        with hook_pipe_warnings_ignored():
+            code, out, err = self.restore(archive, "noask")
+        self.assertEqual(code, 1, out + err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("post_restore.sh failed with status 3", err)
+        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])  # files restored
+        log = self.restore_log()
+        self.assertIn("post_restore.sh: hook says hello", log)
+        self.assertIn("post_restore.sh: hook error", log)
+        self.assertIn("post_restore.sh exited with status 3", log)
+        self.assertIn("ERROR: post_restore.sh failed", log)
+        self.assertIn("Finished At:", log)
+        self.assert_stopped_and_started()
+
+    def test_post_restore_hook_output_is_in_the_log_never_truncated(self):
+        with open(os.path.join(self.stack, "post_restore.sh"), "w") as f:
+            f.write("echo restored in $(pwd)\nls docker-compose.yml\n")
+        archive = self.make_backup()
+        change_tree(self.stack)
+        with hook_pipe_warnings_ignored():
+            code, out, err = self.restore(archive, "noask")
+        self.assertEqual((code, err), (0, ""), out)
+        log = self.restore_log()
+        lines = log.splitlines()
+        self.assertTrue(lines[0].startswith("Started At:"), lines[0])
+        hook = lines.index("  post_restore.sh: restored in %s" % self.stack)
+        self.assertIn("  post_restore.sh: docker-compose.yml", lines)
+        self.assertIn("post_restore.sh exited with status 0", lines)
+        finished = [i for i, line in enumerate(lines) if line.startswith("Finished At:")]
+        self.assertEqual(len(finished), 1, log)
+        self.assertGreater(finished[0], hook)
+        # The hook ran after the files were in place, with the services stopped.
+        stopped = [i for i, line in enumerate(lines)
+                   if line.startswith("Stopped: %s (" % ", ".join(RUNNING))]
+        self.assertLess(stopped[0], hook)
+        self.assertGreater(lines.index("Started again: %s" % ", ".join(RUNNING)), hook)
+
+
+
+class WithoutDockerTests(RestoreCase):
+    def test_without_docker(self):
+        archive = self.make_backup()
+        expected = items(self.stack)
+        change_tree(self.stack)
+        code, out, err = self.restore(archive, "noask")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
+        self.assertRegex(self.restore_log(), "Docker is not installed .*: no service runs")
 
 
 # ---------------------------------------------------------------------------
@@ -1454,7 +1496,7 @@ class LockTests(RestoreCase):
                 self.assertEqual(err.count("\n"), 1, err)
                 self.assertIn("another backup or restore is running", err)
                 self.assertEqual(diff_snapshots(before, snapshot(self.stack)), [])
-                self.assertEqual(read_calls(self.state), [])
+                self.assert_services_untouched()
         fcntl.flock(fd, fcntl.LOCK_UN)
         code, out, err = self.restore(archive, "noask")
         self.assertEqual(code, 0, err)
@@ -1554,7 +1596,6 @@ class NoSpaceTests(RestoreCase):
         archive = os.path.join(self.tmp, "backup.tar.gz")
         shutil.copy(os.path.join(template, re.search(r"Backup complete: \./(\S+)", out)
                                  .group(1)), archive)
-        clear_calls(self.state)
         stack = os.path.join(self.mnt, "IOTstack")
         build_stack(stack, scale=scale)
         os.makedirs(os.path.join(stack, "backups/logs"))
@@ -1571,11 +1612,10 @@ class NoSpaceTests(RestoreCase):
         self.assertIn("--in-place", err)
         self.assertEqual(diff_snapshots(before, whole(stack)), [])
         self.assert_no_leftovers(stack)
-        self.assertEqual(self.commands("stop"), [])
+        self.assert_services_untouched()
         code, out, err = call(restore.main, [archive, "noask", "--in-place", "--dir", stack])
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(diff_snapshots(expected, items(stack)), [])
-        self.assertEqual(self.running_now(), set(RUNNING))
 
     def test_said_before_unpacking(self):
         # The data fits once, not twice.
