@@ -17,7 +17,8 @@ import stat
 import sys
 import time
 
-from . import archive_writer, docker_compose, iotstack, progress, run, tarformat
+from . import (archive_writer, docker_compose, iotstack, progress, run, service_groups,
+               stack_window, tarformat)
 from .archive_writer import write_archive
 from .settings import (
     backup_type,
@@ -28,6 +29,7 @@ from .settings import (
     load_settings,
     notify_url,
     print_config,
+    stop_mode,
 )
 
 PROG = "backup.py"
@@ -69,8 +71,13 @@ def build_parser():
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="leave out paths matching PATTERN (shell glob on the path "
                         "relative to IOTstack, or on a file name); repeatable")
-    p.add_argument("--no-stop", action="store_true", default=None,
-                   help="leave the stack running (for pre_backup.sh that dumps databases)")
+    p.add_argument("--stop", type=stop_mode, metavar="each|all|none",
+                   help="each (default): stop each group of services that share data only "
+                        "while its data is read; all: stop every running service until the "
+                        "last file is read; none: leave the stack running")
+    p.add_argument("--no-stop", dest="stop", action="store_const", const="none",
+                   help="the same as --stop none (for pre_backup.sh that dumps databases)")
+    p.set_defaults(no_stop=None)  # backup.ini's no-stop; the command line sets stop
     p.add_argument("--no-verify", action="store_true", default=None,
                    help="skip reading the archive back after writing it")
     p.add_argument("--keep", type=keep_count, metavar="N",
@@ -155,9 +162,10 @@ def give_second_name(source, final, owner):
     return temp
 
 
-def make_backup(stack, plan, items, args, owner, log, result):
+def make_backup(stack, plan, items, args, owner, log, result, segments=()):
     """Write, verify and name the archive(s).  On any failure no final name
-    changes and the temporary files are gone."""
+    changes and the temporary files are gone.  segments: the parts read
+    with services stopped (archive_writer.iter_segments)."""
     temps = []
     try:
         bar = progress.NoProgress()
@@ -169,7 +177,8 @@ def make_backup(stack, plan, items, args, owner, log, result):
         first = plan.targets[0]
         temps.append(iotstack.partial_path(first))
         try:
-            result["size"] = write_archive(stack, items, args, owner, temps[0], bar, stats)
+            result["size"] = write_archive(stack, items, args, owner, temps[0], bar, stats,
+                                           segments)
         except tarformat.ArchiveError as e:
             log.field("Verified", "FAILED: %s" % e)
             raise run.UserError("verification of the new archive failed: %s" % e) from None
@@ -208,17 +217,15 @@ def dry_run(stack, args):
         note = " (replacing the existing one)" if os.path.exists(target) else ""
         out.write("Would write: %s%s\n" % (relative(stack, target), note))
     out.write("Log: %s\n" % relative(stack, plan.log))
-    if args.no_stop:
-        out.write("Services: left running (--no-stop)\n")
+    if args.stop == "none":
+        out.write("Services: left running (--stop none)\n")
     else:
         log = iotstack.RunLog()
-        compose = docker_compose.open_compose(stack, log)
-        if compose is not None:
-            try:
-                running = compose.running_services()
-                out.write("Would stop and start again: %s\n" % (", ".join(running) or "none"))
-            except docker_compose.StackUnavailable as e:
-                log.line("Docker: %s; carrying on without stopping services" % e)
+        control = stack_window.open_control(stack, log)
+        if control is not None:
+            windows = service_groups.plan_for(control, stack, items, args.stop, log)
+            stopped = sorted({s for w in windows for s in w.services})
+            out.write("Would stop and start again: %s\n" % (", ".join(stopped) or "none"))
         for line in log.lines:
             out.write(line + "\n")
     for item in missing:
@@ -298,15 +305,17 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started):
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
                             "written (see %s)" % (status, relative(stack, plan.log)))
     report = {}
-    compose = None
-    if args.no_stop:
-        log.line("Services: left running (--no-stop)")
+    control = None
+    if args.stop == "none":
+        log.line("Services: left running (--stop none)")
     else:
-        compose = docker_compose.open_compose(stack, log)
+        control = stack_window.open_control(stack, log)
     error = None
     try:
-        with docker_compose.services_stopped(compose, log, report, stack):
-            make_backup(stack, plan, items, args, owner, log, result)
+        with service_groups.StopWindows(control, log, report) as windows:
+            plan_windows = service_groups.plan_for(control, stack, items, args.stop, log)
+            make_backup(stack, plan, items, args, owner, log, result,
+                        windows.segments(plan_windows))
     except OSError as e:
         if iotstack.is_disk_full(e):
             error = run.UserError("disk full while writing the backup; earlier backups are "
@@ -397,6 +406,9 @@ def finish_log(stack, log, plan, items, result, report, started):
         log.field("Data Size (bytes)", stats.bytes)
     log.field("Services Stopped", ", ".join(report.get("stopped", [])) or "none")
     log.field("Services Started", ", ".join(report.get("started", [])) or "none")
+    longest = service_groups.longest_outage(report.get("outages"))
+    if longest:
+        log.field("Longest Outage (s)", "%.1f (%s)" % (longest[1], ", ".join(longest[0])))
     log.field("Duration (s)", "%.1f" % (time.monotonic() - started))
     log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
     log.line("Items backed up:")
@@ -420,6 +432,9 @@ def print_summary(stack, plan, result, report):
         lines.append("Rolling copy: %s" % relative(stack, plan.rolling))
     if report.get("stopped"):
         lines.append("Services stopped and started again: %s" % ", ".join(report["stopped"]))
+    longest = service_groups.longest_outage(report.get("outages"))
+    if longest:
+        lines.append("Longest outage: %.1f s (%s)" % (longest[1], ", ".join(longest[0])))
     for warning in stats.warnings + report.get("warnings", []):
         lines.append("Warning: %s" % warning)
     lines.append("Log: %s" % relative(stack, plan.log))
