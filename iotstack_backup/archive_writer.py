@@ -283,6 +283,7 @@ class FollowingVerifier:
         self._durable = 0
         self._finished = False
         self._cancelled = False
+        self._held = False
         self._offset = 0
         self.members = None
         self.error = None
@@ -293,6 +294,18 @@ class FollowingVerifier:
         with self._cond:
             self._durable = durable
             self._finished = finished
+            self._cond.notify()
+
+    def hold(self):
+        """Pause reading back (until release or finish): while a segment is
+        read the CPU goes to reading and compressing, so it ends sooner;
+        the verifier catches up afterwards."""
+        with self._cond:
+            self._held = True
+
+    def release(self):
+        with self._cond:
+            self._held = False
             self._cond.notify()
 
     def finish(self, size, expected_members):
@@ -316,7 +329,8 @@ class FollowingVerifier:
 
     def _read(self, size):
         with self._cond:
-            while self._offset >= self._durable and not self._finished and not self._cancelled:
+            while ((self._offset >= self._durable or self._held)
+                   and not self._finished and not self._cancelled):
                 self._cond.wait()
             if self._cancelled:
                 raise ArchiveError("verification cancelled")
@@ -444,6 +458,15 @@ class FileSink(BackgroundSync):
         pass
 
 
+def _both(first, then):
+    """A callback calling first() then then(), either of them None."""
+    def both():
+        for call in (first, then):
+            if call is not None:
+                call()
+    return both
+
+
 def tree_totals(stack, items, patterns):
     """(bytes, files) under the items: a quick pass for the progress ETA."""
     total = files = 0
@@ -464,6 +487,9 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
         if not args.no_verify:
             verifier = FollowingVerifier(temp)
         sink = FileSink(fd, verifier.advance if verifier else None)
+        if verifier is not None:
+            segments = [Segment(seg.roots, _both(verifier.hold, seg.before),
+                                _both(seg.after, verifier.release)) for seg in segments]
         gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
         try:
             write_tar(gz, stack, items, args.exclude, progress, stats, segments)

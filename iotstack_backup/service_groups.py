@@ -330,6 +330,8 @@ class StopWindows:
                                        if s not in self.report["stopped"]]
             try:
                 self.control.stop(window.services)
+                self.log.line("Stopped %s (%.1f s)" % (", ".join(window.services),
+                                                       self.clock() - since[0]))
             except StackUnavailable as e:
                 # Read anyway (a warning, exit 3), and start them after:
                 # some may have stopped.
@@ -338,17 +340,20 @@ class StopWindows:
                 self.log.line("Warning: could not stop %s: %s" % (", ".join(window.services), e))
 
         def after():
+            read = self.clock()
             try:
                 self.control.start(window.services)
             except StackUnavailable as e:
                 self._start_failed(window.services, e)
                 return
-            seconds = self.clock() - since[0]
+            started = self.clock()
+            seconds = started - since[0]
             self.down = [s for s in self.down if s not in window.services]
             self.report["started"] += [s for s in window.services
                                        if s not in self.report["started"]]
             self.report["outages"].append((window.services, seconds))
-            self.log.line("Started %s again: down %.1f s" % (", ".join(window.services), seconds))
+            self.log.line("Started %s again (%.1f s): down %.1f s"
+                          % (", ".join(window.services), started - read, seconds))
 
         return Segment(window.roots, before, after)
 

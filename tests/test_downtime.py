@@ -143,7 +143,7 @@ class EachModeTest(DowntimeTestCase):
         log = self.log_text()
         self.assertIn("Stop window (--stop each): shared1, shared2 (volumes/shared)", log)
         self.assertIn("Left running, no data of theirs in the backup: idle", log)
-        self.assertRegex(log, r"Started writer again: down \d+\.\d s")
+        self.assertRegex(log, r"Started writer again \(\d+\.\d s\): down \d+\.\d s")
         self.assertIn("Longest Outage (s):", log)
         self.assertRegex(result.stdout, r"Longest outage: \d+\.\d s")
 

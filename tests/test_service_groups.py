@@ -276,6 +276,27 @@ class SegmentOrderTest(unittest.TestCase):
             names = tf.getnames()
         self.assertEqual(names[-2:], ["volumes/b", "volumes/b/db"])
 
+    def test_write_archive_holds_the_verifier_during_a_segment(self):
+        calls = []
+        real_hold = archive_writer.FollowingVerifier.hold
+
+        def hold(verifier):
+            calls.append("hold")
+            real_hold(verifier)
+        args = argparse.Namespace(no_verify=False, level=6, jobs=2, exclude=[])
+        temp = os.path.join(self.stack, "..", os.path.basename(self.stack) + ".tgz")
+        self.addCleanup(os.unlink, temp)
+        stats = archive_writer.ArchiveStats()
+        seg = archive_writer.Segment(["volumes/a"], lambda: calls.append("before"),
+                                     lambda: calls.append("after"))
+        from unittest import mock
+        with mock.patch.object(archive_writer.FollowingVerifier, "hold", hold):
+            archive_writer.write_archive(self.stack, self.items, args, None, temp,
+                                         archive_writer_progress(), stats, [seg])
+        self.assertEqual(calls, ["hold", "before", "after"])
+        with tarfile.open(temp) as tf:
+            self.assertEqual(len(tf.getnames()), stats.members)
+
     def test_gnu_tar_extracts_the_reordered_archive(self):
         if not shutil.which("tar"):
             self.skipTest("no GNU tar")
@@ -340,8 +361,8 @@ class StopWindowsTest(unittest.TestCase):
                                          ("stop", ("c",)), ("start", ("c",)), ("close", ())])
         self.assertEqual(report["stopped"], ["a", "b", "c"])
         self.assertEqual(report["started"], ["a", "b", "c"])
-        self.assertEqual(report["outages"], [(("a", "b"), 1), (("c",), 1)])
-        self.assertIn("Started a, b again: down 1.0 s", log.text())
+        self.assertEqual(report["outages"], [(("a", "b"), 3), (("c",), 3)])
+        self.assertIn("Started a, b again (1.0 s): down 3.0 s", log.text())
         self.assertEqual(sg.longest_outage([(("a",), 1.5), (("b",), 2.5)]), (("b",), 2.5))
 
     def test_a_failing_start_does_not_stop_the_others(self):
