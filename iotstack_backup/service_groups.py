@@ -175,14 +175,22 @@ def left_running(windows, running):
     return [s for s in sorted(running) if s not in stopped]
 
 
-def path_bases(stack, item_names, realpath=os.path.realpath, islink=os.path.islink):
+def path_bases(stack, item_names, realpath=os.path.realpath, islink=os.path.islink,
+               listdir=os.listdir):
     """Where mounts of the stack may point: the stack as given and as its real
-    path, and each top-level item that is a symlink (volumes/ on an SSD),
-    longest first so the most specific prefix wins."""
+    path, each top-level item that is a symlink (volumes/ on an SSD), and
+    each folder of volumes/ that is one (a database moved alone), longest
+    first so the most specific prefix wins."""
     stack = os.path.abspath(stack)
     bases = [(stack, ""), (realpath(stack), "")]
-    bases += [(realpath(os.path.join(stack, item)), item) for item in item_names
-              if "/" not in item and islink(os.path.join(stack, item))]
+    linked = [item for item in item_names if "/" not in item]
+    if "volumes" in item_names:
+        try:
+            linked += ["volumes/" + name for name in listdir(os.path.join(stack, "volumes"))]
+        except OSError:
+            pass
+    bases += [(realpath(os.path.join(stack, rel)), rel) for rel in linked
+              if islink(os.path.join(stack, rel))]
     return sorted(set(bases), key=lambda b: -len(b[0]))
 
 

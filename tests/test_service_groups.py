@@ -63,11 +63,14 @@ class PathRulesTest(unittest.TestCase):
             self.assertEqual(sg.overlaps(a, b), expected, (a, b))
 
     def test_path_bases(self):
-        links = {"/s/volumes": "/ssd/v"}
+        links = {"/s/volumes": "/ssd/v", "/s/volumes/influxdb": "/ssd/influx"}
         bases = sg.path_bases("/s", ["services", "volumes", ".tmp/databases_backup"],
                               realpath=lambda p: links.get(p, p.replace("/s", "/real/s", 1)),
-                              islink=lambda p: p in links)
-        self.assertEqual(bases, [("/real/s", ""), ("/ssd/v", "volumes"), ("/s", "")])
+                              islink=lambda p: p in links,
+                              listdir=lambda p: ["influxdb", "nodered"])
+        self.assertEqual(bases, [("/ssd/influx", "volumes/influxdb"), ("/real/s", ""),
+                                 ("/ssd/v", "volumes"), ("/s", "")])
+        self.assertEqual(sg.relative_to_stack("/ssd/influx/data", bases), "volumes/influxdb/data")
 
 
 class GroupingTest(unittest.TestCase):
