@@ -166,9 +166,15 @@ class EachModeTest(DowntimeTestCase):
             self.assertEqual(f.read(), "data\n")
 
     def test_sigterm_while_a_group_is_down(self):
-        proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack]
-                                + USER_ARGS, env=self.env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for mode in ("each", "all"):
+            with self.subTest(mode=mode):
+                self.sigterm_while_down(mode)
+
+    def sigterm_while_down(self, mode):
+        proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack,
+                                 "--stop", mode] + USER_ARGS, env=self.env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
         marker = os.path.join(self.stack, docker_compose.STOPPED_MARKER)
         deadline = time.monotonic() + 60
         while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
