@@ -16,6 +16,7 @@ after a kill -9; it goes when the last of them was started.
 """
 import contextlib
 import os
+import signal
 
 from . import docker_compose
 from .iotstack import write_json_atomically
@@ -41,7 +42,8 @@ class ComposeControl:
         # is interrupted, may have stopped some of them.
         self.down = sorted(set(self.down) | set(services))
         self._mark()
-        self._compose.stop(list(services))
+        with signals_wait():
+            self._compose.stop(list(services))
 
     def start(self, services):
         self._compose.start(list(services))
@@ -51,6 +53,26 @@ class ComposeControl:
     def close(self):
         if self.down:
             self.start(self.down)
+
+
+# Signals that end a run; see signals_wait.
+ENDING_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def signals_wait():
+    """Hold back SIGTERM, SIGHUP and SIGINT until the block is over.  A
+    `stop` cut short leaves the engine stopping the container after its
+    client is gone, and the `start` of the clean-up then races it: the
+    service could end up down.  So the stop completes, then the held
+    signal unwinds the run, which starts everything again.  (Blocked in
+    this thread only: one arriving on another thread waits for the main
+    thread, which is in the stop, just the same.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ENDING_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def open_control(stack, log):

@@ -59,9 +59,10 @@ def archive_names(path):
 
 class DowntimeTestCase(unittest.TestCase):
     flavour = "v2"
+    services = SERVICES
 
     def setUp(self):
-        self.project = E.stack(self, SERVICES, flavour=self.flavour, prefix="iotstack-dt-")
+        self.project = E.stack(self, self.services, flavour=self.flavour, prefix="iotstack-dt-")
         self.stack = self.project.stack_dir
         for rel in ("volumes/shared/a/a.txt", "volumes/shared/b/b.txt", "services/x/conf"):
             path = os.path.join(self.stack, rel)
@@ -71,7 +72,7 @@ class DowntimeTestCase(unittest.TestCase):
         with open(os.path.join(self.stack, "volumes/alone/blob"), "wb") as f:
             f.write(os.urandom(1 << 20))
         self.project.up()
-        self.project.wait_for({s["name"]: "running" for s in SERVICES})
+        self.project.wait_for({s["name"]: "running" for s in self.services})
         time.sleep(0.3)  # a few counter lines
 
     def env(self):
@@ -105,7 +106,7 @@ class DowntimeTestCase(unittest.TestCase):
             return f.read()
 
     def assert_all_running(self):
-        self.project.wait_for({s["name"]: "running" for s in SERVICES}, timeout=20)
+        self.project.wait_for({s["name"]: "running" for s in self.services}, timeout=20)
         self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
 
     def assert_read_while_stopped(self, archive):
@@ -209,6 +210,33 @@ class EachModeTest(DowntimeTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("Started %s again" % ", ".join(marked), result.stdout)
         self.assert_all_running()
+
+
+class SlowStopTest(DowntimeTestCase):
+    """alone ignores SIGTERM: its stop takes its 2 s grace period."""
+
+    services = SERVICES[:3] + [dict(SERVICES[3], trap=False, stop_grace_period="2s")] + SERVICES[4:]
+
+    def test_sigterm_during_a_slow_stop_still_leaves_it_running(self):
+        for mode in ("each", "all"):
+            with self.subTest(mode=mode):
+                proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack,
+                                         "--stop", mode] + USER_ARGS, env=self.env(),
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+                marker = os.path.join(self.stack, docker_compose.STOPPED_MARKER)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and proc.poll() is None:
+                    with contextlib.suppress(OSError, ValueError):
+                        with open(marker) as f:
+                            if "alone" in json.load(f)["services"]:
+                                break
+                    time.sleep(0.01)
+                time.sleep(0.5)  # inside the 2 s stop
+                proc.send_signal(signal.SIGTERM)
+                _out, err = proc.communicate(timeout=120)
+                self.assertEqual(proc.returncode, 128 + signal.SIGTERM, err)
+                self.assert_all_running()
 
 
 class EachModeV1Test(DowntimeTestCase):
