@@ -92,6 +92,27 @@ class DowntimeTestCase(unittest.TestCase):
             watcher.stop()
         return result, watcher
 
+    def sigterm_once_stopping(self, mode, service=None, delay=0.2):
+        """Run a backup and SIGTERM it `delay` s after the marker first names
+        service (any, when None): while that stop is under way or done.
+        Returns (exit code, stderr)."""
+        proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack,
+                                 "--stop", mode] + USER_ARGS, env=self.env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        marker = os.path.join(self.stack, docker_compose.STOPPED_MARKER)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                with open(marker) as f:
+                    if service is None or service in json.load(f)["services"]:
+                        break
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+
     def archives(self):
         return sorted(glob.glob(os.path.join(self.stack, "backups", "backup", "*.tar.gz")))
 
@@ -172,18 +193,8 @@ class EachModeTest(DowntimeTestCase):
                 self.sigterm_while_down(mode)
 
     def sigterm_while_down(self, mode):
-        proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack,
-                                 "--stop", mode] + USER_ARGS, env=self.env(),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        marker = os.path.join(self.stack, docker_compose.STOPPED_MARKER)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=120)
-        self.assertEqual(proc.returncode, 128 + signal.SIGTERM, err)
+        code, err = self.sigterm_once_stopping(mode)
+        self.assertEqual(code, 128 + signal.SIGTERM, err)
         self.assert_all_running()
         self.assertEqual(self.archives(), [])
         self.assertEqual(glob.glob(os.path.join(self.stack, "backups", "*", ".*.partial")), [])
@@ -220,22 +231,8 @@ class SlowStopTest(DowntimeTestCase):
     def test_sigterm_during_a_slow_stop_still_leaves_it_running(self):
         for mode in ("each", "all"):
             with self.subTest(mode=mode):
-                proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack,
-                                         "--stop", mode] + USER_ARGS, env=self.env(),
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
-                marker = os.path.join(self.stack, docker_compose.STOPPED_MARKER)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and proc.poll() is None:
-                    with contextlib.suppress(OSError, ValueError):
-                        with open(marker) as f:
-                            if "alone" in json.load(f)["services"]:
-                                break
-                    time.sleep(0.01)
-                time.sleep(0.5)  # inside the 2 s stop
-                proc.send_signal(signal.SIGTERM)
-                _out, err = proc.communicate(timeout=120)
-                self.assertEqual(proc.returncode, 128 + signal.SIGTERM, err)
+                code, err = self.sigterm_once_stopping(mode, "alone", delay=0.5)  # in the 2 s
+                self.assertEqual(code, 128 + signal.SIGTERM, err)
                 self.assert_all_running()
 
 

@@ -404,6 +404,15 @@ class StopSettingTest(unittest.TestCase):
                 (None, {"stop": "all"}, "all")]:
             self.assertEqual(self.resolve(given, ini)[1], expected, (given, ini))
 
+    def test_bad_value_on_the_command_line(self):
+        import contextlib
+        from iotstack_backup import backup
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:
+            backup.main(["--stop", "some"])
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("'some' is not each, all or none", err.getvalue().splitlines()[-1])
+
     def test_bad_value_in_backup_ini(self):
         from iotstack_backup import run
         with self.assertRaises(run.UserError) as caught:
