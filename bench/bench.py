@@ -3,6 +3,7 @@
 
     python3 bench/bench.py [--scale S] [--rounds N] [--workdir DIR] [--keep]
                            [--memory-scales 0.25,2] [--profile]
+                           [--downtime | --no-downtime]
 
 On a tree built by bench/stack_builder.py, every command runs once untimed
 (so the page cache is alike for all), then once per round, ours and the
@@ -19,7 +20,10 @@ after deleting a large tree (an earlier run's work directory), or give
 `docker` on PATH (prints nothing, exits 0) leaves stack handling idle.
 --memory-scales reports peak RSS at other tree sizes; --profile runs backup
 and restore under cProfile (main thread only) and prints the top functions;
---rounds 0 skips the timing. Stdlib only, Python 3.9+.
+--rounds 0 skips the timing. After the timing, when a Docker engine answers
+(DOCKER_HOST), bench/downtime.py measures how long services are down with
+--stop each and --stop all against tar -czf (--downtime: that alone;
+--no-downtime: not at all). Stdlib only, Python 3.9+.
 """
 import argparse
 import datetime
@@ -450,6 +454,11 @@ def build_parser():
                              "these scales, e.g. 0.25,2")
     parser.add_argument("--profile", action="store_true",
                         help="run backup and restore once under cProfile, print the top 25")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--downtime", action="store_true",
+                       help="only measure the services' downtime on a real Docker engine")
+    which.add_argument("--no-downtime", action="store_true",
+                       help="do not measure downtime (it needs a Docker engine)")
     return parser
 
 
@@ -457,13 +466,18 @@ def benchmark(args, bench):
     load_at_start = os.getloadavg()[0]
     with_pigz = shutil.which("pigz") is not None
     lines, main_rows = [], []
-    if args.rounds > 0 or args.profile:
+    if args.downtime:
+        args.memory_scales, args.profile, timing_rounds = [], False, 0
+    else:
+        timing_rounds = args.rounds
+    downtime_rounds = args.rounds if not args.no_downtime else 0
+    if timing_rounds > 0 or args.profile or downtime_rounds > 0:
         stack = os.path.join(bench.workdir, "stack")
         tree = build_tree(bench, stack, args.scale, args.seed)
         commands = Commands(bench, stack)
         lines += ["Tree: bench/stack_builder.py at scale %g (seed %d), %d entries, %.1f MB."
                   % (args.scale, args.seed, tree[0], tree[1] / 1e6)]
-    if args.rounds > 0:
+    if timing_rounds > 0:
         lines[-1] += (" %d rounds, medians (min-max in the second table). Docker: a fake "
                       "`docker` on PATH (no service running)." % args.rounds)
         runs = time_commands(commands, args.rounds, with_pigz, tree[1])
@@ -475,6 +489,9 @@ def benchmark(args, bench):
         lines += measure_memory(bench, args.memory_scales, args.seed, main_rows)
     if args.profile:
         profile(commands)
+    if downtime_rounds > 0:
+        from downtime import measure  # beside this file; imports tests/engine.py
+        lines += [""] + measure(stack, downtime_rounds, out=lambda text: print(text, flush=True))
     lines[:0] = ["## Benchmark: backup.py and restore.py against GNU tar", "",
                  machine_line(with_pigz, load_at_start)]
     report = "\n".join(lines) + "\n"

@@ -1,6 +1,8 @@
 """Writing an archive: walk the tree, stream it as tar.gz, read it back.
 
-write_archive walks the manifest items depth first in name order, encodes
+write_archive walks the manifest items depth first in name order (segments,
+when given, move some subtrees to the end, each read between two callbacks:
+backup.py stops a group of services only while its data is read), encodes
 each entry with tarformat, compresses the stream with pgzip's parallel
 writer and writes it to a new temporary file.  How it keeps data safe: the
 file is created with O_EXCL under a name no glob of backups matches; a
@@ -44,7 +46,8 @@ class Entry:
         self.rel, self.path, self.st = rel, path, st
 
 
-def iter_entries(stack, items, patterns, excluded, notes, warnings=None):
+def iter_entries(stack, items, patterns, excluded, notes, warnings=None, defer=frozenset(),
+                 deferred=None):
     """Every entry below the manifest items, depth first in name order.
 
     Symlinks are never followed, except a top-level directory item that is a
@@ -52,7 +55,9 @@ def iter_entries(stack, items, patterns, excluded, notes, warnings=None):
     follow it, and a backup of a bare link would hold no data.  A live tree
     changes and holds folders of other users: a folder that cannot be read
     is a warning naming it (its entry is kept, its contents are not), an
-    entry gone between listing and reading is a note.
+    entry gone between listing and reading is a note.  Entries whose path is
+    in defer are not yielded nor entered: they go, as the walk met them,
+    into the list deferred, for iter_segments to read later.
     """
     if warnings is None:
         warnings = notes
@@ -76,12 +81,15 @@ def iter_entries(stack, items, patterns, excluded, notes, warnings=None):
         if is_excluded(rel + "/" if stat.S_ISDIR(st.st_mode) else rel, patterns):
             excluded.append(rel)
             continue
+        if rel in defer:
+            deferred.append(Entry(rel, path, st))
+            continue
         yield Entry(rel, path, st)
         if stat.S_ISDIR(st.st_mode):
-            yield from _iter_dir(rel, path, patterns, excluded, notes, warnings)
+            yield from _iter_dir(rel, path, patterns, excluded, notes, warnings, defer, deferred)
 
 
-def _iter_dir(rel, path, patterns, excluded, notes, warnings):
+def _iter_dir(rel, path, patterns, excluded, notes, warnings, defer=frozenset(), deferred=None):
     # A stack of directory listings rather than recursion: each entry is
     # yielded once, not passed up through a generator per level of depth.
     listings = [(rel, _sorted_listing(path, rel, notes, warnings))]
@@ -97,6 +105,9 @@ def _iter_dir(rel, path, patterns, excluded, notes, warnings):
             is_dir = stat.S_ISDIR(st.st_mode)
             if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
                 excluded.append(child_rel)
+                continue
+            if defer and child_rel in defer:
+                deferred.append(Entry(child_rel, child.path, st))
                 continue
             yield Entry(child_rel, child.path, st)
             if is_dir:
@@ -132,6 +143,62 @@ def changed_while_read(before, after):
     return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
+class Segment:
+    """A part of the archive written after the rest: the entries at roots
+    (paths relative to the stack) and everything below them, read between
+    before() and after().  The writer knows nothing of what the callbacks
+    do (backup.py stops and starts services with them)."""
+
+    __slots__ = ("roots", "before", "after")
+
+    def __init__(self, roots, before=None, after=None):
+        self.roots, self.before, self.after = frozenset(roots), before, after
+
+
+def iter_segments(stack, items, patterns, stats, segments=()):
+    """The entries of iter_entries, reordered: first everything outside the
+    segments' roots, then each segment's subtrees in turn, with before()
+    called just before its first entry is yielded and after() as soon as
+    the caller has asked for the entry after its last (so has read the
+    last).  A segment whose roots the walk never met (excluded, missing,
+    behind a symlink) is skipped, callbacks and all.  The same entries as
+    iter_entries, so the same members; only their order changes, and a
+    parent directory always comes before what it holds."""
+    defer = frozenset(root for segment in segments for root in segment.roots)
+    deferred = []
+    yield from iter_entries(stack, items, patterns, stats.excluded, stats.notes, stats.warnings,
+                            defer, deferred)
+    for segment in segments:
+        found = [entry for entry in deferred if entry.rel in segment.roots]
+        if not found:
+            continue
+        if segment.before is not None:
+            segment.before()
+        for entry in found:
+            fresh = _restat(entry, stats)
+            if fresh is None:
+                continue
+            yield fresh
+            if stat.S_ISDIR(fresh.st.st_mode):
+                yield from _iter_dir(fresh.rel, fresh.path, patterns, stats.excluded, stats.notes,
+                                     stats.warnings)
+        if segment.after is not None:
+            segment.after()
+
+
+def _restat(entry, stats):
+    """The entry as it is now: it was met by the walk, maybe seconds before
+    its segment is read (and before its service stopped)."""
+    try:
+        st = os.lstat(entry.path)
+        if stat.S_ISLNK(st.st_mode) and stat.S_ISDIR(entry.st.st_mode):
+            st = os.stat(entry.path)  # a top-level item the walk followed
+    except FileNotFoundError:
+        stats.warnings.append("%s disappeared before it was read" % entry.rel)
+        return None
+    return Entry(entry.rel, entry.path, st)
+
+
 class ArchiveStats:
     def __init__(self):
         self.members = 0
@@ -149,13 +216,13 @@ WRITE_BATCH = 128 * 1024
 READ_CHUNK = 1 << 20
 
 
-def write_tar(out, stack, items, patterns, progress, stats):
-    """Write the tar stream of the manifest items to out; fill stats."""
+def write_tar(out, stack, items, patterns, progress, stats, segments=()):
+    """Write the tar stream of the manifest items to out, in the order of
+    iter_segments; fill stats."""
     first_of_inode = {}
     batch = bytearray()
     batch_bytes = batch_files = 0
-    for entry in iter_entries(stack, items, patterns, stats.excluded, stats.notes,
-                              stats.warnings):
+    for entry in iter_segments(stack, items, patterns, stats, segments):
         if len(batch) >= WRITE_BATCH:
             out.write(batch)
             batch.clear()
@@ -278,6 +345,7 @@ class FollowingVerifier:
         self._durable = 0
         self._finished = False
         self._cancelled = False
+        self._held = False
         self._offset = 0
         self.members = None
         self.error = None
@@ -288,6 +356,18 @@ class FollowingVerifier:
         with self._cond:
             self._durable = durable
             self._finished = finished
+            self._cond.notify()
+
+    def hold(self):
+        """Pause reading back (until release or finish): while a segment is
+        read the CPU goes to reading and compressing, so it ends sooner;
+        the verifier catches up afterwards."""
+        with self._cond:
+            self._held = True
+
+    def release(self):
+        with self._cond:
+            self._held = False
             self._cond.notify()
 
     def finish(self, size, expected_members):
@@ -311,7 +391,8 @@ class FollowingVerifier:
 
     def _read(self, size):
         with self._cond:
-            while self._offset >= self._durable and not self._finished and not self._cancelled:
+            while ((self._offset >= self._durable or self._held)
+                   and not self._finished and not self._cancelled):
                 self._cond.wait()
             if self._cancelled:
                 raise ArchiveError("verification cancelled")
@@ -439,6 +520,15 @@ class FileSink(BackgroundSync):
         pass
 
 
+def _both(first, then):
+    """A callback calling first() then then(), either of them None."""
+    def both():
+        for call in (first, then):
+            if call is not None:
+                call()
+    return both
+
+
 def tree_totals(stack, items, patterns):
     """(bytes, files) under the items: a quick pass for the progress ETA."""
     total = files = 0
@@ -449,18 +539,22 @@ def tree_totals(stack, items, patterns):
     return total, files
 
 
-def write_archive(stack, items, args, owner, temp, progress, stats):
+def write_archive(stack, items, args, owner, temp, progress, stats, segments=()):
     """Write the tar.gz to temp, fsynced and owned; unless --no-verify, read
-    it back from disk as it goes.  Returns its size."""
+    it back from disk as it goes.  segments: see iter_segments.  Returns its
+    size."""
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, iotstack.ARCHIVE_MODE)
     verifier = sink = None
     try:
         if not args.no_verify:
             verifier = FollowingVerifier(temp)
         sink = FileSink(fd, verifier.advance if verifier else None)
+        if verifier is not None:
+            segments = [Segment(seg.roots, _both(verifier.hold, seg.before),
+                                _both(seg.after, verifier.release)) for seg in segments]
         gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
         try:
-            write_tar(gz, stack, items, args.exclude, progress, stats)
+            write_tar(gz, stack, items, args.exclude, progress, stats, segments)
             gz.close()
         except BaseException:
             gz.abort()

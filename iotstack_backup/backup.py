@@ -19,7 +19,17 @@ import sys
 import time
 
 from . import (
-    archive_writer, docker_compose, iotstack, journal, menu, progress, run, schedule, tarformat)
+    archive_writer,
+    docker_compose,
+    iotstack,
+    journal,
+    menu,
+    progress,
+    run,
+    schedule,
+    service_groups,
+    tarformat,
+)
 from .archive_writer import write_archive
 from .settings import (
     backup_type,
@@ -32,6 +42,7 @@ from .settings import (
     notify_url,
     print_config,
     recipient,
+    stop_mode,
 )
 
 PROG = "backup.py"
@@ -80,8 +91,13 @@ def build_parser():
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="leave out paths matching PATTERN (shell glob on the path "
                         "relative to IOTstack, or on a file name); repeatable")
-    p.add_argument("--no-stop", action="store_true", default=None,
-                   help="leave the stack running (for pre_backup.sh that dumps databases)")
+    p.add_argument("--stop", type=stop_mode, metavar="each|all|none",
+                   help="each (default): stop each group of services that share data only "
+                        "while its data is read; all: stop every running service until the "
+                        "last file is read; none: leave the stack running")
+    p.add_argument("--no-stop", dest="stop", action="store_const", const="none",
+                   help="the same as --stop none (for pre_backup.sh that dumps databases)")
+    p.set_defaults(no_stop=None)  # backup.ini's no-stop; the command line sets stop
     p.add_argument("--no-verify", action="store_true", default=None,
                    help="skip reading the archive back after writing it")
     p.add_argument("--keep", type=keep_count, metavar="N",
@@ -192,9 +208,10 @@ def give_second_name(source, final, owner):
     return temp
 
 
-def make_backup(stack, plan, items, args, owner, log, result):
+def make_backup(stack, plan, items, args, owner, log, result, segments=()):
     """Write, verify and name the archive(s).  On any failure no final name
-    changes and the temporary files are gone."""
+    changes and the temporary files are gone.  segments: the parts read
+    with services stopped (archive_writer.iter_segments)."""
     temps = []
     bar = progress.NoProgress()
     try:
@@ -206,7 +223,8 @@ def make_backup(stack, plan, items, args, owner, log, result):
         first = plan.targets[0]
         temps.append(iotstack.partial_path(first))
         try:
-            result["size"] = write_archive(stack, items, args, owner, temps[0], bar, stats)
+            result["size"] = write_archive(stack, items, args, owner, temps[0], bar, stats,
+                                           segments)
         except tarformat.ArchiveError as e:
             log.field("Verified", "FAILED: %s" % e)
             raise run.UserError("verification of the new archive failed: %s" % e) from None
@@ -246,14 +264,20 @@ def dry_run(stack, args):
         note = " (replacing the existing one)" if os.path.exists(target) else ""
         out.write("Would write: %s%s\n" % (relative(stack, target), note))
     out.write("Log: %s\n" % relative(stack, plan.log))
-    if args.no_stop:
-        out.write("Services: left running (--no-stop)\n")
+    if args.stop == "none":
+        out.write("Services: left running (--stop none)\n")
     else:
-        window = docker_compose.ServiceWindow(stack, iotstack.RunLog())
+        log = iotstack.RunLog()
+        window = docker_compose.ServiceWindow(stack, log)
         if window.unavailable:
             out.write("Would not stop services: %s\n" % window.unavailable)
         else:
-            out.write("Would stop and start again: %s\n" % (", ".join(window.running) or "none"))
+            windows = service_groups.plan_for(window, stack, items, args.stop, log)
+            for group in windows:
+                out.write("Would stop %s while reading %s, then start them again\n"
+                          % (", ".join(group.services), ", ".join(group.roots)))
+            if not windows:
+                out.write("Would stop and start again: none\n")
             if window.left_alone:
                 out.write("Would leave alone: %s\n" % docker_compose.describe(window.left_alone))
     for item in missing:
@@ -345,19 +369,23 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
                             "written (see %s)" % (status, relative(stack, plan.log)))
     window = None
-    if args.no_stop:
-        log.line("Services: left running (--no-stop)")
+    if args.stop == "none":
+        log.line("Services: left running (--stop none)")
     else:
         window = docker_compose.ServiceWindow(stack, log)
-    stack_warnings = leftover_warnings(leftover)
+    stack_warnings = leftover_warnings(leftover) + live_warnings(window)
     error = None
     outcome["window"] = window
     outcome["stack_warnings"] = stack_warnings
     previous = iotstack.newest_archive(os.path.join(stack, "backups"))
     try:
         with window or contextlib.nullcontext():
-            stack_warnings += stop_services(window)
-            make_backup(stack, plan, items, args, owner, log, result)
+            stops = service_groups.StopWindows(window, log)
+            groups = service_groups.plan_for(window, stack, items, args.stop, log)
+            try:
+                make_backup(stack, plan, items, args, owner, log, result, stops.segments(groups))
+            finally:
+                stack_warnings += stops.warnings
     except OSError as e:
         if iotstack.is_disk_full(e):
             error = run.UserError("disk full while writing the backup; earlier backups are "
@@ -405,20 +433,12 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
     return run.EXIT_WARNINGS if warnings else run.EXIT_OK
 
 
-def stop_services(window):
-    """Stop every running service for the archive's sake; warnings when the
-    backup has to be taken live instead."""
-    if window is None:
+def live_warnings(window):
+    """When docker does not answer, the backup is taken with the services
+    running: a warning that says why."""
+    if window is None or not window.unavailable:
         return []
-    if window.unavailable:
-        return ["services were not stopped (the backup was taken live): %s"
-                % window.unavailable]
-    try:
-        window.stop(window.running)
-    except docker_compose.StackUnavailable as e:
-        window.log.line("Warning: %s" % e)
-        return ["%s; the backup was taken with them running" % e]
-    return []
+    return ["services were not stopped (the backup was taken live): %s" % window.unavailable]
 
 
 def leftover_warnings(leftover):
@@ -512,6 +532,9 @@ def finish_log(stack, log, plan, items, result, window, stack_warnings, started)
         log.field("Members", stats.members)
         log.field("Data Size (bytes)", stats.bytes)
     docker_compose.log_fields(log, window)
+    longest = service_groups.longest_outage(window.downtime() if window else {})
+    if longest:
+        log.field("Longest Outage (s)", "%.1f (%s)" % (longest[1], longest[0]))
     log.field("Duration (s)", "%.1f" % (time.monotonic() - started))
     log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
     log.line("Items backed up:")
@@ -536,6 +559,8 @@ def print_summary(stack, plan, result, window, stack_warnings):
     if window is not None and window.started:
         lines.append("Services stopped and started again: %s" % ", ".join(window.started))
         lines.append("Downtime (s): %s" % docker_compose.downtimes(window))
+        longest = service_groups.longest_outage(window.downtime())
+        lines.append("Longest outage: %.1f s (%s)" % (longest[1], longest[0]))
     if window is not None and window.left_alone:
         lines.append("Services left alone: %s" % docker_compose.describe(window.left_alone))
     for warning in stats.warnings + stack_warnings:

@@ -57,6 +57,7 @@ SERVICE_LABEL = "com.docker.compose.service"
 ONEOFF_LABEL = "com.docker.compose.oneoff"
 WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 VERSION_LABEL = "com.docker.compose.version"
+DEPENDS_LABEL = "com.docker.compose.depends_on"
 # Where docker usually lives: cron's PATH (/usr/bin:/bin) lacks /usr/local/bin,
 # where Docker's convenience script and many Pi guides put it.
 USUAL_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin",
@@ -170,6 +171,11 @@ class Container:
         self.made_by_v1 = labels.get(VERSION_LABEL, "").startswith("1.")
         self.state = state.get("Status", "unknown")
         self.started_at = docker_time(state.get("StartedAt"))
+        # What it keeps in the stack (bind mounts) and whom it needs
+        # (compose v2's label; None from v1, which writes none).
+        self.mounts = [m["Source"] for m in info.get("Mounts") or ()
+                       if m.get("Type") == "bind" and m.get("Source")]
+        self.depends_on = labels.get(DEPENDS_LABEL)
 
 
 class Engine:
@@ -321,6 +327,11 @@ class ServiceWindow:
     def outstanding(self):
         """Stopped by this run and not started again, in the order stopped."""
         return [name for name in self.stopped if name in self._record]
+
+    def running_containers(self):
+        """The containers of the running services, as found at the start."""
+        return [c for name in self.running for c in self._containers.get(name, [])
+                if c.state == "running"]
 
     def container_names(self, services):
         """The names of these services' containers (as found at the start)."""

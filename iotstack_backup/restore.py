@@ -19,12 +19,22 @@ import sys
 import time
 
 from . import (
-    docker_compose, iotstack, journal, pgzip, picker, progress, run, service_mounts, settings,
-    tarformat, unpack)
+    docker_compose,
+    iotstack,
+    journal,
+    pgzip,
+    picker,
+    progress,
+    run,
+    service_groups,
+    settings,
+    tarformat,
+    unpack,
+)
 from .journal import (
     ASIDE_PREFIX,
-    OtherDisks,
     STAGING_PREFIX,
+    OtherDisks,
     clean_up,
     prepare_journal,
     recover,
@@ -482,20 +492,14 @@ def dry_run(stack, archive, args, out):
 def services_to_stop(window, stack, args, log):
     """The running services the swap stops, or None when docker cannot
     tell.  With --only, only those with a bind mount under (or holding)
-    what is restored; when docker cannot say which, every running service,
-    as for a whole restore."""
+    what is restored."""
     if args.no_stop:
         return []
     if window.unavailable:
         return None
     if not args.only:
         return list(window.running)
-    containers = service_mounts.inspect_containers()
-    if containers is None:
-        log.line("Docker: cannot tell which services keep their data under %s; stopping "
-                 "every running service" % ", ".join(args.only))
-        return list(window.running)
-    using = service_mounts.services_using(containers, stack, args.only)
+    using = service_groups.services_using(window.running_containers(), stack, args.only)
     log.line("Services with data under %s: %s" % (", ".join(args.only), ", ".join(using) or "none"))
     return [service for service in window.running if service in using]
 

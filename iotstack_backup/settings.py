@@ -73,6 +73,12 @@ def mqtt_url(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def stop_mode(text):
+    if text not in ("each", "all", "none"):
+        raise argparse.ArgumentTypeError("%r is not each, all or none" % text)
+    return text
+
+
 def boolean(text):
     value = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}.get(text.strip().lower())
@@ -87,6 +93,7 @@ SETTINGS = {
     "type": ("type", backup_type, False, 3),
     "user": ("user", str, False, None),
     "exclude": ("exclude", str, True, []),
+    "stop": ("stop", stop_mode, False, "each"),
     "no-stop": ("no_stop", boolean, False, False),
     "no-verify": ("no_verify", boolean, False, False),
     "keep": ("keep", keep_count, False, None),
@@ -165,7 +172,16 @@ def load_settings(stack, args):
         except (OSError, UnicodeDecodeError) as e:
             raise run.UserError("%s: cannot read it: %s" % (path, e), run.EXIT_USAGE) from None
         config = parse_config(text, path)
-    return merge_settings(args, config)
+    return resolve_no_stop(args, merge_settings(args, config))
+
+
+def resolve_no_stop(args, sources):
+    """no-stop is the older spelling of stop = none: it applies unless stop
+    itself was set (--no-stop on the command line already set stop)."""
+    if args.no_stop and sources["stop"] == "default":
+        args.stop = "none"
+        return dict(sources, stop=sources["no-stop"])
+    return sources
 
 
 def print_config(args, sources, out, stack=None):

@@ -22,7 +22,8 @@ import unittest
 import uuid
 from unittest import mock
 
-from iotstack_backup import backup, progress, restore, service_mounts
+from iotstack_backup import backup, docker_compose, progress, restore, service_groups
+from tests import engine
 from tests import terminal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,55 +226,38 @@ class FirstHourTests(StackCase):
 
 
 def engine_env():
-    """The environment for the CI's Docker engine, or None if none answers."""
-    host = os.environ.get("DOCKER_HOST")
-    for socket in (ENGINE_SOCKET, "/var/run/docker.sock"):
-        if not host and os.path.exists(socket):
-            host = "unix://" + socket
-    if not (shutil.which("docker") and host):
-        return None
-    env = dict(os.environ, DOCKER_HOST=host, PYTHONDONTWRITEBYTECODE="1")
+    """The environment for the tests' Docker engine (tests/engine.py: skips,
+    or fails under IOTSTACK_REQUIRE_ENGINE=1, when none answers)."""
+    env = dict(engine.engine().env, PYTHONDONTWRITEBYTECODE="1")
     env.pop("SUDO_USER", None)
-    try:
-        ok = subprocess.run(["docker", "compose", "version"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, timeout=30).returncode == 0 and \
-            subprocess.run(["docker", "image", "inspect", "iotbase:1"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return env if ok else None
+    env.pop("IOTSTACK_NO_DOCKER", None)
+    return env
 
 
 class ServiceMountTests(unittest.TestCase):
     def test_services_using(self):
-        def container(service, *sources, project="/home/pi/IOTstack"):
-            return {"Config": {"Labels": {service_mounts.PROJECT_DIR: project,
-                                          service_mounts.SERVICE: service}},
-                    "Mounts": [{"Type": "bind", "Source": s} for s in sources]}
+        def container(service, *sources):
+            return docker_compose.Container({
+                "Config": {"Labels": {docker_compose.SERVICE_LABEL: service}},
+                "State": {"Status": "running"},
+                "Mounts": [{"Type": "bind", "Source": s} for s in sources]})
         containers = [
             container("nodered", "/home/pi/IOTstack/volumes/nodered/data"),
             container("grafana", "/home/pi/IOTstack/volumes/grafana"),
             container("whole", "/home/pi/IOTstack/volumes"),
             container("elsewhere", "/srv/media"),
             container("noderedish", "/home/pi/IOTstack/volumes/nodered-old"),
-            container("other-stack", "/home/pi/IOTstack/volumes/nodered",
-                      project="/home/pi/Other"),
-            {"Config": {"Labels": {}}, "Mounts": [{"Type": "bind",
-                                                    "Source": "/home/pi/IOTstack/volumes"}]},
         ]
-        self.assertEqual(service_mounts.services_using(containers, "/home/pi/IOTstack",
+        self.assertEqual(service_groups.services_using(containers, "/home/pi/IOTstack",
                                                        ["volumes/nodered"]),
                          ["nodered", "whole"])
-        self.assertEqual(service_mounts.services_using(containers, "/home/pi/IOTstack",
+        self.assertEqual(service_groups.services_using(containers, "/home/pi/IOTstack",
                                                        ["volumes"]),
                          ["grafana", "nodered", "noderedish", "whole"])
-        self.assertEqual(service_mounts.services_using(containers, "/home/pi/IOTstack",
+        self.assertEqual(service_groups.services_using(containers, "/home/pi/IOTstack",
                                                        ["docker-compose.yml"]), [])
 
 
-@unittest.skipUnless(engine_env(), "needs a Docker engine ($DOCKER_HOST, %s or the default "
-                     "socket) with the image iotbase:1" % ENGINE_SOCKET)
 class RealEngineTests(StackCase):
     """restore --only against real containers with bind mounts."""
 
@@ -306,7 +290,7 @@ services:
         ids = self.compose("ps", "-q").stdout.split()
         found = subprocess.run(["docker", "inspect"] + ids, env=self.env, stdout=subprocess.PIPE,
                                universal_newlines=True, timeout=60)
-        return {c["Config"]["Labels"][service_mounts.SERVICE]: c["State"]["StartedAt"]
+        return {c["Config"]["Labels"][docker_compose.SERVICE_LABEL]: c["State"]["StartedAt"]
                 for c in json.loads(found.stdout)}
 
     def test_dry_run_and_only_stop_just_the_services_with_data_there(self):

@@ -100,7 +100,7 @@ class ConfigTest(StackTestCase):
             names = tf.getnames()
         self.assertIn("backup.ini", names)  # the settings travel with the backup
         self.assertFalse([n for n in names if n.startswith("volumes/influxdb")])
-        self.assertIn("Services: left running (--no-stop)", read_log(self.stack))
+        self.assertIn("Services: left running (--stop none)", read_log(self.stack))
         # On a real engine: test_stack_control.RefusalTest.test_no_stop_in_backup_ini.
 
     def test_command_line_type_wins(self):

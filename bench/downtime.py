@@ -1,0 +1,170 @@
+"""The downtime part of the benchmark: how long services are down during a backup.
+
+On a tree from stack_builder.py, a compose project on a real Docker engine
+(the one DOCKER_HOST names, e.g. `bash .ci/engine start`): one container per
+volumes/<service> folder, plus a writer that appends a line to
+volumes/writer/counter.log every 20 ms (tests/engine.py's compose file:
+busybox image iotbase:1, no network).  Each round runs `backup.py 1 --stop
+each`, `backup.py 1 --stop all` and `tar -czf` of the same items, in turn;
+each service's outages come from the engine's events (die to start), and
+the report gives, per mode, the longest outage of any service and the time
+every service was down at once, each as a median of the paired ratios to
+that round's `tar -czf`.  Without an engine it says so and measures nothing.
+"""
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import unittest
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+sys.path.insert(0, REPO)
+
+from iotstack_backup import iotstack  # noqa: E402
+from tests import engine as E  # noqa: E402
+
+BACKUP = os.path.join(REPO, "backup.py")
+GOALS = {"each": (0.30, 0.02), "all": (0.45, None)}
+
+
+class NoEngine(Exception):
+    pass
+
+
+def find_engine():
+    try:
+        return E.engine()
+    except unittest.SkipTest as e:
+        raise NoEngine(str(e)) from None
+
+
+def stack_services(stack):
+    """One idle service per volumes/<service> folder, and the writer."""
+    names = sorted(name for name in os.listdir(os.path.join(stack, "volumes"))
+                   if os.path.isdir(os.path.join(stack, "volumes", name)))
+    return ([{"name": name, "volumes": ["./volumes/%s:/data" % name]} for name in names]
+            + [{"name": "writer", "writer": True}])
+
+
+def outage_spans(watcher, services):
+    """{service: [(down_s, up_s)]}, seconds since the epoch."""
+    spans = {s: watcher.outages(s) for s in services}
+    never = [s for s, found in spans.items() if any(up is None for _down, up in found)]
+    if never:
+        raise RuntimeError("%s did not come back after the backup" % ", ".join(never))
+    return {s: [(a / 1e9, b / 1e9) for a, b in found] for s, found in spans.items()}
+
+
+def longest(spans):
+    return max([b - a for found in spans.values() for a, b in found], default=0.0)
+
+
+def all_down_at_once(spans):
+    """Seconds during which every service was down at the same moment."""
+    if not spans or any(not found for found in spans.values()):
+        return 0.0
+    edges = sorted([(a, 1) for found in spans.values() for a, _b in found]
+                   + [(b, -1) for found in spans.values() for _a, b in found])
+    total, down, since = 0.0, 0, None
+    for moment, step in edges:
+        if down == len(spans):
+            total += moment - since
+        down += step
+        since = moment
+    return total
+
+
+def timed(argv, env, cwd):
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError("%s exited %d: %s" % (" ".join(argv[:4]), result.returncode,
+                                                 result.stderr.decode("utf-8", "replace")))
+    return time.perf_counter() - started
+
+
+def measure(stack, rounds, out=print):
+    """Markdown lines for the README, or a line saying why nothing was measured."""
+    try:
+        eng = find_engine()
+    except NoEngine as e:
+        out("downtime: skipped, no Docker engine: %s" % e)
+        return ["Downtime: not measured (no Docker engine: %s)." % e]
+    services = stack_services(stack)
+    E.write_compose(stack, services)
+    # A project name of this run's own: others may run the benchmark on
+    # the same engine, from a folder also called "stack".
+    name = "iotstackbench%d" % os.getpid()
+    project = E.ComposeProject(stack, name=name, flavour=eng.flavours()[0])
+    env = {k: v for k, v in os.environ.items() if k not in ("IOTSTACK", "SUDO_USER")}
+    env.update(DOCKER_HOST=eng.docker_host, COMPOSE_PROJECT_NAME=name)
+    items, _missing = iotstack.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
+    tar_out = stack + ".reference.tar.gz"
+    tar = ["tar", "-czf", tar_out, "-C", stack] + [i.rstrip("/") for i in items]
+    user = ["root"] if os.geteuid() == 0 else []
+    names = [s["name"] for s in services]
+    rows = {mode: [] for mode in GOALS}
+    try:
+        project.up()
+        project.wait_for({name: "running" for name in names}, timeout=60)
+
+        def backup(mode):
+            shutil.rmtree(os.path.join(stack, "backups"), ignore_errors=True)
+            watcher = E.EventWatcher(project).start()
+            try:
+                wall = timed([sys.executable, BACKUP, "1", "--stop", mode, "--dir", stack] + user,
+                             env, stack)
+            finally:
+                watcher.stop()
+            project.wait_for({name: "running" for name in names}, timeout=60)
+            return wall, outage_spans(watcher, names)
+
+        out("downtime: warm-up (untimed)")
+        for mode in GOALS:
+            backup(mode)
+        timed(tar, env, stack)
+        for number in range(1, rounds + 1):
+            results = {mode: backup(mode) for mode in GOALS}
+            os.sync()
+            reference = timed(tar, env, stack)
+            os.unlink(tar_out)
+            for mode, (wall, spans) in results.items():
+                rows[mode].append((reference, wall, longest(spans), all_down_at_once(spans)))
+            out("downtime round %d/%d: tar -czf %.2fs; %s" % (number, rounds, reference, "; ".join(
+                "%s: run %.2fs, longest %.2fs, all down %.2fs" % (mode, r[-1][1], r[-1][2], r[-1][3])
+                for mode, r in rows.items())))
+    finally:
+        project.remove()
+        shutil.rmtree(os.path.join(stack, "backups"), ignore_errors=True)
+        if os.path.exists(tar_out):
+            os.unlink(tar_out)
+    return report(rows, rounds, len(names))
+
+
+def report(rows, rounds, count):
+    def med(values):
+        return statistics.median(values)
+
+    def verdict(value, goal):
+        return "-" if goal is None else ("≤ %.2f: %s" % (goal, "PASS" if value <= goal else "MISS"))
+
+    lines = ["Downtime on a real engine: %d services (one per volumes/ folder and a writer "
+             "appending every 20 ms), outages from the engine's events (die to start); "
+             "%d paired rounds, medians of the ratios to that round's `tar -czf`." % (count, rounds),
+             "", "| `backup.py 1` | longest outage | ratio | goal | all down at once | ratio "
+             "| goal | whole run | `tar -czf` |", "| --- | --- | --- | --- | --- | --- | --- "
+             "| --- | --- |"]
+    for mode, found in rows.items():
+        longest_goal, together_goal = GOALS[mode]
+        ratio = med([r[2] / r[0] for r in found])
+        together = med([r[3] / r[0] for r in found])
+        lines.append("| `--stop %s` | %.2f s | **%.3f** | %s | %.2f s | **%.3f** | %s | %.2f s "
+                     "| %.2f s |" % (mode, med([r[2] for r in found]), ratio,
+                                     verdict(ratio, longest_goal), med([r[3] for r in found]),
+                                     together, verdict(together, together_goal),
+                                     med([r[1] for r in found]), med([r[0] for r in found])))
+    return lines
