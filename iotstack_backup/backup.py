@@ -10,6 +10,7 @@ resumed with `start` (never `down`/`up`), exactly those that were running,
 also after errors, Ctrl-C and SIGTERM.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import os
@@ -208,23 +209,26 @@ def give_second_name(source, final, owner):
     return temp
 
 
-def make_backup(stack, plan, items, args, owner, log, result, segments=()):
-    """Write, verify and name the archive(s).  On any failure no final name
-    changes and the temporary files are gone.  segments: the parts read
-    with services stopped (archive_writer.iter_segments)."""
+class Written(collections.namedtuple("Written", "size verified rolling_overwritten")):
+    """A backup that has its final name(s): its size, whether it was read
+    back, and whether it replaced an older rolling archive."""
+
+
+def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
+    """Write, verify and name the archive(s); returns Written.  On any
+    failure no final name changes and the temporary files are gone.  stats
+    collects what the walk met; segments: the parts read with services
+    stopped (archive_writer.iter_segments)."""
     temps = []
     bar = progress.NoProgress()
     try:
         if sys.stderr.isatty():
             total, files = archive_writer.tree_totals(stack, items, args.exclude)
             bar = progress.TerminalProgress(total, files, label="Backing up: ")
-        stats = archive_writer.ArchiveStats()
-        result["stats"] = stats
         first = plan.targets[0]
         temps.append(iotstack.partial_path(first))
         try:
-            result["size"] = write_archive(stack, items, args, owner, temps[0], bar, stats,
-                                           segments)
+            size = write_archive(stack, items, args, owner, temps[0], bar, stats, segments)
         except tarformat.ArchiveError as e:
             log.field("Verified", "FAILED: %s" % e)
             raise run.UserError("verification of the new archive failed: %s" % e) from None
@@ -235,16 +239,16 @@ def make_backup(stack, plan, items, args, owner, log, result, segments=()):
         else:
             log.field("Verified", "OK (read back from disk: gzip CRC, %d tar headers)"
                       % stats.members)
-            result["verified"] = True
         for final in plan.targets[1:]:
             temps.append(give_second_name(temps[0], final, owner))
+        rolling_overwritten = None
         for temp, final in zip(temps, plan.targets):
             if final == plan.rolling:
-                result["rolling_overwritten"] = os.path.exists(final)
+                rolling_overwritten = os.path.exists(final)
             os.rename(temp, final)
             iotstack.fsync_dir(os.path.dirname(final))
         temps = []
-        result["published"] = True
+        return Written(size, not args.no_verify, rolling_overwritten)
     finally:
         bar.stop()
         for temp in temps:
@@ -252,6 +256,24 @@ def make_backup(stack, plan, items, args, owner, log, result, segments=()):
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+
+
+def planned_stops(stack, args, items):
+    """What a run would stop, and when, as lines for --dry-run."""
+    if args.stop == "none":
+        return ["Services: left running (--stop none)"]
+    log = iotstack.RunLog()
+    window = docker_compose.ServiceWindow(stack, log)
+    if window.unavailable:
+        return ["Would not stop services: %s" % window.unavailable]
+    windows = service_groups.plan_for(window, stack, items, args.stop, log)
+    stopped = sorted({service for group in windows for service in group.services})
+    lines = ["Would stop and start again: %s" % (", ".join(stopped) or "none")]
+    lines += ["  %s while reading %s" % (", ".join(group.services), ", ".join(group.roots))
+              for group in windows]
+    if window.left_alone:
+        lines.append("Would leave alone: %s" % docker_compose.describe(window.left_alone))
+    return lines
 
 
 def dry_run(stack, args):
@@ -264,22 +286,8 @@ def dry_run(stack, args):
         note = " (replacing the existing one)" if os.path.exists(target) else ""
         out.write("Would write: %s%s\n" % (relative(stack, target), note))
     out.write("Log: %s\n" % relative(stack, plan.log))
-    if args.stop == "none":
-        out.write("Services: left running (--stop none)\n")
-    else:
-        log = iotstack.RunLog()
-        window = docker_compose.ServiceWindow(stack, log)
-        if window.unavailable:
-            out.write("Would not stop services: %s\n" % window.unavailable)
-        else:
-            windows = service_groups.plan_for(window, stack, items, args.stop, log)
-            for group in windows:
-                out.write("Would stop %s while reading %s, then start them again\n"
-                          % (", ".join(group.services), ", ".join(group.roots)))
-            if not windows:
-                out.write("Would stop and start again: none\n")
-            if window.left_alone:
-                out.write("Would leave alone: %s\n" % docker_compose.describe(window.left_alone))
+    for line in planned_stops(stack, args, items):
+        out.write(line + "\n")
     for item in missing:
         out.write("Missing: ./%s (noted in the log, not an error)\n" % item)
     out.write("Items backed up:\n")
@@ -316,8 +324,28 @@ def dry_run(stack, args):
     return run.EXIT_WARNINGS if warnings else run.EXIT_OK
 
 
-def run_backup(stack, args, owner, owner_how, outcome):
-    started = time.monotonic()
+class Facts:
+    """What a run has found so far, for the log's end, the summary and the
+    reports (--notify-url, --notify-mqtt), which must be told however the
+    run ends.  Steps return what they find; only the orchestration
+    functions below record it here."""
+
+    def __init__(self, started):
+        self.started = started
+        self.plan = None
+        self.stats = None
+        self.written = None
+        self.window = None
+        self.stack_warnings = []
+        self.code = None
+        self.notified = False
+
+    @property
+    def warnings(self):
+        return (self.stats.warnings if self.stats else []) + self.stack_warnings
+
+
+def run_backup(stack, args, owner, owner_how, facts):
     backups = os.path.join(stack, "backups")
     with iotstack.stack_lock(stack, owner):
         for folder in ("", "backup", "rolling", "logs"):
@@ -327,26 +355,60 @@ def run_backup(stack, args, owner, owner_how, outcome):
                                 "as this user; run 'sudo python3 restore.py --recover' in %s "
                                 "before backing up" % stack)
         now = iotstack.now_local()
-        plan = plan_backup(args.type, now, backups, os.path.exists)
-        log = iotstack.RunLog(plan.log)
-        iotstack.chown_to(plan.log, owner)
-        outcome["plan"] = plan
+        facts.plan = plan_backup(args.type, now, backups, os.path.exists)
+        log = iotstack.RunLog(facts.plan.log)
+        iotstack.chown_to(facts.plan.log, owner)
         try:
             try:
-                code = backup_with_log(stack, args, owner, owner_how, plan, log, now, started,
-                                       outcome)
+                code = backup_with_log(stack, args, owner, owner_how, log, now, facts)
             except BaseException:
-                notify_once(args, outcome, ok=False, log=log)
+                notify_once(args, facts, ok=False, log=log)
                 raise
-            outcome["code"] = code
-            notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS), log=log)
+            facts.code = code
+            notify_once(args, facts, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS), log=log)
             return code
         finally:
             log.close()
 
 
-def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outcome):
-    result = outcome.setdefault("result", {})  # what --notify-mqtt reports
+def backup_with_log(stack, args, owner, owner_how, log, now, facts):
+    plan = facts.plan
+    log_header(stack, args, owner, owner_how, plan, log, now)
+    remove_stale_partials(os.path.join(stack, "backups"), log)
+    leftover = docker_compose.restart_left_stopped(stack, log, sys.stdout)
+    items = items_to_save(stack, log)
+    status = iotstack.run_hook(stack, "pre_backup.sh", log)
+    if status:
+        raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
+                            "written (see %s)" % (status, relative(stack, plan.log)))
+    facts.window = open_window(stack, args, log)
+    facts.stack_warnings = leftover_warnings(leftover) + live_warnings(facts.window)
+    facts.stats = archive_writer.ArchiveStats()
+    previous = iotstack.newest_archive(os.path.join(stack, "backups"))
+    stops = service_groups.StopWindows(facts.window, log)
+    error = None
+    try:
+        facts.written = write_with_services_stopped(stack, plan, items, args, owner, log,
+                                                    facts, stops)
+    except (OSError, run.UserError) as e:
+        error = failure_of(e)
+    except (run.Interrupted, KeyboardInterrupt) as e:
+        log.line("Interrupted (%s): no new archive was written" % (str(e) or "Ctrl-C"))
+        finish_log(stack, log, items, facts)
+        raise
+    finally:
+        facts.stack_warnings += stops.warnings
+    if error is None:
+        error = post_backup_error(stack, log)
+    if facts.written is not None:
+        copy_error = keep_and_copy(stack, plan, args, log, facts, previous)
+        error = error or copy_error
+    facts.stack_warnings += missing_warnings(facts.window)
+    finish_log(stack, log, items, facts)
+    return conclude(stack, log, facts, error)
+
+
+def log_header(stack, args, owner, owner_how, plan, log, now):
     log.field("Started At", now.isoformat(timespec="seconds"))
     log.field("Current Directory", stack)
     log.field("Backup Type", args.type)
@@ -358,79 +420,82 @@ def backup_with_log(stack, args, owner, owner_how, plan, log, now, started, outc
         log.field("Backup File", relative(stack, plan.dated))
     if plan.rolling:
         log.field("Rolling File", relative(stack, plan.rolling))
-    remove_stale_partials(os.path.join(stack, "backups"), log)
-    leftover = docker_compose.restart_left_stopped(stack, log, sys.stdout)
+
+
+def items_to_save(stack, log):
+    """The manifest items present; the missing ones are noted, not an error."""
     items, missing = iotstack.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
     for item in missing:
         log.line("Note: ./%s is missing; backing up the rest" % item)
+    return items
 
-    status = iotstack.run_hook(stack, "pre_backup.sh", log)
-    if status:
-        raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
-                            "written (see %s)" % (status, relative(stack, plan.log)))
-    window = None
+
+def open_window(stack, args, log):
+    """The run's ServiceWindow, or None with --stop none."""
     if args.stop == "none":
         log.line("Services: left running (--stop none)")
-    else:
-        window = docker_compose.ServiceWindow(stack, log)
-    stack_warnings = leftover_warnings(leftover) + live_warnings(window)
-    error = None
-    outcome["window"] = window
-    outcome["stack_warnings"] = stack_warnings
-    previous = iotstack.newest_archive(os.path.join(stack, "backups"))
-    try:
-        with window or contextlib.nullcontext():
-            stops = service_groups.StopWindows(window, log)
-            groups = service_groups.plan_for(window, stack, items, args.stop, log)
-            try:
-                make_backup(stack, plan, items, args, owner, log, result, stops.segments(groups))
-            finally:
-                stack_warnings += stops.warnings
-    except OSError as e:
-        if iotstack.is_disk_full(e):
-            error = run.UserError("disk full while writing the backup; earlier backups are "
-                                  "untouched (%s)" % e.strerror)
-        else:
-            error = run.UserError("backup failed: %s" % e)
-    except run.UserError as e:
-        error = e
-    except (run.Interrupted, KeyboardInterrupt) as e:
-        log.line("Interrupted (%s): no new archive was written" % (str(e) or "Ctrl-C"))
-        finish_log(stack, log, plan, items, result, window, stack_warnings, started)
-        raise
+        return None
+    return docker_compose.ServiceWindow(stack, log)
 
-    if error is None:
-        status = iotstack.run_hook(stack, "post_backup.sh", log)
-        if status:
-            error = run.UserError("post_backup.sh failed with status %d (the backup itself is "
-                                  "complete)" % status)
-    if result.get("published"):
-        # Only a complete, verified archive of the usual size makes older
-        # ones expendable.
-        policy = iotstack.retention_policy(args)
-        shrunk = iotstack.shrink_warning(result["size"], previous)
-        if shrunk:
-            result["stats"].warnings.append(shrunk)
-            policy = None
-        remove_old_backups(os.path.join(stack, "backups"), plan, policy, log)
-        failures = copy_offsite(os.path.join(stack, "backups"), plan, args, log, policy)
-        if failures and error is None:
-            error = run.UserError("%s; the local backup is kept" % "; ".join(failures))
-    stack_warnings += missing_warnings(window)
-    finish_log(stack, log, plan, items, result, window, stack_warnings, started)
-    not_started = start_failures(window)
+
+def write_with_services_stopped(stack, plan, items, args, owner, log, facts, stops):
+    """make_backup, each group of services stopped only while its data is
+    read; all of them running again, whatever happens, when this returns."""
+    with facts.window or contextlib.nullcontext():
+        groups = service_groups.plan_for(facts.window, stack, items, args.stop, log)
+        return make_backup(stack, plan, items, args, owner, log, facts.stats,
+                           stops.segments(groups))
+
+
+def failure_of(error):
+    """The UserError a failed write ends the run with."""
+    if isinstance(error, run.UserError):
+        return error
+    if iotstack.is_disk_full(error):
+        return run.UserError("disk full while writing the backup; earlier backups are "
+                             "untouched (%s)" % error.strerror)
+    return run.UserError("backup failed: %s" % run.describe_os_error(error))
+
+
+def post_backup_error(stack, log):
+    status = iotstack.run_hook(stack, "post_backup.sh", log)
+    if status:
+        return run.UserError("post_backup.sh failed with status %d (the backup itself is "
+                             "complete)" % status)
+    return None
+
+
+def keep_and_copy(stack, plan, args, log, facts, previous):
+    """Retention and copies, once an archive has its name; the UserError of
+    failed copies, or None.  Only a complete, verified archive of the usual
+    size makes older ones expendable."""
+    backups = os.path.join(stack, "backups")
+    policy = iotstack.retention_policy(args)
+    shrunk = iotstack.shrink_warning(facts.written.size, previous)
+    if shrunk:
+        facts.stack_warnings.append(shrunk)
+        policy = None
+    remove_old_backups(backups, plan, policy, log)
+    failures = copy_offsite(backups, plan, args, log, policy)
+    if failures:
+        return run.UserError("%s; the local backup is kept" % "; ".join(failures))
+    return None
+
+
+def conclude(stack, log, facts, error):
+    """The summary and the exit code, or the error to end with."""
+    not_started = start_failures(facts.window)
     if error is not None:
         log.line("ERROR: %s" % error)
-        if result.get("published"):  # a failed copy or hook: the backup itself is there
-            print_summary(stack, plan, result, window, stack_warnings)
+        if facts.written is not None:  # a failed copy or hook: the backup itself is there
+            print_summary(stack, facts)
         if not_started:
             run.say_error(PROG, not_started)
         raise error
     if not_started:
         raise run.UserError("backup complete, but %s" % not_started)
-    print_summary(stack, plan, result, window, stack_warnings)
-    warnings = result["stats"].warnings + stack_warnings
-    return run.EXIT_WARNINGS if warnings else run.EXIT_OK
+    print_summary(stack, facts)
+    return run.EXIT_WARNINGS if facts.warnings else run.EXIT_OK
 
 
 def live_warnings(window):
@@ -522,12 +587,12 @@ def copy_offsite(backups, plan, args, log, policy):
     return failures
 
 
-def finish_log(stack, log, plan, items, result, window, stack_warnings, started):
-    stats = result.get("stats")
-    if "rolling_overwritten" in result:
-        log.field("Rolling Overwritten", result["rolling_overwritten"])
-    if "size" in result:
-        log.field("Backup Size (bytes)", result["size"])
+def finish_log(stack, log, items, facts):
+    stats, written, window = facts.stats, facts.written, facts.window
+    if written is not None and written.rolling_overwritten is not None:
+        log.field("Rolling Overwritten", written.rolling_overwritten)
+    if written is not None:
+        log.field("Backup Size (bytes)", written.size)
     if stats is not None:
         log.field("Members", stats.members)
         log.field("Data Size (bytes)", stats.bytes)
@@ -535,7 +600,7 @@ def finish_log(stack, log, plan, items, result, window, stack_warnings, started)
     longest = service_groups.longest_outage(window.downtime() if window else {})
     if longest:
         log.field("Longest Outage (s)", "%.1f (%s)" % (longest[1], longest[0]))
-    log.field("Duration (s)", "%.1f" % (time.monotonic() - started))
+    log.field("Duration (s)", "%.1f" % (time.monotonic() - facts.started))
     log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
     log.line("Items backed up:")
     for item in items:
@@ -545,15 +610,16 @@ def finish_log(stack, log, plan, items, result, window, stack_warnings, started)
         log.line("./%s" % rel)
     for note in (stats.notes if stats else []):
         log.line("Note: %s" % note)
-    for warning in (stats.warnings if stats else []) + stack_warnings:
+    for warning in facts.warnings:
         log.line("Warning: %s" % warning)
 
 
-def print_summary(stack, plan, result, window, stack_warnings):
-    stats = result["stats"]
-    verified = "verified" if result.get("verified") else "not verified"
+def print_summary(stack, facts):
+    plan, written, window = facts.plan, facts.written, facts.window
+    verified = "verified" if written.verified else "not verified"
     lines = ["Backup complete: %s (%s, %d items, %s)" % (
-        relative(stack, plan.targets[0]), progress.human_size(result["size"]), stats.members, verified)]
+        relative(stack, plan.targets[0]), progress.human_size(written.size),
+        facts.stats.members, verified)]
     if plan.dated and plan.rolling:
         lines.append("Rolling copy: %s" % relative(stack, plan.rolling))
     if window is not None and window.started:
@@ -563,7 +629,7 @@ def print_summary(stack, plan, result, window, stack_warnings):
         lines.append("Longest outage: %.1f s (%s)" % (longest[1], longest[0]))
     if window is not None and window.left_alone:
         lines.append("Services left alone: %s" % docker_compose.describe(window.left_alone))
-    for warning in stats.warnings + stack_warnings:
+    for warning in facts.warnings:
         lines.append("Warning: %s" % warning)
     lines.append("Log: %s" % relative(stack, plan.log))
     sys.stdout.write("\n".join(lines) + "\n")
@@ -576,7 +642,7 @@ def main(argv=None) -> int:
 
 
 def backup_command(args):
-    outcome = {"started": time.monotonic()}
+    facts = Facts(time.monotonic())
     stack = iotstack.locate_stack(args.dir)
     if args.install_menu or args.uninstall_menu or args.install_cron or args.uninstall_cron:
         return set_up(stack, args)
@@ -596,12 +662,12 @@ def backup_command(args):
     try:
         owner, how = iotstack.choose_owner(args.user, stack, ask)
         with run.signals_raise():
-            code = run_backup(stack, args, owner, how, outcome)
+            code = run_backup(stack, args, owner, how, facts)
     except BaseException:
-        notify_once(args, outcome, ok=False)
+        notify_once(args, facts, ok=False)
         raise
-    outcome["code"] = code
-    notify_once(args, outcome, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS))
+    facts.code = code
+    notify_once(args, facts, ok=code in (run.EXIT_OK, run.EXIT_WARNINGS))
     return code
 
 
@@ -628,14 +694,14 @@ def set_up(stack, args):
     return run.EXIT_OK
 
 
-def notify_once(args, outcome, ok, log=None):
+def notify_once(args, facts, ok, log=None):
     """GET the notify URL (URL/fail on failure) and publish the MQTT report;
     a failure here is logged, never fatal.  Done inside the run when its log
     is open, else here (a warning line on stderr when it fails)."""
     url_set, mqtt_set = getattr(args, "notify_url", None), getattr(args, "notify_mqtt", None)
-    if not (url_set or mqtt_set) or outcome.get("notified"):
+    if not (url_set or mqtt_set) or facts.notified:
         return
-    outcome["notified"] = True
+    facts.notified = True
     messages = []
     if url_set:
         url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
@@ -651,8 +717,8 @@ def notify_once(args, outcome, ok, log=None):
         from . import notify_mqtt
         error = sys.exc_info()[1]  # the run's error, when called while it unwinds
         messages.append(notify_mqtt.publish_report(
-            args.notify_mqtt, notify_mqtt.status_of(ok, outcome.get("code")),
-            iotstack.host_folder(), notify_mqtt.facts(outcome, error),
+            args.notify_mqtt, notify_mqtt.status_of(ok, facts.code),
+            iotstack.host_folder(), notify_mqtt.report_facts(facts, error),
             discovery=not getattr(args, "no_mqtt_discovery", None)))
     for message in messages:
         if log is not None:

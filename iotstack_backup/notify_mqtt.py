@@ -23,29 +23,24 @@ def status_of(ok, code):
     return "warning" if code == 3 else "ok"
 
 
-def facts(outcome, error):
-    """The keyword arguments of mqtt.status_message from what the run
-    recorded in `outcome` (nothing, when it failed early)."""
-    result = outcome.get("result") or {}
-    window = outcome.get("window")
-    plan = outcome.get("plan")
+def report_facts(facts, error):
+    """The keyword arguments of mqtt.status_message from what the run found
+    (backup.Facts; nothing yet when it failed early)."""
     archive = size = downtime = None
-    if plan is not None and result.get("published"):
-        path = plan.targets[0]
+    if facts.written is not None:
+        path = facts.plan.targets[0]
         archive = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
-        size = result.get("size")
-    if "stats" in result:
+        size = facts.written.size
+    if facts.stats is not None:
         # The longest outage of any service: what a user waits through.
+        window = facts.window
         downtime = max(window.downtime().values(), default=0.0) if window is not None else 0.0
-    stats = result.get("stats")
-    warnings = (stats.warnings if stats else []) + outcome.get("stack_warnings", [])
-    started = outcome.get("started")
     return {
         "archive": archive,
         "size_bytes": size,
-        "duration_seconds": None if started is None else time.monotonic() - started,
+        "duration_seconds": time.monotonic() - facts.started,
         "downtime_seconds": downtime,
-        "warnings": warnings,
+        "warnings": facts.warnings,
         "error": describe(error),
     }
 

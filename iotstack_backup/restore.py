@@ -11,6 +11,7 @@ renamed back, and a run killed at any point is rolled back or completed by
 the next run.  The old items are deleted only after the restore succeeded.
 """
 import argparse
+import collections
 import contextlib
 import datetime
 import os
@@ -221,111 +222,39 @@ def run_restore(stack, archive, args, owner):
             log.close()
 
 
-def restore_with_log(stack, archive, args, log, out):
-    as_root = os.geteuid() == 0
+class Places(collections.namedtuple("Places", "token staging_rel aside_rel staging")):
+    """Where this restore stages the new items and puts the old ones aside."""
+
+
+def places_for(stack):
+    """Staging and aside folders of this run in .tmp/.  A folder kept by
+    --keep-old is never reused: a second run in the same minute and process
+    would rename the items over the kept ones."""
     tmp = os.path.join(stack, ".tmp")
-    # A folder kept by --keep-old must never be reused: a second run in the
-    # same minute and process would rename the items over the kept ones.
     token = iotstack.first_free_stem(
         "%s.%d" % (iotstack.archive_stamp(iotstack.now_local()), os.getpid()),
         lambda t: any(os.path.lexists(os.path.join(tmp, prefix + t))
                       for prefix in (STAGING_PREFIX, ASIDE_PREFIX)))
     staging_rel = ".tmp/" + STAGING_PREFIX + token
-    aside_rel = ".tmp/" + ASIDE_PREFIX + token
-    staging = os.path.join(stack, staging_rel)
-    disks = OtherDisks(stack, args.only, token, staging_rel)
+    return Places(token, staging_rel, ".tmp/" + ASIDE_PREFIX + token,
+                  os.path.join(stack, staging_rel))
 
+
+def restore_with_log(stack, archive, args, log, out):
+    places = places_for(stack)
+    disks = OtherDisks(stack, args.only, places.token, places.staging_rel)
     # 1. Read, check and (unless --in-place) unpack: nothing live changes.
-    if args.in_place:
-        summary = checked(archive, args.only, None)
-        unpack.check_room_in_place(stack, summary, replaced_units(summary.items, args.only))
-    else:
-        need, free = estimated_size(archive), iotstack.free_bytes(tmp)
-        if need > free:
-            raise run.UserError(
-                "not enough free space to unpack beside the current files (about %s needed, "
-                "%s free); free some space or use --in-place" % (progress.human_size(need),
-                                                                 progress.human_size(free)))
-        os.mkdir(staging, 0o700)
-        bar = progress.NoProgress()
-        try:
-            if sys.stderr.isatty():
-                bar = progress.TerminalProgress(need, label="Unpacking: ")
-            # On one core a writer process would only add copying.
-            writer = pgzip.default_jobs() > 1
-            with EarlyWriteback() as writeback, contextlib.closing(
-                    Stager(staging, as_root, fresh_root=True, writeback=writeback,
-                           writer=writer, **disks.stager_options())) as stager:
-                summary = checked(archive, args.only, stager, bar, staging)
-            bar.finish()
-            disks.staged(stager)
-        except BaseException:
-            bar.stop()
-            shutil.rmtree(staging, ignore_errors=True)
-            disks.drop()
-            raise
-    log.field("Members", summary.members)
-    log.field("Data Size (bytes)", summary.bytes)
-    log.line("Verified: OK (gzip CRC, %d tar headers, every member's path)" % summary.members)
-    for warning in summary.warnings:
-        log.line("Warning: %s" % warning)
-    if summary.skipped:
-        log.line("Skipped %d member(s) that are not part of an IOTstack backup, e.g. %s"
-                 % (len(summary.skipped), ", ".join(summary.skipped[:5])))
-    missing = sorted(set(args.only) - summary.found_only)
-    units = replaced_units(summary.items, args.only)
-    try:
-        if missing:
-            raise run.UserError("the archive holds nothing under %s" % ", ".join(missing))
-        if not units:
-            raise run.UserError("the archive holds no IOTstack items (services/, volumes/, "
-                                "docker-compose.yml...)")
-        check_units(stack, units, disks.points)
-        swaps = None
-        if not args.in_place:
-            keep = live_excluded(stack, units, summary.excludes)
-            for rel in sorted(keep):
-                log.line("Kept as it is (excluded from the backup): %s" % rel)
-            swaps = disks.swaps(units, keep, staging, log)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        disks.drop()
-        raise
+    summary = read_and_stage(stack, archive, args, places, disks)
+    log_summary(log, summary)
+    units, swaps = units_to_replace(stack, args, summary, places, disks, log)
     log.line("Replacing: %s" % ", ".join(units))
     if not args.in_place:
         os.sync()  # the staged files are on disk before the old ones can go
-
-    # 2. Swap, with the stack stopped.
+    # 2. Swap, with the services that use the data stopped.
     window = docker_compose.ServiceWindow(stack, log)
-    services = services_to_stop(window, stack, args, log)
-    hook_status = None
-    old_compose = compose_bytes(stack)  # read now: --in-place deletes it
-    with window:
-        if not args.no_stop:
-            stop_or_refuse(window, services, staging)
-        if args.in_place:
-            replace_in_place(stack, archive, args.only, units, as_root, log, summary.excludes)
-        else:
-            journal = prepare_journal(stack, archive, units, staging_rel, aside_rel,
-                                      args.keep_old, swaps, disks.domains)
-            journal["parent_times"].update(disks.times)
-            try:
-                swap_in(stack, journal)
-            except BaseException:
-                roll_back(stack, journal)
-                clean_up(stack, journal)
-                log.line("The swap failed; every item was put back as it was")
-                raise
-            clean_up(stack, journal)
-            if args.keep_old and any(os.path.lexists(os.path.join(stack, aside_rel, unit))
-                                     for unit in units):
-                out.write("The replaced items are kept in %s\n" % aside_rel)
-                log.line("Replaced items kept in %s" % aside_rel)
-        if old_compose is not None and compose_bytes(stack) != old_compose:
-            message = ("docker-compose.yml changed: run 'docker compose up -d' to apply it")
-            out.write(message + "\n")
-            log.line(message)
-        hook_status = iotstack.run_hook(stack, "post_restore.sh", log)
+    hook_status = swap_with_services_stopped(stack, archive, args, summary, units, swaps,
+                                             places, disks, window, log, out)
+    # 3. Say what happened.
     docker_compose.log_fields(log, window)
     if window.failed:
         raise run.UserError("restored, but could not start again: %s" % "; ".join(
@@ -340,6 +269,119 @@ def restore_with_log(stack, archive, args, log, out):
     if args.no_stop:
         return warn_still_running(stack, window, log, out)
     return run.EXIT_OK
+
+
+def read_and_stage(stack, archive, args, places, disks):
+    """Read the whole archive with every check; unless --in-place, unpack
+    it into the staging folder (or onto the other disks' staging).  Returns
+    the archive's Summary; on any failure nothing staged is left."""
+    if args.in_place:
+        summary = checked(archive, args.only, None)
+        unpack.check_room_in_place(stack, summary, replaced_units(summary.items, args.only))
+        return summary
+    need, free = estimated_size(archive), iotstack.free_bytes(os.path.join(stack, ".tmp"))
+    if need > free:
+        raise run.UserError(
+            "not enough free space to unpack beside the current files (about %s needed, "
+            "%s free); free some space or use --in-place" % (progress.human_size(need),
+                                                             progress.human_size(free)))
+    os.mkdir(places.staging, 0o700)
+    bar = progress.NoProgress()
+    try:
+        if sys.stderr.isatty():
+            bar = progress.TerminalProgress(need, label="Unpacking: ")
+        # On one core a writer process would only add copying.
+        writer = pgzip.default_jobs() > 1
+        with EarlyWriteback() as writeback, contextlib.closing(
+                Stager(places.staging, os.geteuid() == 0, fresh_root=True, writeback=writeback,
+                       writer=writer, **disks.stager_options())) as stager:
+            summary = checked(archive, args.only, stager, bar, places.staging)
+        bar.finish()
+        disks.staged(stager)
+    except BaseException:
+        bar.stop()
+        shutil.rmtree(places.staging, ignore_errors=True)
+        disks.drop()
+        raise
+    return summary
+
+
+def log_summary(log, summary):
+    log.field("Members", summary.members)
+    log.field("Data Size (bytes)", summary.bytes)
+    log.line("Verified: OK (gzip CRC, %d tar headers, every member's path)" % summary.members)
+    for warning in summary.warnings:
+        log.line("Warning: %s" % warning)
+    if summary.skipped:
+        log.line("Skipped %d member(s) that are not part of an IOTstack backup, e.g. %s"
+                 % (len(summary.skipped), ", ".join(summary.skipped[:5])))
+
+
+def units_to_replace(stack, args, summary, places, disks, log):
+    """(units, swaps): what is replaced as a whole and, unless --in-place,
+    how each is swapped (what excludes keep live, what lies on other
+    disks).  Refuses, leaving nothing staged, when the archive lacks what
+    --only asks for or a unit's place lies behind a symlink."""
+    missing = sorted(set(args.only) - summary.found_only)
+    units = replaced_units(summary.items, args.only)
+    try:
+        if missing:
+            raise run.UserError("the archive holds nothing under %s" % ", ".join(missing))
+        if not units:
+            raise run.UserError("the archive holds no IOTstack items (services/, volumes/, "
+                                "docker-compose.yml...)")
+        check_units(stack, units, disks.points)
+        if args.in_place:
+            return units, None
+        keep = live_excluded(stack, units, summary.excludes)
+        for rel in sorted(keep):
+            log.line("Kept as it is (excluded from the backup): %s" % rel)
+        return units, disks.swaps(units, keep, places.staging, log)
+    except BaseException:
+        shutil.rmtree(places.staging, ignore_errors=True)
+        disks.drop()
+        raise
+
+
+def swap_with_services_stopped(stack, archive, args, summary, units, swaps, places, disks,
+                               window, log, out):
+    """Stop the services that use the data, put the new items in place
+    (journaled swap, or --in-place), run post_restore.sh, and start the
+    services again whatever happens.  Returns the hook's exit status."""
+    services = services_to_stop(window, stack, args, log)
+    old_compose = compose_bytes(stack)  # read now: --in-place deletes it
+    with window:
+        if not args.no_stop:
+            stop_or_refuse(window, services, places.staging)
+        if args.in_place:
+            replace_in_place(stack, archive, args.only, units, os.geteuid() == 0, log,
+                             summary.excludes)
+        else:
+            swap_staged(stack, archive, args, units, swaps, places, disks, log, out)
+        if old_compose is not None and compose_bytes(stack) != old_compose:
+            message = ("docker-compose.yml changed: run 'docker compose up -d' to apply it")
+            out.write(message + "\n")
+            log.line(message)
+        return iotstack.run_hook(stack, "post_restore.sh", log)
+
+
+def swap_staged(stack, archive, args, units, swaps, places, disks, log, out):
+    """The journaled swap: every unit in, or (on any error) every one back."""
+    record = prepare_journal(stack, archive, units, places.staging_rel, places.aside_rel,
+                             args.keep_old, swaps, disks.domains)
+    record["parent_times"].update(disks.times)
+    try:
+        swap_in(stack, record)
+    except BaseException:
+        roll_back(stack, record)
+        clean_up(stack, record)
+        log.line("The swap failed; every item was put back as it was")
+        raise
+    clean_up(stack, record)
+    if args.keep_old and any(os.path.lexists(os.path.join(stack, places.aside_rel, unit))
+                             for unit in units):
+        out.write("The replaced items are kept in %s\n" % places.aside_rel)
+        log.line("Replaced items kept in %s" % places.aside_rel)
 
 
 def stop_or_refuse(window, services, staging):

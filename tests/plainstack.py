@@ -1,45 +1,26 @@
 """A built IOTstack tree and a fixed clock, for end-to-end tests that run
 backup.py with --no-stop: no docker (real or fake) is involved."""
-import contextlib
 import datetime
-import io
 import os
-import shutil
-import tempfile
-import unittest
 from unittest import mock
 
+from tests.support import IsolatedCase
 from tests.stacktree import IS_ROOT, build_stack
 from iotstack_backup import backup, iotstack, restore
+from tests.support import run_main
 
 NOW = datetime.datetime(2026, 11, 26, 2, 0)  # a Thursday: rolling backup_4
 USER_ARGS = ["root"] if IS_ROOT else []
 
 
-def run_main(module, argv):
-    """(exit code, stdout, stderr) of module.main(argv)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = module.main(argv)
-        except SystemExit as e:  # argparse's own errors
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-class PlainStackTestCase(unittest.TestCase):
+class PlainStackTestCase(IsolatedCase):
     scale = 0.05
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="plainstack-test-")
-        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        super().setUp()
+        self.tmp = self.make_tmp("plainstack-test-")
         self.stack = os.path.join(self.tmp, "IOTstack")
         build_stack(self.stack, scale=self.scale)
-        patcher = mock.patch.dict(os.environ)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in ("IOTSTACK", "SUDO_USER"):
-            os.environ.pop(name, None)
         clock = mock.patch.object(iotstack, "now_local", return_value=NOW)
         clock.start()
         self.addCleanup(clock.stop)

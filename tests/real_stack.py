@@ -58,7 +58,7 @@ def iotstack_project(testcase, flavour="v2", services=None, running=RUNNING, sca
         build_stack(stack, scale=scale)
     else:
         os.makedirs(os.path.join(stack, "services"))
-    E.write_compose(stack, SERVICES if services is None else services)
+    E.write_compose(stack, with_own_volumes(SERVICES if services is None else services))
     project = E.ComposeProject(stack, flavour=flavour)
     if cleanup:
         testcase.addCleanup(project.remove)
@@ -69,6 +69,16 @@ def iotstack_project(testcase, flavour="v2", services=None, running=RUNNING, sca
     if others:
         project.stop(*others, timeout=0)
     return project
+
+
+def with_own_volumes(services):
+    """IOTstack's shape: a service that names no bind mount keeps its data
+    in volumes/<service> (so a backup stops it while reading that folder)."""
+    specs = services if isinstance(services, dict) else {
+        (s if isinstance(s, str) else s["name"]): ({} if isinstance(s, str) else s)
+        for s in services}
+    return {name: dict(spec, volumes=spec.get("volumes") or ["./volumes/%s:/data" % name])
+            for name, spec in specs.items()}
 
 
 def without_docker(testcase):

@@ -1,16 +1,30 @@
 """Helpers every test file shares: running a command's main() in-process."""
 import contextlib
 import io
+import os
+import shutil
+import tempfile
+import unittest
+from unittest import mock
 
 from iotstack_backup import tarformat
 
 
 def call(main, argv):
-    """(exit code, stdout, stderr) of an in-process main()."""
+    """(exit code, stdout, stderr) of an in-process main(); argparse's own
+    errors (SystemExit) give their code too."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def run_main(module, argv):
+    """call(module.main, argv)."""
+    return call(module.main, argv)
 
 
 def tar_member(name, kind="file", linkname=""):
@@ -19,3 +33,26 @@ def tar_member(name, kind="file", linkname=""):
     m.name, m.type, m.linkname = name, kind, linkname
     m.mode, m.uid, m.gid, m.size, m.mtime = 0o644, 0, 0, 0, 0
     return m
+
+
+class IsolatedCase(unittest.TestCase):
+    """The one base of the suite's fixtures: each test runs in an
+    environment of its own (os.environ comes back as it was, and IOTSTACK
+    and SUDO_USER, which steer the commands, are gone) and gets temporary
+    folders that are removed after it."""
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in ("IOTSTACK", "SUDO_USER"):
+            os.environ.pop(name, None)
+
+    def make_tmp(self, prefix="iotstack-test-"):
+        """A new temporary folder, removed after the test; 0755, so that
+        commands run as the user pi can reach what the test puts in it."""
+        path = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(path, 0o755)
+        self.addCleanup(shutil.rmtree, path, True)
+        return path

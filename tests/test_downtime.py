@@ -25,6 +25,7 @@ import time
 import unittest
 from unittest import mock
 
+from tests.support import IsolatedCase
 from tests import engine as E
 from iotstack_backup import archive_writer, backup, docker_compose, tarformat
 
@@ -57,11 +58,12 @@ def archive_names(path):
         return sorted(tf.getnames())
 
 
-class DowntimeTestCase(unittest.TestCase):
+class DowntimeTestCase(IsolatedCase):
     flavour = "v2"
     services = SERVICES
 
     def setUp(self):
+        super().setUp()
         self.project = E.stack(self, self.services, flavour=self.flavour, prefix="iotstack-dt-")
         self.stack = self.project.stack_dir
         for rel in ("volumes/shared/a/a.txt", "volumes/shared/b/b.txt", "services/x/conf"):

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import unittest
 from iotstack_backup import file_writer
+from tests.support import IsolatedCase
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +28,10 @@ def exists(pid):
         return False
 
 
-class FileWriterTests(unittest.TestCase):
+class FileWriterTests(IsolatedCase):
     def setUp(self):
-        holder = tempfile.TemporaryDirectory(prefix="file-writer-test-")
-        self.addCleanup(holder.cleanup)
-        self.root = holder.name
+        super().setUp()
+        self.root = self.make_tmp("file-writer-test-")
         self.log = os.path.join(self.root, "order.log")
 
     def create_file(self, rel, mode, uid, gid, mtime, pieces):

@@ -6,7 +6,6 @@ archive and the log; --help lists every exit code; restore --dry-run names
 the services it would stop; --only stops only the services whose data lies
 under it (against a real Docker engine when one answers, else skipped); no
 empty "Interrupted ()"; restore logs are never truncated."""
-import contextlib
 import glob
 import io
 import json
@@ -16,15 +15,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 import uuid
 from unittest import mock
 
 from iotstack_backup import backup, docker_compose, progress, restore, service_groups
+from tests.support import IsolatedCase
 from tests import engine
 from tests import terminal
+from tests.support import call
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -42,16 +42,6 @@ def write(path, text):
 def read(path):
     with open(path) as f:
         return f.read()
-
-
-def call(main, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 class FakeClock:
@@ -98,11 +88,10 @@ class ProgressTests(unittest.TestCase):
         self.assertTrue(stream.getvalue().endswith("\n"))
 
 
-class StackCase(unittest.TestCase):
+class StackCase(IsolatedCase):
     def setUp(self):
-        holder = tempfile.TemporaryDirectory(prefix="first-hour-")
-        self.addCleanup(holder.cleanup)
-        self.tmp = holder.name
+        super().setUp()
+        self.tmp = self.make_tmp("first-hour-")
         self.stack = os.path.join(self.tmp, "IOTstack")
         write(os.path.join(self.stack, "docker-compose.yml"), "services: {}\n")
         write(os.path.join(self.stack, "services/nodered/Dockerfile"), "FROM x\n")

@@ -13,11 +13,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import unittest
 from unittest import mock
 
 from iotstack_backup import archive_writer, iotstack, journal, offsite, run
+from tests.support import IsolatedCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
@@ -103,16 +103,15 @@ def one_error_line(test, stderr, *needles):
     return lines[0]
 
 
-class StackCase(unittest.TestCase):
+class StackCase(IsolatedCase):
     """A small IOTstack tree owned by pi, in a folder pi can reach."""
 
     def setUp(self):
+        super().setUp()
         self.pi = pi_user()
         if IS_ROOT and not python_for_pi():
             self.skipTest("no Python 3.9+ that the user pi can run")
-        self.tmp = tempfile.mkdtemp(prefix="hostile-")
-        os.chmod(self.tmp, 0o755)
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.tmp = self.make_tmp("hostile-")
         self.bin = os.path.join(self.tmp, "bin")  # no docker in it
         os.mkdir(self.bin)
         for tool in TOOLS:

@@ -12,10 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import unittest
 
 from iotstack_backup import menu, run
+from tests.support import IsolatedCase
 from tests import terminal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,11 +73,10 @@ def read(path):
         return f.read()
 
 
-class MenuCase(unittest.TestCase):
+class MenuCase(IsolatedCase):
     def setUp(self):
-        holder = tempfile.TemporaryDirectory(prefix="menu-test-")
-        self.addCleanup(holder.cleanup)
-        self.tmp = holder.name
+        super().setUp()
+        self.tmp = self.make_tmp("menu-test-")
         self.upstream = os.path.join(self.tmp, "upstream.git")
         work = os.path.join(self.tmp, "upstream-work")
         git(self.tmp, "init", "-q", "--bare", "-b", "master", self.upstream)

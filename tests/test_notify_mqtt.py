@@ -27,12 +27,15 @@ class FactsTest(unittest.TestCase):
 
     def test_an_early_failure_has_nulls_and_the_error(self):
         from iotstack_backup import run
-        facts = notify_mqtt.facts({"started": time.monotonic()}, run.UserError("no luck"))
+        from iotstack_backup import backup
+        early = backup.Facts(time.monotonic())
+        facts = notify_mqtt.report_facts(early, run.UserError("no luck"))
         self.assertEqual((facts["archive"], facts["size_bytes"], facts["downtime_seconds"],
                           facts["warnings"], facts["error"]), (None, None, None, [], "no luck"))
         self.assertGreaterEqual(facts["duration_seconds"], 0)
-        self.assertEqual(notify_mqtt.facts({}, KeyboardInterrupt())["error"], "interrupted")
-        self.assertEqual(notify_mqtt.facts({}, None)["error"], None)
+        self.assertEqual(notify_mqtt.report_facts(early, KeyboardInterrupt())["error"],
+                         "interrupted")
+        self.assertEqual(notify_mqtt.report_facts(early, None)["error"], None)
 
 
 @unittest.skipIf(MISSING, "needs %s (Debian packages mosquitto, mosquitto-clients)"
@@ -105,13 +108,20 @@ class NotifyMqttTest(PlainStackTestCase):
         with open(unreadable, "w") as f:
             f.write("secret")
         os.chmod(unreadable, 0)
+        expected = "cannot read volumes/unreadable.txt"
         if os.access(unreadable, os.R_OK):
-            self.skipTest("root reads every file: no warning to provoke")
+            # Root reads every file: the size guard gives the warning
+            # instead, against a far larger earlier backup.
+            folder = os.path.join(self.stack, "backups", "backup")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "backup_2020-01-01_0000.tar.gz"), "wb") as f:
+                f.write(os.urandom(8 << 20))
+            expected = "less than half the size of the previous one"
         code, _out, _err = self.backup("1", "--notify-mqtt", self.url)
         self.assertEqual(code, 3)
         report = self.report()
         self.assertEqual(report["status"], "warning")
-        self.assertIn("cannot read volumes/unreadable.txt", " ".join(report["warnings"]))
+        self.assertIn(expected, " ".join(report["warnings"]))
 
     def test_failed_run(self):
         with open(os.path.join(self.stack, "pre_backup.sh"), "w") as f:

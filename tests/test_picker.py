@@ -9,11 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 from iotstack_backup import picker, run
+from tests.support import IsolatedCase
 from tests import terminal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,11 +106,10 @@ class PureTests(unittest.TestCase):
             picker.pick([], "here", 10, input, Out())
 
 
-class PickerCase(unittest.TestCase):
+class PickerCase(IsolatedCase):
     def setUp(self):
-        holder = tempfile.TemporaryDirectory(prefix="picker-test-")
-        self.addCleanup(holder.cleanup)
-        self.tmp = holder.name
+        super().setUp()
+        self.tmp = self.make_tmp("picker-test-")
         self.stack = os.path.join(self.tmp, "IOTstack")
         write(os.path.join(self.stack, "docker-compose.yml"), "services: {}\n")
         write(os.path.join(self.stack, "services/nodered/Dockerfile"), "FROM x\n")

@@ -30,9 +30,11 @@ import unittest
 import warnings
 from unittest import mock
 
+from tests.support import IsolatedCase
 from tests import real_stack
 from tests.engine import EventWatcher
 from tests.stacktree import IS_ROOT, P, build_stack, diff_snapshots, snapshot
+from tests.support import call
 from iotstack_backup import (
     backup, docker_compose, file_writer, iotstack, journal, pgzip, progress, restore, tarformat,
     unpack)
@@ -51,14 +53,6 @@ MARKER_NEW = getattr(docker_compose, "STOPPED_MARKER", ".tmp/iotstack-stopped-se
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-def call(main, argv):
-    """(exit code, stdout, stderr) of an in-process main()."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
 
 def items(stack):
     """The backup items only: what a restore may replace."""
@@ -133,18 +127,14 @@ def change_tree(stack):
         f.write("newer cache\n")
 
 
-class RestoreCase(unittest.TestCase):
+class RestoreCase(IsolatedCase):
     """A fresh tree in a temporary directory; with engine = True its services
     run on the real engine, RUNNING up, watched from the start."""
 
     engine = False
 
     def setUp(self):
-        patcher = mock.patch.dict(os.environ, {})
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for name in ("SUDO_USER", "IOTSTACK"):  # restored by patcher.stop
-            os.environ.pop(name, None)
+        super().setUp()
         if self.engine:
             self.project = real_stack.iotstack_project(self, scale=SCALE)
             self.stack = self.project.stack_dir
@@ -153,9 +143,7 @@ class RestoreCase(unittest.TestCase):
             self.addCleanup(self.events.stop)
             return
         real_stack.without_docker(self)
-        holder = tempfile.TemporaryDirectory(prefix="restore-test-")
-        self.addCleanup(holder.cleanup)
-        self.tmp = holder.name
+        self.tmp = self.make_tmp("restore-test-")
         self.stack = os.path.join(self.tmp, "IOTstack")
         build_stack(self.stack, scale=SCALE)
 

@@ -10,10 +10,10 @@ import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 import unittest
 
 from iotstack_backup import schedule
+from tests.support import IsolatedCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -77,18 +77,17 @@ class PureTests(unittest.TestCase):
 
 
 @unittest.skipUnless(CRONTAB and IS_ROOT, "needs the cron package's crontab, run as root")
-class CrontabTests(unittest.TestCase):
+class CrontabTests(IsolatedCase):
     def setUp(self):
-        holder = tempfile.TemporaryDirectory(prefix="cron-test-")
-        self.addCleanup(holder.cleanup)
-        self.stack = os.path.join(holder.name, "IOTstack")
+        super().setUp()
+        self.stack = os.path.join(self.make_tmp("cron-test-"), "IOTstack")
         os.makedirs(os.path.join(self.stack, "volumes/nodered"))
         os.mkdir(os.path.join(self.stack, "services"))
         with open(os.path.join(self.stack, "docker-compose.yml"), "w") as f:
             f.write("services: {}\n")
         with open(os.path.join(self.stack, "volumes/nodered/flows.json"), "w") as f:
             f.write("[]\n")
-        os.chmod(holder.name, 0o755)
+        # make_tmp leaves the folder 0755: pi reaches the stack in it.
         self.pi = pi_user()
         if self.pi is None:
             self.skipTest("needs a user pi (useradd -m pi)")

@@ -22,6 +22,7 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import backup, docker_compose, restore
+from tests.support import IsolatedCase
 from tests import engine as E
 from tests import real_stack
 
@@ -53,7 +54,7 @@ def marker(stack):
     return os.path.join(stack, docker_compose.STOPPED_MARKER)
 
 
-class EngineCase(unittest.TestCase):
+class EngineCase(IsolatedCase):
     """Helpers over a project made by real_stack.iotstack_project."""
 
     def make(self, services, running=None, flavour="v2", **kw):
@@ -111,7 +112,8 @@ class SignalTests(EngineCase):
     def signal_during_stop(self, sig, flavour="v2"):
         self.make(SLOW, flavour=flavour)
         events = self.watch()
-        proc = self.start_script(BACKUP_PY, *self.backup_args())
+        # --stop all: slow and fast go down in one stop, which the signal meets.
+        proc = self.start_script(BACKUP_PY, *self.backup_args("--stop", "all"))
         events.wait_for("kill", "slow", timeout=30)  # compose is stopping it
         proc.send_signal(sig)
         code, out, err = self.finish(proc)
@@ -198,7 +200,8 @@ class KilledRunTests(EngineCase):
         self.make({"slow": SLOW["slow"], "fast": {}, "mine": {}}, running=("slow", "fast", "mine"))
         self.project.stop("mine", timeout=0)  # stopped by the user before: not ours
         events = self.watch()
-        proc = self.start_script(BACKUP_PY, *self.backup_args())
+        # --stop all: slow and fast go down in one stop, which is killed.
+        proc = self.start_script(BACKUP_PY, *self.backup_args("--stop", "all"))
         events.wait_for("kill", "slow", timeout=30)
         proc.kill()
         proc.communicate(timeout=30)
@@ -245,7 +248,7 @@ class KilledRunTests(EngineCase):
         self.project = project
         project.up()
         events = self.watch()
-        proc = self.start_script(BACKUP_PY, *self.backup_args())
+        proc = self.start_script(BACKUP_PY, *self.backup_args("--stop", "all"))
         events.wait_for("kill", "slow", timeout=30)
         proc.kill()
         proc.communicate(timeout=30)
@@ -324,15 +327,16 @@ class ChangingComposeTests(EngineCase):
     def test_backup_names_a_service_that_cannot_start_again(self):
         services = {"cfg": {"volumes": ["./volumes/cfg:/etc/cfg"]}, "a": {}}
         self.make(services)
-        real = backup.make_backup
+        real = docker_compose.ServiceWindow.stop
 
-        def then_remove_the_mount(*args, **kwargs):
-            real(*args, **kwargs)
-            shutil.rmtree(os.path.join(self.stack, "volumes/cfg"))
-            with open(os.path.join(self.stack, "volumes/cfg"), "w") as f:
-                f.write("not a folder\n")
+        def then_remove_the_mount(window, services):
+            real(window, services)
+            if "cfg" in services:  # down while its data is read: its mount goes
+                shutil.rmtree(os.path.join(self.stack, "volumes/cfg"))
+                with open(os.path.join(self.stack, "volumes/cfg"), "w") as f:
+                    f.write("not a folder\n")
 
-        with mock.patch.object(backup, "make_backup", then_remove_the_mount):
+        with mock.patch.object(docker_compose.ServiceWindow, "stop", then_remove_the_mount):
             code, out, err = call(backup.main, self.backup_args())
         self.assertEqual(code, 1, out + err)
         self.assertEqual(err.count("\n"), 1, err)
@@ -383,6 +387,7 @@ class PermissionTests(EngineCase):
     """The socket is root:docker 0660; user pi is not in group docker."""
 
     def setUp(self):
+        super().setUp()
         real_stack.use_engine(self)
         import pwd
         try:
@@ -435,7 +440,7 @@ class ProjectTests(EngineCase):
         real_stack.use_engine(self)
         self.stack = os.path.join(tmp, "IOTstack")
         os.makedirs(os.path.join(self.stack, "services"))
-        E.write_compose(self.stack, {"a": {}})
+        E.write_compose(self.stack, real_stack.with_own_volumes({"a": {}}))
         name = "i11env" + os.path.basename(tmp)[4:].lower().replace("_", "")
         self.project = E.ComposeProject(self.stack, name=name)
         self.addCleanup(self.project.remove)
@@ -454,7 +459,7 @@ class ProjectTests(EngineCase):
                 real_stack.use_engine(self)
                 self.stack = os.path.join(tmp, "IOTstack")
                 os.makedirs(os.path.join(self.stack, "services"))
-                E.write_compose(self.stack, {"a": {}})
+                E.write_compose(self.stack, real_stack.with_own_volumes({"a": {}}))
                 name = "i11dot" + flavour + os.path.basename(tmp)[4:].lower().replace("_", "")
                 with open(os.path.join(self.stack, ".env"), "w") as f:
                     f.write("TZ=Etc/UTC\nCOMPOSE_PROJECT_NAME=%s\n" % name)
@@ -485,6 +490,7 @@ class ProjectTests(EngineCase):
 
 class RefusalTests(EngineCase):
     def setUp(self):
+        super().setUp()
         self.make({"a": {}})
         self.events = self.watch()
 
