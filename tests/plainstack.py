@@ -4,10 +4,9 @@ import datetime
 import os
 from unittest import mock
 
-from tests.support import IsolatedCase
-from tests.stacktree import IS_ROOT, build_stack
 from iotstack_backup import backup, iotstack, restore
-from tests.support import run_main
+from tests.stacktree import IS_ROOT, build_stack
+from tests.support import IsolatedCase, run_main
 
 NOW = datetime.datetime(2026, 11, 26, 2, 0)  # a Thursday: rolling backup_4
 USER_ARGS = ["root"] if IS_ROOT else []

@@ -22,6 +22,24 @@ def call(main, argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def write(path, data, mode=0o644):
+    """Write text or bytes at path (its folders made), with mode."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def run_main(module, argv):
     """call(module.main, argv)."""
     return call(module.main, argv)

@@ -18,12 +18,18 @@ import tarfile
 import unittest
 from unittest import mock
 
-from tests.support import IsolatedCase
+from iotstack_backup import (
+    archive_writer,
+    backup,
+    docker_compose,
+    iotstack,
+    progress,
+    run,
+    tarformat,
+)
 from tests import real_stack
 from tests.stacktree import IS_ROOT, build_stack, diff_snapshots, snapshot
-from iotstack_backup import (
-    archive_writer, backup, docker_compose, iotstack, progress, run, tarformat)
-from tests.support import run_main
+from tests.support import IsolatedCase, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_SCRIPT = os.path.join(REPO, "backup.py")

@@ -25,9 +25,9 @@ import time
 import unittest
 from unittest import mock
 
-from tests.support import IsolatedCase
-from tests import engine as E
 from iotstack_backup import archive_writer, backup, docker_compose, tarformat
+from tests import engine as E
+from tests.support import IsolatedCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_SCRIPT = os.path.join(REPO, "backup.py")

@@ -8,9 +8,9 @@ import tempfile
 import unittest
 from unittest import mock
 
+from iotstack_backup import encryption, iotstack, run
 from tests.plainstack import PlainStackTestCase
 from tests.stacktree import diff_snapshots, snapshot
-from iotstack_backup import encryption, iotstack, run
 
 PLAIN_KEY = "backup-test@example.invalid"
 SECRET_KEY = "passphrase-test@example.invalid"

@@ -8,9 +8,9 @@ import sys
 import textwrap
 import time
 import unittest
+
 from iotstack_backup import file_writer
 from tests.support import IsolatedCase
-
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

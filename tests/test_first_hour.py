@@ -21,27 +21,14 @@ import uuid
 from unittest import mock
 
 from iotstack_backup import backup, docker_compose, progress, restore, service_groups
-from tests.support import IsolatedCase
-from tests import engine
-from tests import terminal
-from tests.support import call
+from tests import engine, terminal
+from tests.support import IsolatedCase, call, read, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
 RESTORE_PY = os.path.join(REPO, "restore.py")
 IS_ROOT = os.geteuid() == 0
 ENGINE_SOCKET = "/var/tmp/iotstack-ci-docker/docker.sock"
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 
 class FakeClock:

@@ -17,7 +17,8 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import archive_writer, iotstack, journal, offsite, run
-from tests.support import IsolatedCase
+from tests.support import IsolatedCase, write
+from tests.support import read_bytes as read
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
@@ -71,18 +72,6 @@ def python_for_pi():
             else:
                 _python_for_pi = ""
     return _python_for_pi
-
-
-def write(path, data, mode=0o644):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def chown_tree(path, uid, gid):

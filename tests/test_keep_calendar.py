@@ -5,8 +5,8 @@ import os
 import shutil
 import unittest
 
-from tests.plainstack import PlainStackTestCase
 from iotstack_backup import iotstack
+from tests.plainstack import PlainStackTestCase
 
 
 def name(stamp, suffix=".tar.gz"):

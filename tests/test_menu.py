@@ -15,8 +15,8 @@ import sys
 import unittest
 
 from iotstack_backup import menu, run
-from tests.support import IsolatedCase
 from tests import terminal
+from tests.support import IsolatedCase, read, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -59,18 +59,6 @@ def git(cwd, *args, check=True):
     if check and result.returncode:
         raise AssertionError("git %s: %s" % (args, result.stderr.decode()))
     return result
-
-
-def write(path, text, mode=0o644):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 
 class MenuCase(IsolatedCase):

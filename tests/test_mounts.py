@@ -8,7 +8,16 @@ import sys
 import unittest
 
 from iotstack_backup import run, unpack
-from tests.test_hostile import IS_ROOT, REPO, StackCase, chown_tree, one_error_line, read, users, write
+from tests.test_hostile import (
+    IS_ROOT,
+    REPO,
+    StackCase,
+    chown_tree,
+    one_error_line,
+    read,
+    users,
+    write,
+)
 
 
 class MountCase(StackCase):

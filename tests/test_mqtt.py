@@ -20,7 +20,13 @@ import unittest
 from iotstack_backup import mqtt
 from iotstack_backup.mqtt import MqttError, MqttTarget
 from tests.mosquitto_broker import (
-    MISSING, PASSWORD, PASSWORD_IN_URL, USER, Mosquitto, free_port)
+    MISSING,
+    PASSWORD,
+    PASSWORD_IN_URL,
+    USER,
+    Mosquitto,
+    free_port,
+)
 
 
 def h(text):

@@ -10,10 +10,17 @@ import tempfile
 import time
 import unittest
 
-from tests.mosquitto_broker import MISSING, PASSWORD, PASSWORD_IN_URL, USER, Mosquitto, free_port
+from iotstack_backup import iotstack, mqtt, notify_mqtt
+from tests.mosquitto_broker import (
+    MISSING,
+    PASSWORD,
+    PASSWORD_IN_URL,
+    USER,
+    Mosquitto,
+    free_port,
+)
 from tests.plainstack import PlainStackTestCase
 from tests.test_mqtt import silent_listener
-from iotstack_backup import iotstack, mqtt, notify_mqtt
 
 TOPIC = "iotstack/backup/test"
 
@@ -26,8 +33,7 @@ class FactsTest(unittest.TestCase):
             self.assertEqual(notify_mqtt.status_of(ok, code), status)
 
     def test_an_early_failure_has_nulls_and_the_error(self):
-        from iotstack_backup import run
-        from iotstack_backup import backup
+        from iotstack_backup import backup, run
         early = backup.Facts(time.monotonic())
         facts = notify_mqtt.report_facts(early, run.UserError("no luck"))
         self.assertEqual((facts["archive"], facts["size_bytes"], facts["downtime_seconds"],

@@ -16,8 +16,8 @@ import time
 import unittest
 from unittest import mock
 
-from tests.sshd_server import SshdUnavailable, SshServer
 from iotstack_backup import offsite
+from tests.sshd_server import SshdUnavailable, SshServer
 
 HOST = "pi4"
 DATED = "backup/backup_2026-11-26_0200.tar.gz"

@@ -18,6 +18,7 @@ import unittest
 import zlib
 from unittest import mock
 
+from iotstack_backup import pgzip
 from iotstack_backup.pgzip import (
     CorruptGzipError,
     EmptyArchiveError,
@@ -27,7 +28,6 @@ from iotstack_backup.pgzip import (
     TruncatedGzipError,
     iter_gunzip,
 )
-from iotstack_backup import pgzip
 
 GZIP = shutil.which("gzip")
 TAR = shutil.which("tar")

@@ -13,8 +13,8 @@ import time
 import unittest
 
 from iotstack_backup import picker, run
-from tests.support import IsolatedCase
 from tests import terminal
+from tests.support import IsolatedCase, read, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -33,17 +33,6 @@ def tearDownModule():
 
 def env():
     return terminal.no_docker_env(_BIN.name)
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 
 class PureTests(unittest.TestCase):

@@ -30,14 +30,22 @@ import unittest
 import warnings
 from unittest import mock
 
-from tests.support import IsolatedCase
+from iotstack_backup import (
+    backup,
+    docker_compose,
+    file_writer,
+    iotstack,
+    journal,
+    pgzip,
+    progress,
+    restore,
+    tarformat,
+    unpack,
+)
 from tests import real_stack
 from tests.engine import EventWatcher
 from tests.stacktree import IS_ROOT, P, build_stack, diff_snapshots, snapshot
-from tests.support import call
-from iotstack_backup import (
-    backup, docker_compose, file_writer, iotstack, journal, pgzip, progress, restore, tarformat,
-    unpack)
+from tests.support import IsolatedCase, call
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESTORE_PY = os.path.join(HERE, "restore.py")

@@ -12,7 +12,8 @@ import tarfile
 import tempfile
 import unittest
 
-from iotstack_backup import archive_writer, docker_compose, service_groups as sg, settings
+from iotstack_backup import archive_writer, docker_compose, settings
+from iotstack_backup import service_groups as sg
 from iotstack_backup.docker_compose import StackUnavailable
 from iotstack_backup.service_groups import Group, Window
 
@@ -385,6 +386,7 @@ class StopSettingTest(unittest.TestCase):
 
     def test_bad_value_on_the_command_line(self):
         import contextlib
+
         from iotstack_backup import backup
         err = io.StringIO()
         with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:

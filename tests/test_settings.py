@@ -8,9 +8,9 @@ import tarfile
 import threading
 import unittest
 
+from iotstack_backup import iotstack, restore, run
 from tests.stacktree import diff_snapshots, snapshot
 from tests.test_backup import USER_ARGS, StackTestCase, read_log, run_main
-from iotstack_backup import iotstack, restore, run
 
 
 class RetentionDecisionTest(unittest.TestCase):

@@ -22,9 +22,9 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import backup, docker_compose, restore
-from tests.support import IsolatedCase
 from tests import engine as E
 from tests import real_stack
+from tests.support import IsolatedCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
@@ -502,6 +502,7 @@ class RefusalTests(EngineCase):
         archive = self.archive_of({"a": {}})
         os.makedirs(os.path.join(self.stack, ".tmp"), exist_ok=True)
         import fcntl
+
         from iotstack_backup import iotstack
         with open(os.path.join(self.stack, iotstack.LOCK_NAME), "w") as holder:
             fcntl.flock(holder, fcntl.LOCK_EX)
