@@ -182,18 +182,6 @@ class NamesTest(StackTestCase):
 
 
 class ProgressTest(StackTestCase):
-    def test_progress_line(self):
-        stream = io.StringIO()
-        bar = progress.TerminalProgress(total_bytes=2_000_000, total_files=4, stream=stream,
-                                        label="Backing up: ")
-        bar.last -= 1  # draw on the first update
-        bar.update(1_000_000, 2)
-        bar.finish()
-        lines = stream.getvalue().split("\r")
-        self.assertIn("Backing up: 1.0 MB  2 files", lines[1])
-        self.assertIn("/s  ETA ", lines[1])
-        self.assertTrue(stream.getvalue().endswith("\n"))
-
     def test_progress_only_on_a_terminal(self):
         class Terminal(io.StringIO):
             def isatty(self):

@@ -7,7 +7,6 @@ the services it would stop; --only stops only the services whose data lies
 under it (against a real Docker engine when one answers, else skipped); no
 empty "Interrupted ()"; restore logs are never truncated."""
 import glob
-import io
 import json
 import os
 import pwd
@@ -20,7 +19,7 @@ import unittest
 import uuid
 from unittest import mock
 
-from iotstack_backup import backup, docker_compose, progress, restore, service_groups
+from iotstack_backup import backup, docker_compose, restore, service_groups
 from tests import engine, terminal
 from tests.support import IsolatedCase, call, read, write
 
@@ -29,50 +28,6 @@ BACKUP_PY = os.path.join(REPO, "backup.py")
 RESTORE_PY = os.path.join(REPO, "restore.py")
 IS_ROOT = os.geteuid() == 0
 ENGINE_SOCKET = "/var/tmp/iotstack-ci-docker/docker.sock"
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
-class ProgressTests(unittest.TestCase):
-    def test_percentage_eta_and_finishing(self):
-        clock = FakeClock()
-        bar = progress.TerminalProgress(10_000_000, 10, stream=io.StringIO(),
-                                        label="Backing up: ", tick=0, clock=clock)
-        bar.bytes = 2_500_000
-        clock.now += 5  # 0.5 MB/s: 15 s left
-        self.assertEqual(bar.line(clock.now), "Backing up: 2.5 MB  0 files  25% of 10.0 MB  "
-                                              "500.0 KB/s  ETA 0:15")
-        clock.now += 5  # nothing came in: the rate falls, the ETA grows; it never freezes
-        self.assertIn("ETA 0:30", bar.line(clock.now))
-        bar.bytes = 10_000_000
-        self.assertIn("100% of 10.0 MB", bar.line(clock.now))
-        self.assertIn("finishing 0:00", bar.line(clock.now))
-        clock.now += 65  # the sync and verify after the last byte
-        self.assertIn("finishing 1:05", bar.line(clock.now))
-        self.assertNotIn("ETA", bar.line(clock.now))
-        bar.finish()  # the estimate was 10% high (hard links, unreadable files): no "90%"
-        self.assertTrue(bar.stream.getvalue().endswith(
-            "\rBacking up: 10.0 MB  0 files  133.3 KB/s  done in 1:15\033[K\n"))
-
-    def test_the_line_is_redrawn_while_no_update_comes(self):
-        stream = io.StringIO()
-        bar = progress.TerminalProgress(1_000_000, 1, stream=stream, tick=0.05)
-        bar.update(100_000, 0)
-        time.sleep(0.4)
-        redraws = stream.getvalue().count("\r")
-        bar.stop()
-        self.assertGreaterEqual(redraws, 3)
-        after = stream.getvalue()
-        time.sleep(0.15)
-        self.assertEqual(stream.getvalue(), after)  # stopped: nothing more is drawn
-        bar.finish()
-        self.assertTrue(stream.getvalue().endswith("\n"))
 
 
 class StackCase(IsolatedCase):
