@@ -562,7 +562,7 @@ def stop_text(args, services, would=False):
         return "Services to stop: none" + (" with data under %s" % ", ".join(args.only)
                                             if args.only else " running")
     return "%s: %s" % ("Would stop and start again" if would else
-                       "Services stopped during the swap and started again", ", ".join(services))
+                       "Will stop during the swap and start again", ", ".join(services))
 
 
 def choose(stack, args, host, out):
