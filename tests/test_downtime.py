@@ -172,7 +172,8 @@ class EachModeTest(DowntimeTestCase):
         self.assertRegex(result.stdout, r"Longest outage: \d+\.\d s")
 
     def test_same_members_as_a_live_backup_and_gnu_tar_extracts_them(self):
-        self.assertEqual(self.backup("--stop", "none").returncode, 0)
+        # Live, the writer's file may change while it is read: a warning, exit 3.
+        self.assertIn(self.backup("--stop", "none").returncode, (0, 3))
         live = self.archives()[0]
         result = self.backup()
         self.assertEqual(result.returncode, 0, result.stderr)
