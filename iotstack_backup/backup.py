@@ -393,11 +393,11 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     except (OSError, run.UserError) as e:
         error = failure_of(e)
     except (run.Interrupted, KeyboardInterrupt) as e:
+        facts.stack_warnings += stops.warnings
         log.line("Interrupted (%s): no new archive was written" % (str(e) or "Ctrl-C"))
         finish_log(stack, log, items, facts)
         raise
-    finally:
-        facts.stack_warnings += stops.warnings
+    facts.stack_warnings += stops.warnings
     if error is None:
         error = post_backup_error(stack, log)
     if facts.written is not None:
