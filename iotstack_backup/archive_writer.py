@@ -1,10 +1,14 @@
 """Writing an archive: walk the tree, stream it as tar.gz, read it back.
 
 write_archive walks the manifest items depth first in name order (segments,
-when given, move some subtrees to the end, each read between two callbacks:
-backup.py stops a group of services only while its data is read), encodes
-each entry with tarformat, compresses the stream with pgzip's parallel
-writer and writes it to a new temporary file.  How it keeps data safe: the
+when given, move some subtrees to the end, around two callbacks: backup.py
+stops a group of services only while its data is checked), encodes each
+entry with tarformat, compresses the stream with pgzip's parallel writer
+and writes it to a new temporary file.  A segment is read while its
+services run, then, once they are stopped, confirmed by a stat walk; a part
+that changed is cut off the file (back to where it began) and read again
+with them stopped, so the archive holds each group as it was when
+stopped.  How it keeps data safe: the
 file is created with O_EXCL under a name no glob of backups matches; a
 background thread fdatasyncs it every 16 MiB, and a FollowingVerifier reads
 each synced stretch back from the disk (page cache dropped) and checks the
@@ -15,6 +19,7 @@ a short archive.
 """
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import threading
@@ -57,7 +62,7 @@ def iter_entries(stack, items, patterns, excluded, notes, warnings=None, defer=f
     is a warning naming it (its entry is kept, its contents are not), an
     entry gone between listing and reading is a note.  Entries whose path is
     in defer are not yielded nor entered: they go, as the walk met them,
-    into the list deferred, for iter_segments to read later.
+    into the list deferred, for write_tar to read later.
     """
     if warnings is None:
         warnings = notes
@@ -145,50 +150,36 @@ def changed_while_read(before, after):
 
 class Segment:
     """A part of the archive written after the rest: the entries at roots
-    (paths relative to the stack) and everything below them, read between
-    before() and after().  The writer knows nothing of what the callbacks
-    do (backup.py stops and starts services with them)."""
+    (paths relative to the stack) and everything below them, read around
+    before() and after().  parts splits the roots into pieces that are
+    confirmed, or read again, one by one (by default all roots are one
+    part); report(reread), when given, hears the roots of the parts that
+    were read again after before().  The writer knows nothing of what the
+    callbacks do (backup.py stops and starts services with them)."""
 
-    __slots__ = ("roots", "before", "after")
+    __slots__ = ("roots", "before", "after", "parts", "report")
 
-    def __init__(self, roots, before=None, after=None):
+    def __init__(self, roots, before=None, after=None, parts=None, report=None):
         self.roots, self.before, self.after = frozenset(roots), before, after
+        self.parts = (self.roots,) if parts is None else tuple(frozenset(p) for p in parts)
+        self.report = report
 
 
-def iter_segments(stack, items, patterns, stats, segments=()):
-    """The entries of iter_entries, reordered: first everything outside the
-    segments' roots, then each segment's subtrees in turn, with before()
-    called just before its first entry is yielded and after() as soon as
-    the caller has asked for the entry after its last (so has read the
-    last).  A segment whose roots the walk never met (excluded, missing,
-    behind a symlink) is skipped, callbacks and all.  The same entries as
-    iter_entries, so the same members; only their order changes, and a
-    parent directory always comes before what it holds."""
-    defer = frozenset(root for segment in segments for root in segment.roots)
-    deferred = []
-    yield from iter_entries(stack, items, patterns, stats.excluded, stats.notes, stats.warnings,
-                            defer, deferred)
-    for segment in segments:
-        found = [entry for entry in deferred if entry.rel in segment.roots]
-        if not found:
+def iter_part(found, patterns, stats):
+    """The entries at and below `found` (entries the first walk deferred),
+    as they are now: the walk met them, maybe seconds before this part is
+    read (and before its services stopped)."""
+    for entry in found:
+        fresh = _restat(entry, stats)
+        if fresh is None:
             continue
-        if segment.before is not None:
-            segment.before()
-        for entry in found:
-            fresh = _restat(entry, stats)
-            if fresh is None:
-                continue
-            yield fresh
-            if stat.S_ISDIR(fresh.st.st_mode):
-                yield from _iter_dir(fresh.rel, fresh.path, patterns, stats.excluded, stats.notes,
-                                     stats.warnings)
-        if segment.after is not None:
-            segment.after()
+        yield fresh
+        if stat.S_ISDIR(fresh.st.st_mode):
+            yield from _iter_dir(fresh.rel, fresh.path, patterns, stats.excluded, stats.notes,
+                                 stats.warnings)
 
 
 def _restat(entry, stats):
-    """The entry as it is now: it was met by the walk, maybe seconds before
-    its segment is read (and before its service stopped)."""
     try:
         st = os.lstat(entry.path)
         if stat.S_ISLNK(st.st_mode) and stat.S_ISDIR(entry.st.st_mode):
@@ -197,6 +188,123 @@ def _restat(entry, stats):
         stats.warnings.append("%s disappeared before it was read" % entry.rel)
         return None
     return Entry(entry.rel, entry.path, st)
+
+
+# Timestamps move in steps (a kernel tick, two seconds on FAT): an entry
+# changed this shortly before it was read may change again, after the read,
+# without its stat showing it.  Such a part is never confirmed by its stat:
+# it is read again with its services stopped.
+RACY_NS = 2 * 10**9
+
+
+def stat_key(entry):
+    """What a confirmation compares of an entry: any write, rename, chmod,
+    chown, link or unlink changes one of these (ctime at the least)."""
+    st = entry.st
+    return b"%s\0%o %d %d %d %d %d %d %d\n" % (
+        os.fsencode(entry.rel), st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+        st.st_ctime_ns, st.st_uid, st.st_gid)
+
+
+def fingerprint(entries):
+    """A digest of the entries' stat_keys, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for entry in entries:
+        digest.update(stat_key(entry))
+    return digest.digest()
+
+
+class LiveFingerprint:
+    """The fingerprint of a part's entries as they were read while their
+    services ran, and whether one was changed too recently (RACY_NS) for
+    a later stat to prove it unchanged since."""
+
+    def __init__(self):
+        self._digest = hashlib.blake2b(digest_size=16)
+        self.racy = False
+
+    def track(self, entries):
+        update = self._digest.update
+        for entry in entries:
+            if entry.st.st_ctime_ns > time.time_ns() - RACY_NS:
+                self.racy = True
+            update(stat_key(entry))
+            yield entry
+
+    def digest(self):
+        return self._digest.digest()
+
+
+def newest_change(found, patterns):
+    """The latest ctime at or below the entries `found`: a stat walk."""
+    return max((entry.st.st_ctime_ns for entry in iter_part(found, patterns, ArchiveStats())),
+               default=0)
+
+
+def reading_order(newest_changes):
+    """The order to read parts in, by index: the least recently changed
+    first, so the parts likeliest to change while read live come last and
+    a change found after the stop takes back the least."""
+    return sorted(range(len(newest_changes)), key=lambda i: (newest_changes[i], i))
+
+
+def first_changed(reads, patterns):
+    """The index of the first part, of (part, checkpoint, mark, live
+    fingerprint) in archive order, that is not as it was read: racy, or
+    its fingerprint now differs.  None when all are confirmed."""
+    for index, (part, _checkpoint, _mark, live) in enumerate(reads):
+        if live.racy or fingerprint(iter_part(part, patterns, ArchiveStats())) != live.digest():
+            return index
+    return None
+
+
+def write_segment(tar, out, segment, parts, patterns, stats):
+    """A segment's parts (lists of deferred entries), around its callbacks.
+
+    When out can take bytes back (checkpoint, rewind), each part is read
+    live first, its entries' stats folded into a fingerprint; then before()
+    is called, a stat walk confirms each part, and from the first one that
+    changed (or was changed too recently to tell) the archive is cut back to
+    where that part began and the rest is read again: before() leaves them
+    still.  So after() comes after a stat walk, and a full read only for
+    what changed.  An output that cannot rewind gets the parts read between
+    the callbacks."""
+    if not hasattr(out, "checkpoint"):
+        _call(segment.before)
+        for part in parts:
+            tar.write(iter_part(part, patterns, stats))
+        _call(segment.after)
+        return
+    if len(parts) > 1:
+        parts = [parts[i] for i in reading_order([newest_change(p, patterns) for p in parts])]
+    tar.flush()
+    out.hold_verification()  # what follows may be taken back
+    reads = []
+    for part in parts:
+        tar.flush()
+        live = LiveFingerprint()
+        reads.append((part, out.checkpoint(), tar.mark(), live))
+        tar.write(live.track(iter_part(part, patterns, stats)))
+    _call(segment.before)
+    changed = first_changed(reads, patterns)
+    reread = []
+    if changed is not None:
+        _part, checkpoint, mark, _live = reads[changed]
+        tar.rewind(mark)
+        out.rewind(checkpoint)
+        for part, _checkpoint, _mark, _live in reads[changed:]:
+            tar.write(iter_part(part, patterns, stats))
+            reread += [entry.rel for entry in part]
+    if segment.report is not None:
+        segment.report(reread)
+    _call(segment.after)
+    tar.flush()
+    out.release_verification()
+
+
+def _call(callback):
+    if callback is not None:
+        callback()
 
 
 class ArchiveStats:
@@ -217,94 +325,158 @@ READ_CHUNK = 1 << 20
 
 
 def write_tar(out, stack, items, patterns, progress, stats, segments=()):
-    """Write the tar stream of the manifest items to out, in the order of
-    iter_segments; fill stats."""
-    first_of_inode = {}
-    batch = bytearray()
-    batch_bytes = batch_files = 0
-    for entry in iter_segments(stack, items, patterns, stats, segments):
-        if len(batch) >= WRITE_BATCH:
-            out.write(batch)
-            batch.clear()
-            progress.update(batch_bytes, batch_files)
-            batch_bytes = batch_files = 0
-        st = entry.st
-        fmt = stat.S_IFMT(st.st_mode)
-        name = os.fsencode(entry.rel)
-        mode = stat.S_IMODE(st.st_mode)
-        mtime = st.st_mtime_ns // 1_000_000_000
-        if fmt == stat.S_IFREG:
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                first = first_of_inode.get(key)
-                if first is not None:
-                    batch += tar_header(name, TYPE_HARDLINK, mode, st.st_uid, st.st_gid,
-                                        0, mtime, first)
-                    stats.members += 1
+    """Write the tar stream of the manifest items to out: everything
+    outside the segments' roots, depth first in name order, then each
+    segment's parts (write_segment); fill stats.  A segment whose roots the
+    walk never met (excluded, missing, behind a symlink) is skipped,
+    callbacks and all.  Only the order of members depends on the segments,
+    and a parent directory always comes before what it holds."""
+    tar = TarStream(out, progress, stats)
+    defer = frozenset(root for segment in segments for root in segment.roots)
+    deferred = []
+    tar.write(iter_entries(stack, items, patterns, stats.excluded, stats.notes, stats.warnings,
+                           defer, deferred))
+    for segment in segments:
+        parts = [[entry for entry in deferred if entry.rel in roots] for roots in segment.parts]
+        parts = [part for part in parts if part]
+        if parts:
+            write_segment(tar, out, segment, parts, patterns, stats)
+    tar.finish(patterns)
+
+
+class TarStream:
+    """Encodes walk entries as tar members onto out, small members gathered
+    into batches.  mark() and rewind() take back what was encoded since a
+    mark (with the stats, progress and hard-link names it added), for a
+    caller that cuts its output back to the same point."""
+
+    def __init__(self, out, progress, stats):
+        self.out, self.progress, self.stats = out, progress, stats
+        self.first_of_inode = {}
+        self.batch = bytearray()
+        self.batch_bytes = self.batch_files = 0
+        self.files = 0
+
+    def write(self, entries):
+        """Encode the entries (the per-member hot loop: kept in one piece)."""
+        out, progress, stats = self.out, self.progress, self.stats
+        first_of_inode, batch = self.first_of_inode, self.batch
+        batch_bytes, batch_files = self.batch_bytes, self.batch_files
+        for entry in entries:
+            if len(batch) >= WRITE_BATCH:
+                out.write(batch)
+                batch.clear()
+                progress.update(batch_bytes, batch_files)
+                batch_bytes = batch_files = 0
+            st = entry.st
+            fmt = stat.S_IFMT(st.st_mode)
+            name = os.fsencode(entry.rel)
+            mode = stat.S_IMODE(st.st_mode)
+            mtime = st.st_mtime_ns // 1_000_000_000
+            if fmt == stat.S_IFREG:
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    first = first_of_inode.get(key)
+                    if first is not None:
+                        batch += tar_header(name, TYPE_HARDLINK, mode, st.st_uid, st.st_gid,
+                                            0, mtime, first)
+                        stats.members += 1
+                        continue
+                try:
+                    fd = os.open(entry.path,
+                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
                     continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except FileNotFoundError:
-                stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                except OSError as e:
+                    stats.warnings.append(walk_warning(entry.rel, e))
+                    continue
+                try:
+                    size = st.st_size
+                    batch += tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime)
+                    data = os.read(fd, size) if size <= READ_CHUNK else b""
+                    if len(data) == size:
+                        batch += data  # most files: read whole, one copy into the batch
+                    else:
+                        out.write(batch)
+                        batch.clear()
+                        out.write(data)
+                        # A large file reports as it goes, so the line keeps moving.
+                        progress.update(len(data), 0)
+                        _copy_rest(out, fd, size - len(data), entry.rel, stats, progress)
+                        batch_bytes -= size  # already reported
+                    batch += bytes(-size % BLOCK)
+                    if changed_while_read(st, os.fstat(fd)):
+                        stats.warnings.append("%s changed while it was read: the backup holds "
+                                              "its first %d bytes" % (entry.rel, size))
+                finally:
+                    os.close(fd)
+                if st.st_nlink > 1:
+                    first_of_inode[key] = name
+                stats.bytes += size
+                batch_bytes += size
+                batch_files += 1
+                self.files += 1
+            elif fmt == stat.S_IFDIR:
+                batch += tar_header(name + b"/", TYPE_DIR, mode, st.st_uid, st.st_gid, 0, mtime)
+            elif fmt == stat.S_IFLNK:
+                try:
+                    target = os.fsencode(os.readlink(entry.path))
+                except FileNotFoundError:
+                    stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                    continue
+                batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime,
+                                    target)
+            elif fmt == stat.S_IFIFO:
+                batch += tar_header(name, TYPE_FIFO, mode, st.st_uid, st.st_gid, 0, mtime)
+            elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                typeflag = TYPE_CHAR if fmt == stat.S_IFCHR else TYPE_BLOCK
+                batch += tar_header(name, typeflag, mode, st.st_uid, st.st_gid, 0, mtime, b"",
+                                    os.major(st.st_rdev), os.minor(st.st_rdev))
+            else:
+                stats.notes.append("skipped socket %s" % entry.rel if fmt == stat.S_IFSOCK
+                                   else "skipped %s: unsupported file type" % entry.rel)
                 continue
-            except OSError as e:
-                stats.warnings.append(walk_warning(entry.rel, e))
-                continue
-            try:
-                size = st.st_size
-                batch += tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime)
-                data = os.read(fd, size) if size <= READ_CHUNK else b""
-                if len(data) == size:
-                    batch += data  # most files: read whole, one copy into the batch
-                else:
-                    out.write(batch)
-                    batch.clear()
-                    out.write(data)
-                    # A large file reports as it goes, so the line keeps moving.
-                    progress.update(len(data), 0)
-                    _copy_rest(out, fd, size - len(data), entry.rel, stats, progress)
-                    batch_bytes -= size  # already reported
-                batch += bytes(-size % BLOCK)
-                if changed_while_read(st, os.fstat(fd)):
-                    stats.warnings.append("%s changed while it was read: the backup holds "
-                                          "its first %d bytes" % (entry.rel, size))
-            finally:
-                os.close(fd)
-            if st.st_nlink > 1:
-                first_of_inode[key] = name
-            stats.bytes += size
-            batch_bytes += size
-            batch_files += 1
-        elif fmt == stat.S_IFDIR:
-            batch += tar_header(name + b"/", TYPE_DIR, mode, st.st_uid, st.st_gid, 0, mtime)
-        elif fmt == stat.S_IFLNK:
-            try:
-                target = os.fsencode(os.readlink(entry.path))
-            except FileNotFoundError:
-                stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
-                continue
-            batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime, target)
-        elif fmt == stat.S_IFIFO:
-            batch += tar_header(name, TYPE_FIFO, mode, st.st_uid, st.st_gid, 0, mtime)
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            typeflag = TYPE_CHAR if fmt == stat.S_IFCHR else TYPE_BLOCK
-            batch += tar_header(name, typeflag, mode, st.st_uid, st.st_gid, 0, mtime, b"",
-                                os.major(st.st_rdev), os.minor(st.st_rdev))
-        else:
-            stats.notes.append("skipped socket %s" % entry.rel if fmt == stat.S_IFSOCK
-                               else "skipped %s: unsupported file type" % entry.rel)
-            continue
-        stats.members += 1
-    if patterns:
-        # What was left out, for restore.py to leave in place.
-        record = iotstack.excludes_record(patterns, stats.excluded)
-        batch += tar_header(os.fsencode(iotstack.EXCLUDES_MEMBER), TYPE_FILE, 0o644,
-                            os.geteuid(), os.getegid(), len(record), int(time.time()))
-        batch += record + bytes(-len(record) % BLOCK)
-        stats.members += 1
-    batch += ZERO_BLOCK * 2
-    out.write(batch)
-    progress.update(batch_bytes, batch_files)
+            stats.members += 1
+        self.batch_bytes, self.batch_files = batch_bytes, batch_files
+
+    def flush(self):
+        if self.batch:
+            self.out.write(self.batch)
+            self.batch.clear()
+        self.progress.update(self.batch_bytes, self.batch_files)
+        self.batch_bytes = self.batch_files = 0
+
+    def mark(self):
+        """A point to rewind to; the batch must be empty (flushed)."""
+        stats = self.stats
+        return (stats.members, stats.bytes, self.files, len(stats.excluded), len(stats.notes),
+                len(stats.warnings), len(self.first_of_inode))
+
+    def rewind(self, mark):
+        stats = self.stats
+        members, nbytes, files, excluded, notes, warnings, links = mark
+        self.progress.update(-(stats.bytes - nbytes - self.batch_bytes),
+                             -(self.files - files - self.batch_files))
+        stats.members, stats.bytes, self.files = members, nbytes, files
+        del stats.excluded[excluded:], stats.notes[notes:], stats.warnings[warnings:]
+        for key in list(self.first_of_inode)[links:]:
+            del self.first_of_inode[key]
+        self.batch.clear()
+        self.batch_bytes = self.batch_files = 0
+
+    def finish(self, patterns):
+        """The excludes record (when there are patterns) and the end of the archive."""
+        stats, batch = self.stats, self.batch
+        if patterns:
+            # What was left out, for restore.py to leave in place.
+            record = iotstack.excludes_record(patterns, stats.excluded)
+            batch += tar_header(os.fsencode(iotstack.EXCLUDES_MEMBER), TYPE_FILE, 0o644,
+                                os.geteuid(), os.getegid(), len(record), int(time.time()))
+            batch += record + bytes(-len(record) % BLOCK)
+            stats.members += 1
+        batch += ZERO_BLOCK * 2
+        self.flush()
 
 
 def _copy_rest(out, fd, remaining, rel, stats, progress):
@@ -345,7 +517,7 @@ class FollowingVerifier:
         self._durable = 0
         self._finished = False
         self._cancelled = False
-        self._held = False
+        self._limit = None
         self._offset = 0
         self.members = None
         self.error = None
@@ -356,19 +528,28 @@ class FollowingVerifier:
         with self._cond:
             self._durable = durable
             self._finished = finished
+            if finished:
+                self._limit = None
             self._cond.notify()
 
-    def hold(self):
-        """Pause reading back (until release or finish): while a segment is
-        read the CPU goes to reading and compressing, so it ends sooner;
-        the verifier catches up afterwards."""
+    def hold_at(self, offset):
+        """Read no further than offset (until release or finish): what
+        follows may still be taken back (rewind), and while services are
+        down the CPU goes to reading and compressing, so they come back
+        sooner; the verifier catches up afterwards."""
         with self._cond:
-            self._held = True
+            self._limit = offset
 
     def release(self):
         with self._cond:
-            self._held = False
+            self._limit = None
             self._cond.notify()
+
+    def rewind(self, offset):
+        """The file was cut back to offset (never below where reading is
+        held): bytes past it are no longer known to be on the disk."""
+        with self._cond:
+            self._durable = min(self._durable, offset)
 
     def finish(self, size, expected_members):
         self.advance(size, finished=True)
@@ -391,12 +572,13 @@ class FollowingVerifier:
 
     def _read(self, size):
         with self._cond:
-            while ((self._offset >= self._durable or self._held)
-                   and not self._finished and not self._cancelled):
+            while True:
+                end = self._durable if self._limit is None else min(self._durable, self._limit)
+                if self._offset < end or self._finished or self._cancelled:
+                    break
                 self._cond.wait()
             if self._cancelled:
                 raise ArchiveError("verification cancelled")
-            end = self._durable
         if self._offset >= end:
             return b""
         length = min(size, end - self._offset)
@@ -441,6 +623,8 @@ class BackgroundSync:
         self._closing = False
         self._error = None
         self._thread = None
+        # Held through each sync, so a truncation waits for the one under way.
+        self._lock = threading.Lock()
 
     def wrote(self, nbytes):
         if self._error is not None:
@@ -461,7 +645,8 @@ class BackgroundSync:
                 return
             self._wanted.clear()
             try:
-                self._sync(self.reported)
+                with self._lock:
+                    self._sync(self.reported)
             except OSError as error:
                 self._error = error
                 return
@@ -519,14 +704,44 @@ class FileSink(BackgroundSync):
     def flush(self):
         pass
 
+    def truncate(self, length):
+        """Cut the file back to length and write on from there.  A sync
+        under way finishes first, so none reports bytes that are gone."""
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            os.ftruncate(self.fd, length)
+            os.lseek(self.fd, length, os.SEEK_SET)
+            self.reported = self._asked_at = length
 
-def _both(first, then):
-    """A callback calling first() then then(), either of them None."""
-    def both():
-        for call in (first, then):
-            if call is not None:
-                call()
-    return both
+
+class ArchiveOutput:
+    """The archive file as write_tar sees it: the gzip writer's write(), and
+    for the segments, checkpoint() and rewind() (the gzip stream, the file
+    and the verifier cut back together) and holding the verifier back from
+    what may still be taken back."""
+
+    def __init__(self, gz, sink, verifier):
+        self._gz, self._sink, self._verifier = gz, sink, verifier
+        self.write = gz.write
+
+    def checkpoint(self):
+        return self._gz.checkpoint()
+
+    def rewind(self, checkpoint):
+        offset = self._gz.rewind(checkpoint)
+        self._sink.truncate(offset)
+        if self._verifier is not None:
+            self._verifier.rewind(offset)
+
+    def hold_verification(self):
+        if self._verifier is not None:
+            # What is on the file now lies before any later checkpoint.
+            self._verifier.hold_at(self._sink.written)
+
+    def release_verification(self):
+        if self._verifier is not None:
+            self._verifier.release()
 
 
 def tree_totals(stack, items, patterns):
@@ -541,7 +756,7 @@ def tree_totals(stack, items, patterns):
 
 def write_archive(stack, items, args, owner, temp, progress, stats, segments=()):
     """Write the tar.gz to temp, fsynced and owned; unless --no-verify, read
-    it back from disk as it goes.  segments: see iter_segments.  Returns its
+    it back from disk as it goes.  segments: see write_tar.  Returns its
     size."""
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, iotstack.ARCHIVE_MODE)
     verifier = sink = None
@@ -549,12 +764,10 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
         if not args.no_verify:
             verifier = FollowingVerifier(temp)
         sink = FileSink(fd, verifier.advance if verifier else None)
-        if verifier is not None:
-            segments = [Segment(seg.roots, _both(verifier.hold, seg.before),
-                                _both(seg.after, verifier.release)) for seg in segments]
         gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
         try:
-            write_tar(gz, stack, items, args.exclude, progress, stats, segments)
+            write_tar(ArchiveOutput(gz, sink, verifier), stack, items, args.exclude, progress,
+                      stats, segments)
             gz.close()
         except BaseException:
             gz.abort()

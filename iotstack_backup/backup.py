@@ -218,7 +218,7 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
     """Write, verify and name the archive(s); returns Written.  On any
     failure no final name changes and the temporary files are gone.  stats
     collects what the walk met; segments: the parts read with services
-    stopped (archive_writer.iter_segments)."""
+    stopped (archive_writer.write_tar)."""
     temps = []
     bar = progress.NoProgress()
     try:

@@ -9,7 +9,10 @@ incompressible are stored, blocks of noise and runs (database pages) are
 coded for runs alone, and the asked level is spent only where it pays.
 Memory stays bounded because at most a fixed number of blocks is in flight,
 and any error (from a worker or from the output file, for example a full
-disk) reaches the caller unchanged.
+disk) reaches the caller unchanged.  checkpoint() and rewind() let a caller
+take back everything written since a point: the stream is cut into a new
+block there, so the compressed output up to it is final and the caller can
+truncate its file to that length and write something else.
 
 iter_gunzip decompresses a regular file in a child process, as gzip does for
 tar (other readable objects in this process).  It never reports success for
@@ -243,6 +246,19 @@ def write_all(fileobj, data):
         view = view[written:]
 
 
+class Checkpoint:
+    """A point of a ParallelGzipWriter's stream to rewind to: the number of
+    blocks before it, the running CRC, length and 32 KiB of history there,
+    and (once those blocks are written out) its offset in the output."""
+
+    __slots__ = ("blocks", "crc", "size", "dictionary", "offset")
+
+    def __init__(self, blocks, crc, size, dictionary):
+        self.blocks, self.crc, self.size = blocks, crc, size
+        self.dictionary = dictionary
+        self.offset = None
+
+
 class ParallelGzipWriter:
     """File-like writer producing one gzip member, compressed on threads.
 
@@ -274,6 +290,9 @@ class ParallelGzipWriter:
         self._header_written = False
         self._buffer = bytearray()
         self._dictionary = b""
+        self._blocks_submitted = 0
+        self._blocks_emitted = 0
+        self._unplaced = collections.deque()  # checkpoints whose offset is not known yet
         self._in_flight = collections.deque()
         self._max_in_flight = 2 * jobs
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -314,13 +333,53 @@ class ParallelGzipWriter:
             self._submit(self._buffer, last=True)
             self._buffer = bytearray()
             while self._in_flight:
-                self._emit(self._in_flight.popleft().result())
+                self._emit_block(self._in_flight.popleft().result())
             self._emit(gzip_trailer(self.crc, self.size))
         except BaseException as error:
             self._fail(error)
             raise
         self._state = "closed"
         self._executor.shutdown(wait=True)
+
+    def checkpoint(self):
+        """A Checkpoint at the current end of the stream; what is buffered
+        goes out as a (short) block of its own, so the point is a block
+        boundary.  Nothing waits for the workers."""
+        self._check_open()
+        try:
+            if self._buffer:
+                self._submit(self._buffer, last=False)
+                self._buffer = bytearray()
+        except BaseException as error:
+            self._fail(error)
+            raise
+        checkpoint = Checkpoint(self._blocks_submitted, self.crc, self.size, self._dictionary)
+        self._unplaced.append(checkpoint)
+        self._place_checkpoints()
+        return checkpoint
+
+    def rewind(self, checkpoint):
+        """Forget everything written after checkpoint; return the length
+        the output file must be cut back to (its offset), after which
+        writing goes on from there."""
+        self._check_open()
+        try:
+            while checkpoint.offset is None:
+                self._emit_block(self._in_flight.popleft().result())
+        except BaseException as error:
+            self._fail(error)
+            raise
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        self._unplaced.clear()
+        self._buffer = bytearray()
+        self._blocks_submitted = self._blocks_emitted = checkpoint.blocks
+        self.crc, self.size = checkpoint.crc, checkpoint.size
+        self._dictionary = checkpoint.dictionary
+        self.compressed_size = checkpoint.offset
+        self._header_written = checkpoint.offset > 0
+        return checkpoint.offset
 
     def abort(self):
         if self._state in ("closed", "aborted"):
@@ -371,13 +430,24 @@ class ParallelGzipWriter:
         self._dictionary = next_dictionary(dictionary, block)
         self._in_flight.append(self._executor.submit(
             compress_block, block, dictionary, self._level, last))
+        self._blocks_submitted += 1
         self._collect()
 
     def _collect(self):
         """Write finished blocks in order; wait while the pipeline is full."""
         in_flight = self._in_flight
         while in_flight and (len(in_flight) > self._max_in_flight or in_flight[0].done()):
-            self._emit(in_flight.popleft().result())
+            self._emit_block(in_flight.popleft().result())
+
+    def _emit_block(self, data):
+        self._emit(data)
+        self._blocks_emitted += 1
+        if self._unplaced:
+            self._place_checkpoints()
+
+    def _place_checkpoints(self):
+        while self._unplaced and self._unplaced[0].blocks <= self._blocks_emitted:
+            self._unplaced.popleft().offset = self.compressed_size
 
     def _emit(self, data):
         if not self._header_written:

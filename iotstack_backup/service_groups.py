@@ -6,9 +6,10 @@ fall in the same top-level folder of volumes/ (or one lies inside the
 other), and a service that depends on another goes down with it; services
 linked that way, directly or through others, form a group.  The archive is
 written in an order that keeps each group's data together (archive_writer's
-segments), so the group is stopped just before its first entry is read and
-started again as soon as its last one was, while the other services run;
-data no running container mounts is read first, with nothing stopped.
+segments): the group's data is read while it runs, then the group is
+stopped, a stat walk confirms that nothing changed since it was read (what
+did is read again), and the group starts again, while the other services
+run; data no running container mounts is read first, with nothing stopped.
 
 How it keeps data safe: mounts and dependencies come from the engine
 (`docker inspect` of the project's containers: `.Mounts` and compose v2's
@@ -44,20 +45,24 @@ class Group:
 
 
 class Window:
-    """Services stopped while the archive reads `roots` (paths relative to
-    the stack, walk entries of the backup) and everything below them."""
+    """Services stopped while the archive checks `roots` (paths relative to
+    the stack, walk entries of the backup) and everything below them.
+    parts: the roots split into pieces the archive confirms (or reads
+    again) one at a time; by default the roots are one part."""
 
-    __slots__ = ("services", "roots")
+    __slots__ = ("services", "roots", "parts")
 
-    def __init__(self, services, roots):
+    def __init__(self, services, roots, parts=None):
         self.services = tuple(services)
         self.roots = tuple(roots)
+        self.parts = (self.roots,) if parts is None else tuple(tuple(p) for p in parts)
 
     def __eq__(self, other):
-        return (self.services, self.roots) == (other.services, other.roots)
+        return ((self.services, self.roots, self.parts)
+                == (other.services, other.roots, other.parts))
 
     def __repr__(self):
-        return "Window(%r, %r)" % (self.services, self.roots)
+        return "Window(%r, %r, %r)" % (self.services, self.roots, self.parts)
 
 
 # ---------------------------------------------------------------------------
@@ -147,20 +152,22 @@ def plan_windows(groups, mode, running, item_names):
 
     each: one window per group with data in the backup; a group without any
     (no bind mount in the stack) is never stopped.  all: one window of every
-    running service around all their data.  none: no window.  groups None
-    means the mounts could not be learned: one window of every running
-    service around every item, as the old script did.
+    running service around all their data, a part per group.  none: no
+    window.  groups None means the mounts could not be learned: one window
+    of every running service around every item, as the old script did, a
+    part per item.
     """
     if mode == "none" or not running:
         return []
     if groups is None:
-        return [Window(sorted(running), minimal_paths(item_names))]
+        roots = minimal_paths(item_names)
+        return [Window(sorted(running), roots, [(root,) for root in roots])]
     windows = [Window(g.services, archive_roots(g.keys, item_names)) for g in groups]
-    windows = [w for w in windows if w.roots]
+    windows = sorted((w for w in windows if w.roots), key=lambda w: w.roots)
     if mode == "all":
         roots = minimal_paths([r for w in windows for r in w.roots])
-        return [Window(sorted(running), roots)] if roots else []
-    return sorted(windows, key=lambda w: w.roots)
+        return [Window(sorted(running), roots, [w.roots for w in windows])] if roots else []
+    return windows
 
 
 def left_running(windows, running):
@@ -255,10 +262,11 @@ class StopWindows:
     """The archive's segments for the stop windows: each window's services
     are stopped (through the run's docker_compose.ServiceWindow, which
     records them, holds signals back during the stop and starts whatever is
-    still down however the run ends) just before the archive reads their
-    data, and started again as soon as it has read the last of it, while
-    the other services run.  A stop that fails is a warning: the data is
-    read with them running, as with Docker not answering."""
+    still down however the run ends) once the archive has read their data
+    live, and started again as soon as it has confirmed that data (or read
+    again what changed), while the other services run.  A stop that fails
+    is a warning: the data is read with them running, as with Docker not
+    answering."""
 
     def __init__(self, window, log):
         self.window, self.log = window, log
@@ -276,6 +284,15 @@ class StopWindows:
                 self.warnings.append("%s; their data was read with them running" % e)
                 self.log.line("Warning: %s" % e)
 
+        def report(reread):
+            # reread: the roots of the parts from the first that changed on.
+            checked = [root for root in group.roots if root not in reread]
+            if checked:
+                self.log.line("Checked after the stop, unchanged since read: %s"
+                              % ", ".join(checked))
+            if reread:
+                self.log.line("Changed since read, read again stopped: %s" % ", ".join(reread))
+
         def after():
             self.window.start(group.services)
             down = self.window.downtime()
@@ -283,7 +300,7 @@ class StopWindows:
             self.log.line("Stop window over: %s down %.1f s" % (", ".join(group.services),
                                                                 seconds))
 
-        return Segment(group.roots, before, after)
+        return Segment(group.roots, before, after, group.parts, report)
 
 
 def longest_outage(downtimes):

@@ -71,6 +71,7 @@ class DowntimeTestCase(IsolatedCase):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write("data\n")
+        os.makedirs(os.path.join(self.stack, "volumes/alone"), exist_ok=True)
         with open(os.path.join(self.stack, "volumes/alone/blob"), "wb") as f:
             f.write(os.urandom(1 << 20))
         self.project.up()
@@ -266,6 +267,50 @@ class AllModeTest(DowntimeTestCase):
         self.assert_all_running()
         self.assert_read_while_stopped(self.archives()[0])
         self.assertIn("Stop window (--stop all)", self.log_text())
+
+
+class LiveReadTest(DowntimeTestCase):
+    """Each group's data is read while it runs, then checked by a stat walk
+    once it is stopped: a quiet group is not read again; a group that wrote
+    while read (the writer) or at its stop (a database flushing on SIGTERM)
+    is, so the archive holds what was there once it was down.  In-process,
+    with RACY_NS at 0: the fixture's files are younger than two seconds,
+    which would send every group to be read again."""
+
+    services = [
+        {"name": "writer", "writer": True},
+        {"name": "quiet", "volumes": ["./volumes/quiet:/data"]},
+        {"name": "flusher", "volumes": ["./volumes/flusher:/data"],
+         "command": "trap 'echo flushed-at-stop >> /data/state; exit 0' TERM; "
+                    "while true; do sleep 0.1; done"},
+    ]
+
+    def setUp(self):
+        super().setUp()
+        with open(os.path.join(self.stack, "volumes/quiet/data"), "w") as f:
+            f.write("quiet\n")
+
+    def test_quiet_groups_are_checked_changed_ones_read_again(self):
+        for number, mode in enumerate(("each", "all"), 1):
+            with self.subTest(mode=mode):
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                        mock.patch.object(archive_writer, "RACY_NS", 0):
+                    code = backup.main(["1", "--dir", self.stack, "--stop", mode] + USER_ARGS)
+                self.assertEqual(code, 0, err.getvalue())
+                self.assert_all_running()
+                archive = self.archives()[-1]
+                self.assert_read_while_stopped(archive)
+                self.assertEqual(archive_member(archive, "volumes/flusher/state"),
+                                 b"flushed-at-stop\n" * number)
+                self.assertEqual(archive_member(archive, "volumes/quiet/data"), b"quiet\n")
+                log = self.log_text()
+                self.assertIn("Checked after the stop, unchanged since read: volumes/quiet", log)
+                self.assertRegex(log, r"Changed since read, read again stopped: "
+                                      r"[^\n]*volumes/flusher")
+                self.assertRegex(log, r"Changed since read, read again stopped: "
+                                      r"[^\n]*volumes/writer")
+                os.unlink(archive)
 
 
 class GuaranteesTest(DowntimeTestCase):

@@ -406,6 +406,66 @@ class WriterLifecycleTests(unittest.TestCase):
         self.assertEqual(gzip.decompress(bytes(output.data)), data)
 
 
+class CheckpointTests(unittest.TestCase):
+    """checkpoint() and rewind(): what was written after a checkpoint is
+    taken back; the file, cut to the offset rewind() returns, goes on as if
+    it had never been written."""
+
+    DATA = os.urandom(70000) + b"sensor,reading=21.5 " * 30000
+
+    def rewound(self, jobs, block_size, before, taken_back, after):
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=jobs, block_size=block_size)
+        gz.write(before)
+        checkpoint = gz.checkpoint()
+        gz.write(taken_back)
+        offset = gz.rewind(checkpoint)
+        self.assertLessEqual(offset, len(out.getvalue()))
+        out.truncate(offset)
+        out.seek(offset)
+        gz.write(after)
+        gz.close()
+        return out.getvalue()
+
+    def test_rewind_takes_back_what_followed(self):
+        for jobs in (1, 2, 4):
+            for block_size in (4096, 65536, pgzip.DEFAULT_BLOCK_SIZE):
+                for cut in (0, 1, 5000, 400000):
+                    data = self.rewound(jobs, block_size, self.DATA[:cut], b"garbage" * 50000,
+                                        self.DATA[cut:])
+                    self.assertEqual(gzip.decompress(data), self.DATA, (jobs, block_size, cut))
+                    self.assertEqual(subprocess.run(["gzip", "-t"], input=data).returncode
+                                     if shutil.which("gzip") else 0, 0)
+
+    def test_rewind_to_an_earlier_of_two_checkpoints(self):
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=2, block_size=8192)
+        gz.write(b"a" * 30000)
+        first = gz.checkpoint()
+        gz.write(b"b" * 30000)
+        gz.checkpoint()
+        gz.write(os.urandom(30000))
+        offset = gz.rewind(first)
+        out.truncate(offset)
+        out.seek(offset)
+        gz.write(b"c" * 10)
+        gz.close()
+        self.assertEqual(gzip.decompress(out.getvalue()), b"a" * 30000 + b"c" * 10)
+        self.assertEqual((gz.size, gz.crc), (30010, zlib.crc32(b"a" * 30000 + b"c" * 10)))
+
+    def test_rewind_to_the_start_writes_the_header_again(self):
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=2, block_size=4096)
+        checkpoint = gz.checkpoint()
+        gz.write(os.urandom(100000))
+        self.assertEqual(gz.rewind(checkpoint), 0)
+        out.truncate(0)
+        out.seek(0)
+        gz.write(b"hello")
+        gz.close()
+        self.assertEqual(gzip.decompress(out.getvalue()), b"hello")
+
+
 class DiskFull(io.RawIOBase):
     """Output file that fails with ENOSPC once limit bytes are written."""
 

@@ -132,13 +132,17 @@ class RootsAndWindowsTest(unittest.TestCase):
         running = ["app", "db", "idle", "logger", "mq"]
         self.assertEqual(sg.plan_windows(groups, "each", running, ITEMS),
                          [Window(["app", "db"], ["volumes/db"]), Window(["mq"], ["volumes/mq"])])
+        # all: one window, a part per group, each confirmed or read again alone.
         self.assertEqual(sg.plan_windows(groups, "all", running, ITEMS),
-                         [Window(running, ["volumes/db", "volumes/mq"])])
+                         [Window(running, ["volumes/db", "volumes/mq"],
+                                 [("volumes/db",), ("volumes/mq",)])])
         self.assertEqual(sg.plan_windows(groups, "none", running, ITEMS), [])
         self.assertEqual(sg.plan_windows(groups, "each", [], ITEMS), [])
         # Mounts unknown: everything, with every running service stopped.
         self.assertEqual(sg.plan_windows(None, "each", running, ITEMS),
-                         [Window(running, sorted(ITEMS))])
+                         [Window(running, sorted(ITEMS), [(item,) for item in sorted(ITEMS)])])
+        self.assertEqual(Window(["a"], ["volumes/a", "services/a"]).parts,
+                         (("volumes/a", "services/a"),))
         self.assertEqual(sg.left_running(sg.plan_windows(groups, "each", running, ITEMS),
                                          running), ["idle", "logger"])
 
@@ -196,7 +200,9 @@ def write(path, data=b"x"):
 
 
 class SegmentOrderTest(unittest.TestCase):
-    """archive_writer's segments: same members, new order, callbacks in place."""
+    """archive_writer's segments: same members, new order, callbacks in
+    place.  Into a plain file (no rewinding) a segment is read between its
+    callbacks; archive_writer's own tests cover reading live and confirming."""
 
     def setUp(self):
         self.stack = tempfile.mkdtemp(prefix="segments-")
@@ -209,16 +215,25 @@ class SegmentOrderTest(unittest.TestCase):
         self.items = ["services/", "volumes/", "docker-compose.yml", "extra/"]
 
     def walk(self, segments=(), patterns=()):
+        """The archive's member names with "before X"/"after X" where each
+        callback came (by the number of members written by then)."""
         stats = archive_writer.ArchiveStats()
-        events = []
+        calls = []
 
         def marked(seg, name):
-            return archive_writer.Segment(seg, lambda: events.append("before " + name),
-                                          lambda: events.append("after " + name))
+            return archive_writer.Segment(
+                seg, lambda: calls.append((stats.members, "before " + name)),
+                lambda: calls.append((stats.members, "after " + name)))
         segs = [marked(roots, name) for name, roots in segments]
-        for entry in archive_writer.iter_segments(self.stack, self.items, list(patterns), stats,
-                                                  segs):
-            events.append(entry.rel)
+        out = io.BytesIO()
+        archive_writer.write_tar(out, self.stack, self.items, list(patterns),
+                                 archive_writer_progress(), stats, segs)
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
+            names = tf.getnames()
+        self.assertEqual(len(names), stats.members)
+        events = list(names)
+        for count, call in reversed(calls):
+            events.insert(count, call)
         return events, stats
 
     def test_plain_walk_unchanged(self):
@@ -254,42 +269,6 @@ class SegmentOrderTest(unittest.TestCase):
         events, _ = self.walk([("L", ["volumes/link/data"])])
         self.assertNotIn("before L", events)
         self.assertNotIn("volumes/link/data", events)
-
-    def test_after_comes_once_the_last_file_was_read(self):
-        # write_tar reads a file's bytes in its loop body; after() runs only
-        # when the loop asks for the next entry.
-        read_at_after = []
-        stats = archive_writer.ArchiveStats()
-        out = io.BytesIO()
-        seg = archive_writer.Segment(["volumes/b"], None,
-                                     lambda: read_at_after.append(stats.bytes))
-        archive_writer.write_tar(out, self.stack, self.items, [], archive_writer_progress(), stats,
-                                 [seg])
-        self.assertEqual(read_at_after, [stats.bytes])  # volumes/b was the last data read
-        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
-            names = tf.getnames()
-        self.assertEqual(names[-2:], ["volumes/b", "volumes/b/db"])
-
-    def test_write_archive_holds_the_verifier_during_a_segment(self):
-        calls = []
-        real_hold = archive_writer.FollowingVerifier.hold
-
-        def hold(verifier):
-            calls.append("hold")
-            real_hold(verifier)
-        args = argparse.Namespace(no_verify=False, level=6, jobs=2, exclude=[])
-        temp = os.path.join(self.stack, "..", os.path.basename(self.stack) + ".tgz")
-        self.addCleanup(os.unlink, temp)
-        stats = archive_writer.ArchiveStats()
-        seg = archive_writer.Segment(["volumes/a"], lambda: calls.append("before"),
-                                     lambda: calls.append("after"))
-        from unittest import mock
-        with mock.patch.object(archive_writer.FollowingVerifier, "hold", hold):
-            archive_writer.write_archive(self.stack, self.items, args, None, temp,
-                                         archive_writer_progress(), stats, [seg])
-        self.assertEqual(calls, ["hold", "before", "after"])
-        with tarfile.open(temp) as tf:
-            self.assertEqual(len(tf.getnames()), stats.members)
 
     def test_gnu_tar_extracts_the_reordered_archive(self):
         if not shutil.which("tar"):
@@ -340,6 +319,7 @@ class StopWindowsTest(unittest.TestCase):
         stops = sg.StopWindows(window, log)
         for seg in stops.segments(groups):
             seg.before()
+            seg.report([])
             seg.after()
         return log, stops
 
@@ -351,6 +331,7 @@ class StopWindowsTest(unittest.TestCase):
                                         ("stop", ("c",)), ("start", ("c",))])
         self.assertIn("Stop window: a, b (volumes/a)", log.text())
         self.assertIn("Stop window over: a, b down 3.0 s", log.text())
+        self.assertIn("Checked after the stop, unchanged since read: volumes/a", log.text())
         self.assertEqual(stops.warnings, [])
 
     def test_a_failing_stop_is_a_warning_and_the_data_is_still_read(self):
