@@ -93,9 +93,10 @@ def build_parser():
                    help="leave out paths matching PATTERN (shell glob on the path "
                         "relative to IOTstack, or on a file name); repeatable")
     p.add_argument("--stop", type=stop_mode, metavar="each|all|none",
-                   help="each (default): stop each group of services that share data only "
-                        "while its data is read; all: stop every running service until the "
-                        "last file is read; none: leave the stack running")
+                   help="each (default): read each group of services that share data "
+                        "while it runs, then stop it only to check that data (reading again "
+                        "what changed); all: stop every running service together for that "
+                        "check; none: leave the stack running")
     p.add_argument("--no-stop", dest="stop", action="store_const", const="none",
                    help="the same as --stop none (for pre_backup.sh that dumps databases)")
     p.set_defaults(no_stop=None)  # backup.ini's no-stop; the command line sets stop
@@ -440,7 +441,8 @@ def open_window(stack, args, log):
 
 def write_with_services_stopped(stack, plan, items, args, owner, log, facts, stops):
     """make_backup, each group of services stopped only while its data is
-    read; all of them running again, whatever happens, when this returns."""
+    checked (or read again); all of them running again, whatever happens,
+    when this returns."""
     with facts.window or contextlib.nullcontext():
         groups = service_groups.plan_for(facts.window, stack, items, args.stop, log)
         return make_backup(stack, plan, items, args, owner, log, facts.stats,

@@ -16,6 +16,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -311,6 +312,38 @@ class LiveReadTest(DowntimeTestCase):
                 self.assertRegex(log, r"Changed since read, read again stopped: "
                                       r"[^\n]*volumes/writer")
                 os.unlink(archive)
+
+
+    @unittest.skipUnless(shutil.which("strace") and os.geteuid() == 0,
+                         "needs strace and root (ptrace)")
+    def test_killed_or_stopped_as_the_archive_is_cut_back(self):
+        """strace signals the run at its second ftruncate (the first empties
+        the lock file): the archive is being cut back with a group down.  SIGTERM: that group starts again, no
+        archive, exit 143.  kill -9: the next run starts it, removes the
+        partial file and writes a good archive."""
+        def at_first_cut(sig):
+            return subprocess.run(
+                ["strace", "-f", "--detach-on=execve", "-qq", "-o", "/dev/null",
+                 "-e", "trace=ftruncate", "-e", "inject=ftruncate:signal=%s:when=2" % sig,
+                 sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack] + USER_ARGS,
+                env=self.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+        partials = os.path.join(self.stack, "backups", "*", ".*.partial")
+        result = at_first_cut("SIGTERM")
+        self.assertEqual(result.returncode, 128 + signal.SIGTERM, result.stderr)
+        self.assertIn("Stopped: flusher", self.log_text())
+        self.assert_all_running()
+        self.assertEqual((self.archives(), glob.glob(partials)), ([], []))
+        result = at_first_cut("SIGKILL")
+        self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+        self.assertNotEqual(set(self.project.states().values()), {"running"})
+        self.assertEqual(len(glob.glob(partials)), 1)
+        result = self.backup()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("again", result.stdout)
+        self.assert_all_running()
+        self.assertEqual(glob.glob(partials), [])
+        self.assert_read_while_stopped(self.archives()[0])
 
 
 class GuaranteesTest(DowntimeTestCase):
