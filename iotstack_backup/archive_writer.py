@@ -190,11 +190,14 @@ def _restat(entry, stats):
     return Entry(entry.rel, entry.path, st)
 
 
-# Timestamps move in steps (a kernel tick, two seconds on FAT): an entry
-# changed this shortly before it was read may change again, after the read,
-# without its stat showing it.  Such a part is never confirmed by its stat:
-# it is read again with its services stopped.
-RACY_NS = 2 * 10**9
+# An entry changed this shortly before it was read may change again, after
+# the read, without its stat showing it: timestamps move in steps (a kernel
+# tick, two seconds on FAT), and a file written through mmap (a database's
+# pages) gets a new ctime only when a clean page is first written again,
+# which the kernel's writeback makes of a dirty page within about 35
+# seconds.  A part holding such an entry is never confirmed by its stat: it
+# is read again with its services stopped.
+RACY_NS = 60 * 10**9
 
 
 def stat_key(entry):

@@ -185,7 +185,8 @@ class LiveSegmentTest(unittest.TestCase):
         # stat that did not change is believed, as it is for older files.
         # Syncs every 64 KiB, so the verifier follows closely and a rewind
         # cuts back over bytes already synced and reported durable.
-        with mock.patch.object(archive_writer, "RACY_NS", 0 if trust_recent else 2 * 10**9), \
+        with mock.patch.object(archive_writer, "RACY_NS", 0 if trust_recent
+                               else archive_writer.RACY_NS), \
                 mock.patch.object(archive_writer.FileSink.__init__, "__defaults__",
                                   (None, 64 << 10)):
             archive_writer.write_archive(self.stack, self.items, args, None, self.archive,

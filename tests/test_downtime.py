@@ -275,7 +275,7 @@ class LiveReadTest(DowntimeTestCase):
     once it is stopped: a quiet group is not read again; a group that wrote
     while read (the writer) or at its stop (a database flushing on SIGTERM)
     is, so the archive holds what was there once it was down.  In-process,
-    with RACY_NS at 0: the fixture's files are younger than two seconds,
+    with RACY_NS at 0: the fixture's files are younger than a minute,
     which would send every group to be read again."""
 
     services = [
