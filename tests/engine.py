@@ -94,6 +94,7 @@ class Engine:
         self.compose_v2 = compose_v2            # version string of `docker compose`, or None
         self.compose_v1 = compose_v1            # version string of `docker-compose` (1.x), or None
         self.env = dict(os.environ, DOCKER_HOST=docker_host)
+        self.env.pop("IOTSTACK_NO_DOCKER", None)
 
     def __repr__(self):
         return ("Engine(%r, server=%s, api=%s, compose_v2=%s, compose_v1=%s)"
@@ -133,13 +134,18 @@ def _skip(reason):
 
 
 def engine():
-    """The Engine for this process (cached), or raise unittest.SkipTest saying why there is none."""
+    """The Engine for this process (cached), or raise unittest.SkipTest saying why there is none.
+
+    A test that gets the engine uses Docker: the IOTSTACK_NO_DOCKER=1 that
+    support.IsolatedCase sets (inside the test's own copy of os.environ) is
+    taken away."""
     key = os.environ.get("DOCKER_HOST") or None
     found = _engines.get(key)
     if found is None:
         found = _engines[key] = _find_engine(key)
     if isinstance(found, str):
         _skip(found)
+    os.environ.pop("IOTSTACK_NO_DOCKER", None)
     return found
 
 

@@ -57,7 +57,14 @@ class IsolatedCase(unittest.TestCase):
     """The one base of the suite's fixtures: each test runs in an
     environment of its own (os.environ comes back as it was, and IOTSTACK
     and SUDO_USER, which steer the commands, are gone) and gets temporary
-    folders that are removed after it."""
+    folders that are removed after it.
+
+    A test never asks the host's Docker unless it asks for the test engine:
+    IOTSTACK_NO_DOCKER=1 is set here, and tests.engine.engine() (through
+    real_stack.use_engine and the like) takes it away again.  So the suite
+    gives the same answers on a machine whose `docker` has no daemon (a Pi
+    whose user is not in the docker group) and never touches a developer's
+    own containers."""
 
     def setUp(self):
         super().setUp()
@@ -66,6 +73,7 @@ class IsolatedCase(unittest.TestCase):
         self.addCleanup(patcher.stop)
         for name in ("IOTSTACK", "SUDO_USER"):
             os.environ.pop(name, None)
+        os.environ["IOTSTACK_NO_DOCKER"] = "1"
 
     def make_tmp(self, prefix="iotstack-test-"):
         """A new temporary folder, removed after the test; 0755, so that

@@ -851,8 +851,8 @@ class KillTests(unittest.TestCase):
 
 
 def script_env():
-    """The environment of restore.py run as a script: the fake docker's PATH
-    (already in os.environ), and no .pyc writes."""
+    """The environment of restore.py run as a script: the test engine's
+    DOCKER_HOST (already in os.environ), and no .pyc writes."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("SUDO_USER", None)
     return env
