@@ -140,7 +140,16 @@ class RecordingFS(mfusepy.Operations):
         return attrs
 
     def readdir(self, path, fh):
-        return [".", ".."] + os.listdir(self._real(path))
+        # With use_ino an entry needs its inode number (0 means "no entry").
+        real = self._real(path)
+        st = os.lstat(real)
+        entries = [(".", {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0),
+                   ("..", {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0)]
+        with os.scandir(real) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                entries.append((entry.name, {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0))
+        return entries
 
     def readlink(self, path):
         return os.readlink(self._real(path))
@@ -292,7 +301,8 @@ def serve(backing: str, mount: str, record: str) -> None:
     os.umask(0)  # the kernel applied the caller's umask already
     operations = RecordingFS(backing)
     try:
-        mfusepy.FUSE(operations, mount, foreground=True, nothreads=True, use_ino=True, hard_remove=True,
+        mfusepy.FUSE(operations, mount, foreground=True, nothreads=True, use_ino=True,
+                     hard_remove=True,
                      default_permissions=True, fsname="powercut", attr_timeout=0,
                      entry_timeout=0, negative_timeout=0)
     finally:

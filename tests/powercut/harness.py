@@ -135,6 +135,12 @@ def record_run(backing: str, mount: str, run):
     return result, record
 
 
+def build_strict(record: dict, cut: int, dest: str) -> None:
+    """Materialize the strictest state of the cut after call `cut` at dest."""
+    kept = model.kept_strict(record["ops"], model.durable_at(record["ops"]), cut)
+    model.materialize(model.replay(record, kept, cut), dest)
+
+
 class Sweep:
     """The states of every cut point, each distinct state once.
 
@@ -176,7 +182,7 @@ class Sweep:
         if cut < 0:
             return "(before any call)"
         op = self.ops[cut]
-        shown = [repr(x)[:60] for x in op[1:] if not isinstance(x, (dict, bytes))]
+        shown = [repr(x)[:60] for x in op[1:] if not isinstance(x, (dict, bytes, tuple))]
         return "[%s %s]" % (op[0], " ".join(shown))
 
     def summary(self, label: str) -> str:
@@ -184,10 +190,10 @@ class Sweep:
 
 
 def listing(root: str, skip=()) -> dict:
-    """{rel: (type, mode, uid, gid, mtime_ns, content or link target)} of
-    every entry below root (directory mtimes included), hard links as
-    ("link", first rel) for the second name on; `skip` names top-level
-    entries (relative paths) to leave out."""
+    """{rel: (type, mode, uid, gid, mtime_ns, content or link target,
+    hard link)} of every entry below root (directory mtimes included);
+    hard link is the first rel of a file's other names ("" for the first);
+    `skip` names entries (relative paths) to leave out with what is below."""
     entries: dict = {}
     firsts: dict = {}
     for folder, dirs, files in os.walk(root):
@@ -198,19 +204,20 @@ def listing(root: str, skip=()) -> dict:
             if rel in skip or any(rel.startswith(s + "/") for s in skip):
                 continue
             st = os.lstat(path)
+            link = ""
             if os.path.islink(path):
                 what = ("symlink", os.readlink(path))
             elif os.path.isdir(path):
                 what = ("dir", "")
-            elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in firsts:
-                entries[rel] = ("link", firsts[(st.st_dev, st.st_ino)])
-                continue
             elif os.path.isfile(path):
-                firsts[(st.st_dev, st.st_ino)] = rel
+                if st.st_nlink > 1:
+                    link = firsts.setdefault((st.st_dev, st.st_ino), rel)
+                    link = "" if link == rel else link
                 with open(path, "rb") as f:
                     what = ("file", f.read())
             else:
                 what = ("special", st.st_rdev)
-            entries[rel] = (what[0], st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, what[1])
+            entries[rel] = (what[0], st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, what[1],
+                            link)
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
     return entries
