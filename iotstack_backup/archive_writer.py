@@ -776,10 +776,12 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
             gz.abort()
             raise
         sink.close()  # its last report must not follow the verifier's finish
-        os.fsync(fd)
         if owner is not None:
             os.fchown(fd, owner.uid, owner.gid)
         os.fchmod(fd, iotstack.ARCHIVE_MODE)
+        # Owner and mode before the fsync: one made after it may not survive
+        # a power cut, leaving the user's archive root's (issue 22).
+        os.fsync(fd)
         if verifier is not None:
             finishing, verifier = verifier, None
             finishing.finish(sink.written, stats.members)

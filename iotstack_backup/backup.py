@@ -204,9 +204,9 @@ def give_second_name(source, final, owner):
     with open(source, "rb") as src, open(temp, "xb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
         dst.flush()
-        os.fsync(dst.fileno())
-    os.chmod(temp, iotstack.ARCHIVE_MODE)
-    iotstack.chown_to(temp, owner)
+        os.chmod(temp, iotstack.ARCHIVE_MODE)
+        iotstack.chown_to(temp, owner)
+        os.fsync(dst.fileno())  # after the mode and owner: all of it durable
     return temp
 
 
