@@ -7,7 +7,11 @@ descriptor it was not given (a lock must not outlive its owner), resets the
 signal handlers, and leaves with os._exit so none of the parent's clean-up
 runs twice; it reports success only as its last act, so a child that was
 killed or crashed is an error (child_failure), never a silent success.
+No loop here or in the children's callers calls again a write that moved
+nothing: that is a NoProgressError, not a spin at 100% CPU.
 """
+from __future__ import annotations
+
 import errno
 import fcntl
 import os
@@ -106,10 +110,23 @@ def _close_other_fds(keep):
                 pass
 
 
-def write_all_fd(fd, data):
+class NoProgressError(OSError):
+    """A write that should have moved data moved none: raised instead of
+    calling it again for ever."""
+
+    def __init__(self, what: str):
+        super().__init__(errno.EIO, "%s made no progress (0 bytes written)" % what)
+
+
+def write_all_fd(fd: int, data, what: str = "a write") -> None:
+    """os.write until all of data is written; NoProgressError if a write
+    takes none of it."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        written = os.write(fd, view)
+        if not written:
+            raise NoProgressError(what)
+        view = view[written:]
 
 
 def child_failure(status, known, unknown, unfinished):

@@ -19,7 +19,12 @@ without saying it succeeded is an error; close() kills and reaps the child,
 so nothing writes into the staging folder after the caller has given up on
 it.  The child holds no other descriptor of the parent's (a lock must not
 outlive the parent) and leaves by os._exit, running none of its code.
+No loop spins on a call that makes no progress: empty pieces (an empty
+file's) are never queued, and a writev that takes nothing of what remains
+is an error (children.NoProgressError), not a reason to try again.
 """
+from __future__ import annotations
+
 import errno
 import os
 import signal
@@ -38,6 +43,19 @@ BATCH_BUFFERS = 500
 # went by.
 _READ_SIZE = 256 * 1024
 _OK = b"ok"
+
+
+def unwritten(buffers: list, written: int) -> list:
+    """What is left of buffers once the first `written` bytes have gone:
+    whole buffers dropped (empty ones too), the first left one cut."""
+    index = 0
+    while index < len(buffers) and written >= len(buffers[index]):
+        written -= len(buffers[index])
+        index += 1
+    rest = buffers[index:]
+    if written:
+        rest[0] = memoryview(rest[0])[written:]
+    return rest
 
 
 class FileWriterProcess:
@@ -65,6 +83,11 @@ class FileWriterProcess:
         self._batched += _RECORD.size + len(name)
         given = 0
         for piece in pieces:
+            if not len(piece):
+                # An empty file's one empty piece: queued, it could end a
+                # batch as all that is left to write, and writev of nothing
+                # returns 0 for ever.
+                continue
             batch.append(piece)
             given += len(piece)
             self._batched += len(piece)
@@ -120,16 +143,14 @@ class FileWriterProcess:
         self._batch = []
         self._batched = 0
         try:
+            buffers = unwritten(buffers, 0)
             while buffers:
                 written = os.writev(self._jobs, buffers)
+                if not written:
+                    self.close()
+                    raise children.NoProgressError("writing to the process creating the files")
                 # A pipe takes a whole write unless a signal cuts it short.
-                while written:
-                    if written >= len(buffers[0]):
-                        written -= len(buffers[0])
-                        del buffers[0]
-                    else:
-                        buffers[0] = memoryview(buffers[0])[written:]
-                        written = 0
+                buffers = unwritten(buffers, written)
         except BrokenPipeError:
             # The child stopped reading: it failed, and says why.
             self._raise_status(self._read_status())

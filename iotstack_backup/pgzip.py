@@ -31,6 +31,7 @@ import zlib
 
 from .children import (
     PIPE_SIZE,
+    NoProgressError,
     child_failure,
     fork_piped_child,
     read_child_status,
@@ -243,6 +244,8 @@ def write_all(fileobj, data):
         # None is what many file-like wrappers return after a full write.
         if written is None or written >= len(view):
             return
+        if not written:
+            raise NoProgressError("writing the archive")
         view = view[written:]
 
 
@@ -552,6 +555,9 @@ def gunzip_chunks(read, chunk_size):
             if decompressor.eof:
                 data = decompressor.unused_data
                 break
+            if not chunk and len(decompressor.unconsumed_tail) == len(data):
+                # zlib took nothing and gave nothing: never ask again.
+                raise CorruptGzipError("invalid compressed data: decompression made no progress")
             data = decompressor.unconsumed_tail
 
 

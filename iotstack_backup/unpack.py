@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 
-from . import archive_writer, file_writer, iotstack, tarformat
+from . import archive_writer, children, file_writer, iotstack, tarformat
 from .pgzip import GzipError, iter_gunzip
 from .progress import human_size
 from .run import UserError
@@ -317,8 +317,7 @@ class Stager:
             fd = os.open(path, flags, mode & 0o777)
         try:
             for piece in pieces:
-                while piece:
-                    piece = piece[os.write(fd, piece):]
+                children.write_all_fd(fd, piece, "writing %s" % rel)
             if self.as_root and (uid, gid) != self.ids:
                 os.fchown(fd, uid, gid)
             # After chown, which clears set-id bits; those need chmod anyway.

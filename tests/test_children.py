@@ -3,6 +3,7 @@ import errno
 import os
 import signal
 import unittest
+from unittest import mock
 
 from iotstack_backup import children
 
@@ -84,6 +85,17 @@ class ChildTests(unittest.TestCase):
         # The parent's spare write end was closed in the child: reading now
         # sees the end of the pipe instead of waiting for a writer.
         self.assertEqual(os.read(spare_read, 1), b"")
+
+    def test_a_write_that_takes_nothing_is_an_error_not_a_spin(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        with mock.patch.object(children.os, "write", return_value=0) as write:
+            with self.assertRaisesRegex(children.NoProgressError,
+                                        "writing x made no progress") as caught:
+                children.write_all_fd(write_end, b"data", "writing x")
+        self.assertEqual(write.call_count, 1)
+        self.assertEqual(caught.exception.errno, errno.EIO)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The writer process: files created in order, errors carried back, no
 process or descriptor left behind."""
+import contextlib
 import errno
 import os
 import signal
@@ -8,8 +9,9 @@ import sys
 import textwrap
 import time
 import unittest
+from unittest import mock
 
-from iotstack_backup import file_writer
+from iotstack_backup import children, file_writer
 from tests.support import IsolatedCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +28,41 @@ def exists(pid):
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Raise TimeoutError in this process after seconds: a test of a former
+    endless loop fails instead of hanging the suite.  (A forked child does
+    not inherit the timer.)"""
+    def expired(signum, frame):
+        raise TimeoutError("still running after %d s: the writer spins" % seconds)
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class UnwrittenTests(unittest.TestCase):
+    def test_table(self):
+        a, b, e = b"abc", b"de", b""
+        cases = [
+            ([], 0, []),
+            ([e], 0, []),                 # the batch that hung: only an empty buffer left
+            ([e, e, a], 0, [a]),
+            ([a, e], 3, []),
+            ([a, e, b], 3, [b]),
+            ([a, b], 1, [b"bc", b]),
+            ([a, b], 4, [b"e"]),
+            ([a, e, b, e], 5, []),
+        ]
+        for buffers, written, left in cases:
+            with self.subTest(buffers=buffers, written=written):
+                rest = file_writer.unwritten(list(buffers), written)
+                self.assertEqual([bytes(piece) for piece in rest], left)
 
 
 class FileWriterTests(IsolatedCase):
@@ -168,6 +205,69 @@ class FileWriterTests(IsolatedCase):
             # stdin, stdout, stderr, the job pipe and the status pipe.
             self.assertLessEqual(len(fds), 5, targets)
         writer.finish()
+
+    def check_batch(self, files):
+        """Send files ((name, [pieces])) and finish, under a deadline; each
+        file must then hold its pieces, empty ones empty."""
+        if os.path.exists(self.log):
+            os.unlink(self.log)
+        writer = self.writer()
+        with deadline(20):
+            for rel, pieces in files:
+                writer.send(rel, 0o644, 0, 0, 7, sum(map(len, pieces)),
+                            [memoryview(piece) for piece in pieces])
+            writer.finish()
+        for rel, pieces in files:
+            self.assertEqual(self.read(rel), b"".join(pieces), rel)
+        with open(self.log) as f:
+            self.assertEqual(len(f.read().splitlines()), len(files))
+
+    def test_the_batch_that_hung(self):
+        # 166 one-byte files are 498 buffers; an empty file's record and name
+        # make 500 and its empty piece 501: the batch is flushed with the
+        # empty piece last.  Before the fix, writev([b""]) returned 0 for ever.
+        files = [("one%d" % i, [b"x"]) for i in range(166)]
+        files += [("empty", [b""]), ("after", [b"y"])]
+        self.check_batch(files)
+
+    def test_an_empty_piece_at_every_place_of_a_full_batch(self):
+        # A first file of 1 to 4 pieces shifts where the empty piece falls:
+        # the 500th, 501st or 502nd buffer, with files after it too.
+        for extra in range(4):
+            with self.subTest(extra=extra):
+                files = [("lead%d" % extra, [b"p"] * (1 + extra))]
+                files += [("one%d-%d" % (extra, i), [b"x"]) for i in range(165)]
+                files += [("empty%d-%d" % (extra, i), [b""]) for i in range(3)]
+                files += [("after%d" % extra, [b"y"])]
+                self.check_batch(files)
+
+    def test_an_empty_file_that_crosses_64_kib(self):
+        # The empty file's record and name take the batch over BATCH_BYTES:
+        # it is flushed right after the empty piece.
+        record = file_writer._RECORD.size
+        for short in range(0, 2 * record, 7):
+            with self.subTest(short=short):
+                size = file_writer.BATCH_BYTES - 2 * record - len("big") - short
+                files = [("big", [bytes(size)]), ("empty", [b""]), ("after", [b"z"])]
+                self.check_batch(files)
+                for rel in ("big", "empty", "after"):
+                    os.unlink(os.path.join(self.root, rel))
+
+    def test_a_write_that_makes_no_progress_is_an_error(self):
+        # No kernel call here returns 0 for a pipe with room, so the guard
+        # is shown with writev made to: the writer raises, kills its child
+        # and does not call writev again.
+        writer = self.writer()
+        pid = writer.pid
+        writer.send("a", 0o644, 0, 0, 0, 1, [b"1"])
+        with deadline(20), mock.patch.object(file_writer.os, "writev",
+                                             return_value=0) as writev:
+            with self.assertRaisesRegex(children.NoProgressError,
+                                        "creating the files made no progress"):
+                writer.finish()
+        self.assertEqual(writev.call_count, 1)
+        self.assertIsNone(writer.pid)
+        self.assertFalse(exists(pid))
 
     def test_child_ends_when_the_parent_dies(self):
         script = textwrap.dedent("""

@@ -405,6 +405,13 @@ class WriterLifecycleTests(unittest.TestCase):
             writer.write(data)
         self.assertEqual(gzip.decompress(bytes(output.data)), data)
 
+    def test_an_output_that_takes_nothing_is_an_error_not_a_spin(self):
+        output = TakesNothing()
+        with self.assertRaisesRegex(pgzip.NoProgressError,
+                                    "writing the archive made no progress"):
+            pgzip.write_all(output, b"abc")
+        self.assertEqual(output.calls, 1)
+
 
 class CheckpointTests(unittest.TestCase):
     """checkpoint() and rewind(): what was written after a checkpoint is
@@ -481,6 +488,16 @@ class DiskFull(io.RawIOBase):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.written += len(data)
         return len(data)
+
+
+class TakesNothing:
+    """Raw-file-like output that accepts nothing and says so (returns 0)."""
+
+    calls = 0
+
+    def write(self, data):
+        self.calls += 1
+        return 0
 
 
 class ShortWrites:
