@@ -8,7 +8,6 @@ every call kept the rebuilt tree is the backing tree, entry by entry.
 """
 import os
 import shutil
-import tempfile
 import unittest
 
 from tests.powercut import harness, model
@@ -27,7 +26,7 @@ def fsync_path(path):
 @unittest.skipIf(MISSING, MISSING)
 class PowerCutFsTest(unittest.TestCase):
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="powercut-fs-")
+        self.tmp = harness.fast_tmp("powercut-fs-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.backing = os.path.join(self.tmp, "backing")
         self.mount = os.path.join(self.tmp, "mnt")

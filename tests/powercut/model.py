@@ -216,9 +216,8 @@ def apply(tree: Tree, op: tuple, kept: bool) -> None:
         folder = tree.folder(parent)
         if folder is None or folder["entries"].get(name) != ident:
             return
-        child = tree.get(ident)
-        if kind == "rmdir" and child is not None and child["entries"]:
-            return  # its entries' removals were lost: so is its own
+        # A durable rmdir takes the name away even where the removals of
+        # the entries below it were lost: they are unreachable orphans then.
         del folder["entries"][name]
         _set_times(folder, ptimes)
     elif kind == "rename":

@@ -10,6 +10,7 @@ import hashlib
 import os
 import pwd
 import re
+import shutil
 import sys
 import unittest
 from unittest import mock
@@ -43,7 +44,8 @@ class StackCutCase(IsolatedCase):
     def setUp(self):
         super().setUp()
         os.environ["IOTSTACK_NO_DOCKER"] = "1"
-        self.tmp = self.make_tmp("powercut-")
+        self.tmp = harness.fast_tmp("powercut-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.backing = os.path.join(self.tmp, "backing")
         self.mount = os.path.join(self.tmp, "mnt")
         self.stack = os.path.join(self.backing, "IOTstack")
