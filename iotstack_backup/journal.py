@@ -23,6 +23,10 @@ STAGING_PREFIX = "restore-staging."
 
 ASIDE_PREFIX = "restore-old."
 
+# A journal's states: "swapping", then "committed" or, once a roll back is
+# done and durable, this.
+ROLLED_BACK = "rolled back"
+
 
 def journal_path(stack):
     return os.path.join(stack, iotstack.JOURNAL_NAME)
@@ -95,31 +99,77 @@ def journal_entries(stack, journal):
 
 
 def swap_in(stack, journal):
-    """Rename each entry aside and its staged copy in; the journal says how far."""
+    """Rename each entry aside, then each staged copy in; the journal says
+    how far.  All the old entries go aside, durably, before any new one
+    takes a name: a rename into place must never survive a power cut that
+    the rename freeing its name did not (the old entry would be lost), and
+    the journal says committed only once every rename is durable."""
     write_journal(stack, journal)
     for parent in journal["created_parents"]:
         os.mkdir(os.path.join(stack, parent))
-    folders = set()
-    for live, staged, aside, old, new in journal_entries(stack, journal):
+    entries = journal_entries(stack, journal)
+    # The aside folders prepare_journal made hold the old entries: their
+    # names durable first, or a cut could keep a rename into an orphan.
+    fsync_folders(aside_folders(entries))
+    for live, _staged, aside, old, _new in entries:
         if old and os.path.lexists(live):
             os.rename(live, aside)
+    fsync_folders(swap_folders(stack, entries))
+    for live, staged, _aside, _old, new in entries:
         if new:
             os.rename(staged, live)
-        folders.add(os.path.dirname(live))
     keep_parent_times(stack, journal)
-    for folder in folders:
-        iotstack.fsync_dir(folder)
+    fsync_folders(swap_folders(stack, entries))
     journal["state"] = "committed"
     write_journal(stack, journal)
 
 
+def aside_folders(entries):
+    """The folders the old entries are renamed into, and those above them
+    up to the one in .tmp/ (or on the other disk) and the folder holding
+    it: fsynced, their names are durable."""
+    folders = set()
+    for _live, _staged, aside, _old, _new in entries:
+        folder = os.path.dirname(aside)
+        while folder != os.path.dirname(folder):
+            folders.add(folder)
+            name = os.path.basename(folder)
+            if name.startswith(ASIDE_PREFIX) or name.startswith(FOREIGN_ASIDE):
+                folders.add(os.path.dirname(folder))
+                break
+            folder = os.path.dirname(folder)
+    return sorted(folders)
+
+
+def swap_folders(stack, entries):
+    """The folders whose fsync makes a swap's renames durable: both sides
+    of each rename, with the aside folders."""
+    folders = {stack}.union(aside_folders(entries))
+    for live, staged, _aside, _old, _new in entries:
+        folders.update((os.path.dirname(live), os.path.dirname(staged)))
+    return sorted(folders)
+
+
+def fsync_folders(folders):
+    for folder in folders:
+        if os.path.isdir(folder):
+            iotstack.fsync_dir(folder)
+
+
 def roll_back(stack, journal):
     """Undo swap_in from any point: an entry whose staged copy is gone was
-    swapped in, so it goes back to staging and the old one returns."""
-    for live, staged, aside, old, new in reversed(journal_entries(stack, journal)):
+    swapped in, so it goes back to staging; once all of those are back,
+    durably, the old ones return.  (In one pass, a power cut could keep an
+    old entry's return over its live name but lose the new one's way back
+    to staging: the next roll back would then take the old entry for the
+    new one and send it to staging, to be deleted.)"""
+    entries = list(reversed(journal_entries(stack, journal)))
+    for live, staged, _aside, _old, new in entries:
         if new and not os.path.lexists(staged) and os.path.lexists(live):
             os.makedirs(os.path.dirname(staged), exist_ok=True)
             os.rename(live, staged)
+    fsync_folders(swap_folders(stack, entries))
+    for live, _staged, aside, old, _new in entries:
         if old and os.path.lexists(aside):
             os.rename(aside, live)
     for parent in reversed(journal["created_parents"]):
@@ -128,7 +178,14 @@ def roll_back(stack, journal):
         except OSError:
             pass
     keep_parent_times(stack, journal)
-    iotstack.fsync_dir(stack)
+    # Durable before clean_up deletes the aside folders: the old entries'
+    # way back must not be lost while their folders' removal is not.
+    fsync_folders(swap_folders(stack, journal_entries(stack, journal)))
+    # Then said, before clean_up deletes staged copies: a run cut while it
+    # does must not roll back again, or it would take each old entry whose
+    # staged copy is already deleted for a new one and send it to staging.
+    journal["state"] = ROLLED_BACK
+    write_journal(stack, journal)
 
 
 def parent_times(stack, units):
@@ -213,7 +270,8 @@ def recover(stack, log, out):
             if os.path.isfile(os.path.join(stack, "post_restore.sh")):
                 message += "; post_restore.sh may not have run: run it by hand if needed"
         else:
-            roll_back(stack, journal)
+            if journal["state"] != ROLLED_BACK:
+                roll_back(stack, journal)
             clean_up(stack, journal)
             message = ("Rolled back an interrupted restore of %s: every item is as it was "
                        "before it" % journal["archive"])

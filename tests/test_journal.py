@@ -78,6 +78,21 @@ class JournalTests(IsolatedCase):
                 self.assertIn(self.versions(), (["old"] * 3, ["new"] * 3), out.getvalue())
                 self.assert_tidy()
 
+    def test_a_crash_while_a_roll_back_cleans_up_keeps_the_old_items(self):
+        # A roll back done, then killed while its clean up deletes the
+        # staged copies: the next recovery must not take an old item whose
+        # staged copy is gone for a new one swapped in (found by the
+        # power-cut sweep, tests/test_powercut_restore.py).
+        record = self.record()
+        journal.swap_in(self.stack, record)
+        record["state"] = "swapping"  # as if killed just before the commit
+        journal.write_journal(self.stack, record)
+        journal.roll_back(self.stack, record)
+        os.unlink(os.path.join(self.stack, STAGING, ".env"))  # where the kill came
+        journal.recover(self.stack, iotstack.RunLog(), io.StringIO())
+        self.assertEqual(self.versions(), ["old"] * 3)
+        self.assert_tidy()
+
 
 if __name__ == "__main__":
     unittest.main()
