@@ -15,7 +15,9 @@ first) and must leave:
 - nothing of the restore's own under .tmp/ (staging, aside folders,
   journal, records) nor anything else left behind.
 
-The recovery is swept the same way: a cut at every point of a recovery
+`restore.py NAME --only volumes/nodered noask` is swept the same way
+(old or new is then that one folder, all else as before).  The recovery
+is swept too: a cut at every point of a recovery
 (of the state a cut in the middle of the swap left), then another
 recovery, with the same invariants.
 """
@@ -161,6 +163,18 @@ class RestorePowerCutTest(StackCutCase):
     def test_restore_of_a_whole_stack(self):
         new, record = self.recorded_restore()
         self.sweep(record, "restore.py NAME noask",
+                   lambda cut, kind: self.recovered_problems(new, "restore.py --recover"))
+
+    def test_restore_only_one_service(self):
+        (code, out, err), record = self.record(
+            lambda stack: self.restore(stack, ARCHIVE, "--only", "volumes/nodered", "noask"))
+        self.assertEqual(code, 0, err + out)
+        new = self.items(self.stack)
+        changed = {rel for rel in set(new) | set(self.old) if new.get(rel) != self.old.get(rel)}
+        self.assertTrue(changed)
+        self.assertFalse([rel for rel in changed if not rel.startswith("volumes/nodered")
+                          and rel != "volumes"], changed)
+        self.sweep(record, "restore.py NAME --only volumes/nodered noask",
                    lambda cut, kind: self.recovered_problems(new, "restore.py --recover"))
 
     def test_a_cut_during_recovery_then_recovery(self):
