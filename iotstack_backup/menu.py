@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 from . import run
+from .iotstack import fsync_dir
 
 SCRIPTS = {"backup": "scripts/backup.sh", "restore": "scripts/restore.sh"}
 MARK = "# iotstack-backup wrapper"
@@ -211,10 +212,15 @@ def write_like(path, text):
     temp = path + ".iotstack-backup.new"
     with open(temp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.chmod(temp, (st.st_mode & 0o7777) | 0o111)
-    if os.geteuid() == 0:
-        os.chown(temp, st.st_uid, st.st_gid)
+        f.flush()
+        os.chmod(temp, (st.st_mode & 0o7777) | 0o111)
+        if os.geteuid() == 0:
+            os.chown(temp, st.st_uid, st.st_gid)
+        # Durable before the rename, and the rename after it: after a power
+        # cut the script is the old one or the new one, never empty.
+        os.fsync(f.fileno())
     os.rename(temp, path)
+    fsync_dir(os.path.dirname(path))
 
 
 def warn_if_gone(stack, err=None):
