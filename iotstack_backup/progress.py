@@ -5,12 +5,20 @@ TerminalProgress redraws one line on stderr at most five times a second
 (and once a second while no update comes) and NoProgress (cron, pipes,
 the menu's log) ignores it, so no logic depends on whether anyone watches.
 """
+from __future__ import annotations
+
 import sys
 import threading
 import time
 
+# typing is only read by the type checker (mypy treats this name as True):
+# the annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional, TextIO
 
-def human_size(n):
+
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
             return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
@@ -19,13 +27,13 @@ def human_size(n):
 
 
 class NoProgress:
-    def update(self, nbytes, nfiles):
+    def update(self, nbytes: int, nfiles: int) -> None:
         pass
 
-    def finish(self):
+    def finish(self) -> None:
         pass
 
-    def stop(self):
+    def stop(self) -> None:
         pass
 
 
@@ -37,24 +45,25 @@ class TerminalProgress:
     whole run, and past the estimate it says "finishing" with the time
     spent since, instead of standing at 0:00."""
 
-    def __init__(self, total_bytes=0, total_files=0, stream=None, label="", tick=1.0,
-                 clock=time.monotonic):
+    def __init__(self, total_bytes: int = 0, total_files: int = 0,
+                 stream: Optional[TextIO] = None, label: str = "", tick: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream or sys.stderr
         self.total_bytes, self.total_files = total_bytes, total_files
         self.bytes = self.files = 0
         self.clock = clock
         self.start = self.last = clock()
-        self.done_at = None
+        self.done_at: Optional[float] = None
         self.finished = False  # then the estimate no longer matters
         self.label = label
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._ticker = None
+        self._ticker: Optional[threading.Thread] = None
         if tick:
             self._ticker = threading.Thread(target=self._tick, args=(tick,), daemon=True)
             self._ticker.start()
 
-    def update(self, nbytes, nfiles):
+    def update(self, nbytes: int, nfiles: int) -> None:
         with self._lock:
             self.bytes += nbytes
             self.files += nfiles
@@ -63,7 +72,7 @@ class TerminalProgress:
                 self.last = now
                 self._draw(now)
 
-    def _tick(self, tick):
+    def _tick(self, tick: float) -> None:
         while not self._stopped.wait(tick):
             with self._lock:
                 now = self.clock()
@@ -71,7 +80,7 @@ class TerminalProgress:
                     self.last = now
                     self._draw(now)
 
-    def line(self, now):
+    def line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-6)
         rate = self.bytes / elapsed
         text = "%s%s  %d files" % (self.label, human_size(self.bytes), self.files)
@@ -89,17 +98,17 @@ class TerminalProgress:
             text += "  ETA %d:%02d" % divmod(int((self.total_bytes - self.bytes) / rate), 60)
         return text
 
-    def _draw(self, now):
+    def _draw(self, now: float) -> None:
         self.stream.write("\r%s\033[K" % self.line(now))
         self.stream.flush()
 
-    def stop(self):
+    def stop(self) -> None:
         """End the ticker; the line stays as it is."""
         self._stopped.set()
         if self._ticker is not None and self._ticker is not threading.current_thread():
             self._ticker.join()
 
-    def finish(self):
+    def finish(self) -> None:
         self.stop()
         with self._lock:
             self.finished = True

@@ -9,9 +9,17 @@ extraction filters, 3.14 changed the default): checksums, numbers, sizes,
 owners and times out of range, truncation, each an ArchiveError.  Nothing
 here knows about IOTstack, and nothing here writes a file.
 """
+from __future__ import annotations
+
 import re
 import struct
 import zlib
+
+# typing is only read by the type checker (mypy treats this name as True):
+# the annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Iterator, Optional
 
 
 class ArchiveError(Exception):
@@ -36,7 +44,7 @@ _MAX_OCTAL7 = 0o7777777
 _MAX_OCTAL11 = 0o77777777777
 
 
-def pax_record(key, value):
+def pax_record(key: bytes, value: bytes) -> bytes:
     body = b" " + key + b"=" + value + b"\n"
     length = len(body) + 1
     while len(b"%d" % length) + len(body) != length:
@@ -44,7 +52,7 @@ def pax_record(key, value):
     return b"%d" % length + body
 
 
-def split_ustar_name(name):
+def split_ustar_name(name: bytes) -> Optional[tuple[bytes, bytes]]:
     """(prefix, name) fitting ustar's 155 + 100 bytes, or None."""
     if len(name) <= 100:
         return b"", name
@@ -61,7 +69,7 @@ def split_ustar_name(name):
 _USTAR_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12s")
 
 
-def header_checksum(header):
+def header_checksum(header: bytes) -> int:
     """The sum of the 512 bytes of a header, computed in C: Adler-32's low
     half is 1 + the sum of the bytes modulo 65521, exact for 256 bytes (at
     most 65280), so two halves give the whole sum."""
@@ -69,8 +77,9 @@ def header_checksum(header):
             + (zlib.adler32(header[256:]) & 0xFFFF) - 1)
 
 
-def _ustar_block(name, prefix, typeflag, mode, uid, gid, size, mtime, linkname,
-                 devmajor=0, devminor=0):
+def _ustar_block(name: bytes, prefix: bytes, typeflag: bytes, mode: int, uid: int, gid: int,
+                 size: int, mtime: int, linkname: bytes, devmajor: int = 0,
+                 devminor: int = 0) -> bytes:
     header = _USTAR_FIELDS.pack(
         name, b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size,
         b"%011o" % mtime, b"        ", typeflag, linkname, b"ustar\x0000", b"", b"",
@@ -78,10 +87,11 @@ def _ustar_block(name, prefix, typeflag, mode, uid, gid, size, mtime, linkname,
     return b"%s%06o\0 %s" % (header[:148], header_checksum(header), header[156:])
 
 
-def tar_header(name, typeflag, mode, uid, gid, size, mtime, linkname=b"",
-               devmajor=0, devminor=0):
+def tar_header(name: bytes, typeflag: bytes, mode: int, uid: int, gid: int, size: int,
+               mtime: int, linkname: bytes = b"", devmajor: int = 0,
+               devminor: int = 0) -> bytes:
     """The header block(s) of one member: a pax header first when needed."""
-    records = []
+    records: list[bytes] = []
     split = split_ustar_name(name)
     if split is None:
         records.append(pax_record(b"path", name))
@@ -114,8 +124,19 @@ def tar_header(name, typeflag, mode, uid, gid, size, mtime, linkname=b"",
 class TarMember:
     __slots__ = ("name", "type", "mode", "uid", "gid", "size", "mtime",
                  "linkname", "devmajor", "devminor", "offset")
+    name: str
+    type: str  # "file", "hardlink", "symlink", "chardev", "blockdev", "dir" or "fifo"
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    linkname: str
+    devmajor: int
+    devminor: int
+    offset: int  # of the member's first header in the tar stream
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "TarMember(%r, %r)" % (self.name, self.type)
 
 
@@ -135,7 +156,7 @@ _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"1": "hardlink", b"2": "sy
 _PLAIN_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0")
 
 
-def parse_number(field):
+def parse_number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256
         value = int.from_bytes(field, "big")
         if field[0] & 0x40:
@@ -151,11 +172,12 @@ def parse_number(field):
     return int(text, 8)
 
 
-def pax_number(records, key, default):
+def pax_number(records: dict[bytes, bytes], key: bytes, default: int) -> int:
     """A whole number from a pax record, or ArchiveError."""
     if key not in records:
         return default
     text = records[key]
+    value: Optional[int]
     try:
         value = int(float(text)) if key == b"mtime" else int(text)
     except (ValueError, OverflowError):
@@ -165,7 +187,7 @@ def pax_number(records, key, default):
     return value
 
 
-def header_checksum_ok(block):
+def header_checksum_ok(block: bytes) -> bool:
     """Unsigned sums are the standard; old tars summed signed bytes."""
     field = block[148:156]
     unsigned = header_checksum(block) - sum(field) + 8 * 32
@@ -178,8 +200,8 @@ def header_checksum_ok(block):
     return stored == unsigned - 256 * high
 
 
-def parse_pax(data):
-    records = {}
+def parse_pax(data: bytes) -> dict[bytes, bytes]:
+    records: dict[bytes, bytes] = {}
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
@@ -203,20 +225,20 @@ def parse_pax(data):
 class ChunkStream:
     """Bytes from an iterator of chunks, read exactly or skipped."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
         self._buf = b""
         self._pos = 0
         self.offset = 0
 
-    def _fill(self):
+    def _fill(self) -> bool:
         for chunk in self._chunks:
             if chunk:
                 self._buf, self._pos = chunk, 0
                 return True
         return False
 
-    def read(self, n):
+    def read(self, n: int) -> bytes:
         """Up to n bytes; fewer only at the end of the stream."""
         if len(self._buf) - self._pos >= n:
             data = self._buf[self._pos:self._pos + n]
@@ -235,7 +257,7 @@ class ChunkStream:
         self.offset += len(data)
         return data
 
-    def pieces(self, n):
+    def pieces(self, n: int) -> Iterable[memoryview]:
         """Memoryviews totalling n bytes; ArchiveError if the stream ends."""
         if len(self._buf) - self._pos >= n:
             # A small member lies in the current chunk: one slice, no generator.
@@ -245,7 +267,7 @@ class ChunkStream:
             return (view,)
         return self._pieces(n)
 
-    def _pieces(self, n):
+    def _pieces(self, n: int) -> Iterator[memoryview]:
         while n:
             if self._pos >= len(self._buf) and not self._fill():
                 raise ArchiveError("archive is truncated: the tar data ends early")
@@ -256,11 +278,11 @@ class ChunkStream:
             n -= take
             yield view
 
-    def skip(self, n):
+    def skip(self, n: int) -> None:
         for _ in self.pieces(n):
             pass
 
-    def drain(self):
+    def drain(self) -> None:
         for _ in self._chunks:
             pass
 
@@ -268,14 +290,14 @@ class ChunkStream:
 class TarReader:
     """Iterate over members; data() yields a member's bytes while it is current."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self._stream = ChunkStream(chunks)
         self._pending = 0  # unread data + padding of the current member
         self.members = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TarMember]:
         stream = self._stream
-        overrides = {}
+        overrides: dict[bytes, bytes] = {}
         while True:
             if self._pending:
                 stream.skip(self._pending)
@@ -316,7 +338,8 @@ class TarReader:
         stream.drain()
 
     @staticmethod
-    def _member(block, typeflag, size, overrides, offset, plain):
+    def _member(block: bytes, typeflag: bytes, size: int, overrides: dict[bytes, bytes],
+                offset: int, plain: Optional[re.Match[bytes]]) -> TarMember:
         kind = _KINDS.get(typeflag)
         if kind is None:
             raise ArchiveError("unsupported tar member type %r at byte %d" % (typeflag, offset))
@@ -360,7 +383,7 @@ class TarReader:
             raise ArchiveError("owner or time out of range in tar header at byte %d" % offset)
         return m
 
-    def data(self, member):
+    def data(self, member: TarMember) -> Iterable[memoryview]:
         """The member's bytes as memoryview pieces; only while it is current."""
         self._pending = -member.size % BLOCK
         return self._stream.pieces(member.size)

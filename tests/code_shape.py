@@ -92,7 +92,7 @@ def shapes_of(source: str, module: str) -> Iterator[FunctionShape]:
 
 
 def package_shapes(package: str = PACKAGE) -> list[FunctionShape]:
-    found = []
+    found: list[FunctionShape] = []
     for entry in sorted(os.listdir(package)):
         if entry.endswith(".py"):
             with open(os.path.join(package, entry), encoding="utf-8") as f:
