@@ -4,6 +4,7 @@
     python3 bench/bench.py [--scale S] [--rounds N] [--workdir DIR] [--keep]
                            [--memory-scales 0.25,2] [--profile]
                            [--downtime | --no-downtime]
+    python3 bench/bench.py --databases [--rows N] [--rate R] [--rounds N]
 
 On a tree built by bench/stack_builder.py, every command runs once untimed
 (so the page cache is alike for all), then once per round, ours and the
@@ -23,7 +24,10 @@ and restore under cProfile (main thread only) and prints the top functions;
 --rounds 0 skips the timing. After the timing, when a Docker engine answers
 (DOCKER_HOST), bench/downtime.py measures how long services are down with
 --stop each and --stop all against tar -czf (--downtime: that alone;
---no-downtime: not at all). Stdlib only, Python 3.9+.
+--no-downtime: not at all). --databases runs only bench/databases.py: five
+real databases (tests/databases.py) backed up under load in both modes,
+each one's outage and lost rows, the archive beside tar -czf (report in
+bench/out/databases.md). Stdlib only, Python 3.9+.
 """
 import argparse
 import datetime
@@ -459,7 +463,29 @@ def build_parser():
                        help="only measure the services' downtime on a real Docker engine")
     which.add_argument("--no-downtime", action="store_true",
                        help="do not measure downtime (it needs a Docker engine)")
+    which.add_argument("--databases", action="store_true",
+                       help="only back up five real databases under load (root, Debian's "
+                            "packages and a Docker engine): outages, lost rows, sizes")
+    parser.add_argument("--rows", type=int, default=100_000,
+                        help="--databases: rows preloaded in each database")
+    parser.add_argument("--rate", type=float, default=200,
+                        help="--databases: rows a second each writer inserts")
     return parser
+
+
+def databases_benchmark(args, bench):
+    """--databases: bench/databases.py's report, printed and written."""
+    from databases import measure  # beside this file; imports tests/databases.py
+    load_at_start = os.getloadavg()[0]
+    lines = measure(bench.workdir, args.rows, args.rate, max(1, args.rounds),
+                    out=lambda text: print(text, flush=True))
+    lines[:0] = ["## Benchmark: real databases backed up under load", "",
+                 machine_line(shutil.which("pigz") is not None, load_at_start), ""]
+    report = "\n".join(lines) + "\n"
+    print("\n" + report, flush=True)
+    os.makedirs(OUT_DIR, exist_ok=True)
+    with open(os.path.join(OUT_DIR, "databases.md"), "w", encoding="utf-8") as f:
+        f.write(report)
 
 
 def benchmark(args, bench):
@@ -508,6 +534,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.rounds < 0 or args.scale <= 0 or any(s <= 0 for s in args.memory_scales):
         sys.exit("bench: --rounds must be 0 or more, scales more than 0")
+    if args.rows < 0 or args.rate <= 0:
+        sys.exit("bench: --rows must be 0 or more, --rate more than 0")
 
     def terminated(signum, frame):
         raise SystemExit(128 + signum)
@@ -518,7 +546,7 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="iotstack-bench.", dir=args.workdir)
     print("work directory: %s" % workdir, flush=True)
     try:
-        benchmark(args, Bench(workdir))
+        (databases_benchmark if args.databases else benchmark)(args, Bench(workdir))
         return 0
     except BenchError as e:
         sys.stderr.write("bench: %s\n" % e)

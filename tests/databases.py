@@ -529,8 +529,8 @@ Ack = collections.namedtuple("Ack", "n time")
 class Writer(threading.Thread):
     """Inserts numbered rows (1, 2, ...) at `rate` a second into one
     database from the host, and records each acknowledgement with its time;
-    a row whose insert fails (the database is down) is lost, and the next
-    tick reconnects."""
+    a row whose insert fails (the database is down) is lost, with every row
+    due while that attempt failed, and the next tick reconnects."""
 
     service = ""
 
@@ -553,6 +553,11 @@ class Writer(threading.Thread):
                 except (OSError, ValueError, DatabaseError, http.client.HTTPException):
                     self.lost.append(time.time())
                     self.disconnect()
+                    # The rows due while this attempt failed are lost too.
+                    while tick + 2 / self.rate < time.monotonic():
+                        tick += 1 / self.rate
+                        n += 1
+                        self.lost.append(time.time())
                 tick += 1 / self.rate
                 self._halt.wait(max(0.0, tick - time.monotonic()))
         except BaseException as e:  # noqa: B902 - reported by stop()
