@@ -414,6 +414,10 @@ class OtherDisks:
             "staging": [self.places[p][1] for p in self.made],
             "aside": [self.places[p][2] for p in self.made]})
 
+    def staging_folders(self):
+        """The staging folders made so far on other disks."""
+        return [self.places[point][1] for point in self.made]
+
     def staged(self, stager):
         for point, kind in self.found.items():
             if point in stager.redirect and point in stager.made_points:

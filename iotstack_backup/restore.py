@@ -20,6 +20,7 @@ import sys
 import time
 
 from . import (
+    disk_sync,
     docker_compose,
     iotstack,
     journal,
@@ -249,7 +250,7 @@ def restore_with_log(stack, archive, args, log, out):
     units, swaps = units_to_replace(stack, args, summary, places, disks, log)
     log.line("Replacing: %s" % ", ".join(units))
     if not args.in_place:
-        os.sync()  # the staged files are on disk before the old ones can go
+        sync_staged(places, disks, log)
     # 2. Swap, with the services that use the data stopped.
     window = docker_compose.ServiceWindow(stack, log)
     hook_status = swap_with_services_stopped(stack, archive, args, summary, units, swaps,
@@ -292,7 +293,8 @@ def read_and_stage(stack, archive, args, places, disks):
             bar = progress.TerminalProgress(need, label="Unpacking: ")
         # On one core a writer process would only add copying.
         writer = pgzip.default_jobs() > 1
-        with EarlyWriteback() as writeback, contextlib.closing(
+        with EarlyWriteback(lambda: staging_folders(places, disks)) as writeback, \
+                contextlib.closing(
                 Stager(places.staging, os.geteuid() == 0, fresh_root=True, writeback=writeback,
                        writer=writer, **disks.stager_options())) as stager:
             summary = checked(archive, args.only, stager, bar, places.staging)
@@ -304,6 +306,22 @@ def read_and_stage(stack, archive, args, places, disks):
         disks.drop()
         raise
     return summary
+
+
+def staging_folders(places, disks):
+    """One folder on each file system this restore unpacks onto."""
+    return [places.staging] + disks.staging_folders()
+
+
+def sync_staged(places, disks, log):
+    """Every staged file, folder and name on disk before the old items can
+    go: syncfs of the file systems written (the stack's, and each other
+    disk staged onto), never the whole machine."""
+    started = time.monotonic()
+    ways = disk_sync.sync_filesystems(staging_folders(places, disks))
+    log.line("Synced the unpacked files to disk (%s of %d file system%s) in %.1f s" % (
+        "syncfs" if set(ways) == {"syncfs"} else "sync", len(ways),
+        "" if len(ways) == 1 else "s", time.monotonic() - started))
 
 
 def log_summary(log, summary):

@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 
-from . import archive_writer, children, file_writer, iotstack, tarformat
+from . import archive_writer, children, disk_sync, file_writer, iotstack, tarformat
 from .pgzip import GzipError, iter_gunzip
 from .progress import human_size
 from .run import UserError
@@ -188,14 +188,17 @@ class EarlyWriteback(archive_writer.BackgroundSync):
     Restore syncs before the swap, so that the new files are on disk before
     the old ones can go.  A sync that starts only then waits for every byte
     at once, after the unpacking: on an SD card that can be as long as the
-    unpacking itself.  Here os.sync() runs in the background whenever
-    another `step` bytes were unpacked.  It is only a speed-up: the final
-    sync is what makes the files durable, and a sync changes no data."""
+    unpacking itself.  Here the file systems being written (folders() names
+    one folder on each: the staging folders) are synced in the background
+    whenever another `step` bytes were unpacked, each with syncfs, never the
+    whole machine.  It is only a speed-up: the final sync is what makes the
+    files durable, and a sync changes no data."""
 
     thread_name = "early-writeback"
 
-    def __init__(self, step=None):
-        super().__init__(WRITEBACK_STEP if step is None else step, lambda done: os.sync())
+    def __init__(self, folders, step=None):
+        super().__init__(WRITEBACK_STEP if step is None else step,
+                         lambda done: disk_sync.sync_filesystems(folders()))
 
 
 class Stager:

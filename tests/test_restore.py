@@ -32,6 +32,7 @@ from unittest import mock
 
 from iotstack_backup import (
     backup,
+    disk_sync,
     docker_compose,
     file_writer,
     iotstack,
@@ -264,9 +265,16 @@ class UnpackHelperTests(RestoreCase):
     background, and the process that creates the files."""
 
     def record_syncs(self):
-        # Recorded, not run: what is under test is when and where they run.
+        # Recorded, not run: what is under test is when and where they run,
+        # and on what: the staging folder's file system, never the machine.
         calls = []
-        patcher = mock.patch("os.sync", lambda: calls.append(threading.current_thread().name))
+        self.synced = []
+
+        def record(path):
+            calls.append(threading.current_thread().name)
+            self.synced.append(path)
+            return "syncfs"
+        patcher = mock.patch.object(disk_sync, "sync_filesystem", record)
         patcher.start()
         self.addCleanup(patcher.stop)
         step = mock.patch.object(unpack, "WRITEBACK_STEP", 1)
@@ -289,6 +297,22 @@ class UnpackHelperTests(RestoreCase):
         # The final sync comes after the thread's last: the thread is gone.
         self.assertEqual(calls[-1], threading.current_thread().name)
         self.assertEqual(self.writeback_threads(), [])
+        staging = os.path.join(self.stack, ".tmp", journal.STAGING_PREFIX)
+        self.assertTrue(self.synced and all(path.startswith(staging) for path in self.synced),
+                        self.synced)
+
+    def test_only_the_file_system_written_is_synced_never_the_machine(self):
+        if disk_sync._libc_syncfs() is None:
+            self.skipTest("no syncfs in this C library (not Linux)")
+        archive = self.make_backup()
+        expected = items(self.stack)
+        change_tree(self.stack)
+        with mock.patch("os.sync", side_effect=AssertionError("os.sync() of the machine")):
+            code, out, err = self.restore(archive, "noask")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(diff_snapshots(expected, items(self.stack)), [])
+        self.assertIn("Synced the unpacked files to disk (syncfs of 1 file system)",
+                      self.restore_log())
 
     def test_thread_ends_when_unpacking_fails(self):
         archive = self.make_backup()
@@ -341,7 +365,7 @@ class UnpackHelperTests(RestoreCase):
 
     def test_no_thread_below_one_step(self):
         calls = self.record_syncs()
-        writeback = unpack.EarlyWriteback(step=100)
+        writeback = unpack.EarlyWriteback(lambda: [self.stack], step=100)
         writeback.wrote(60)
         writeback.wrote(39)
         self.assertEqual(self.writeback_threads(), [])
