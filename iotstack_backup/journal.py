@@ -7,7 +7,12 @@ rename and after the last, says what is under way; roll_back undoes a swap
 from any point (a unit whose staged copy is gone was swapped in, so it goes
 back); recover, which every run does first, completes a committed swap or
 rolls back an interrupted one, so a crash at any step leaves either the old
-tree or the new one, never a mix.  Old items are deleted only after commit.
+tree or the new one, never a mix.  Old items are deleted only after commit,
+and not while the services are down: at commit the folders holding them
+(in .tmp/ and on each other disk: the same file system as the items, so
+the swap is renames only) are listed in a trash record, and empty_trash
+deletes them once the services run again; a run cut before that leaves
+the record, and the next run's recovery empties it.
 """
 import contextlib
 import json
@@ -16,6 +21,7 @@ import shutil
 
 from . import iotstack
 from .run import EXIT_BUSY, UserError, describe_os_error
+from .progress import human_size
 from .unpack import live_points, staging_ancestors
 
 STAGING_PREFIX = "restore-staging."
@@ -54,6 +60,11 @@ FOREIGN_ASIDE = ".iotstack-restore-old."
 # .tmp/restore-foreign.TOKEN.json lists those folders from before the
 # journal exists, so that recovery finds them after a crash.
 FOREIGN_RECORD = "restore-foreign."
+
+# .tmp/restore-trash.TOKEN.json lists the folders holding the items a
+# committed restore replaced: deleted after the services start again, or by
+# the next run's recovery.
+TRASH_RECORD = "restore-trash."
 
 
 def split_units(units, points, keep, children):
@@ -208,20 +219,122 @@ def keep_parent_times(stack, journal):
 
 
 def clean_up(stack, journal):
-    """After commit or roll back: drop staging (and aside unless kept), on
-    every disk."""
-    keep = journal.get("keep_old") and journal["state"] == "committed"
+    """After commit or roll back: drop staging on every disk; after a roll
+    back the aside folders too (empty by then).  After commit, unless kept,
+    the aside folders go into a trash record (see empty_trash) instead of
+    being deleted now.  Returns the trash record's path, or None."""
+    committed = journal["state"] == "committed"
+    keep = journal.get("keep_old") and committed
     foreign = journal.get("foreign", {"staging": [], "aside": []})
+    asides = [os.path.join(stack, journal["aside"])] + foreign["aside"]
+    trash = None
+    if committed and not keep:
+        trash = trash_record_path(stack, journal["staging"])
+        iotstack.write_json_atomically(trash, {"archive": journal["archive"], "folders": asides})
     for path in [os.path.join(stack, journal["staging"])] + foreign["staging"]:
         shutil.rmtree(path, ignore_errors=True)
-    if not keep:
-        for path in [os.path.join(stack, journal["aside"])] + foreign["aside"]:
+    if not committed:
+        for path in asides:
             shutil.rmtree(path, ignore_errors=True)
     if foreign["staging"]:
         keep_parent_times(stack, journal)  # our folders in them are gone
     os.unlink(journal_path(stack))
     iotstack.fsync_dir(os.path.dirname(journal_path(stack)))
     remove_foreign_record(stack, journal)
+    return trash
+
+
+def trash_record_path(stack, staging_rel):
+    token = os.path.basename(staging_rel)[len(STAGING_PREFIX):]
+    return os.path.join(stack, ".tmp", TRASH_RECORD + token + ".json")
+
+
+def trash_records(stack):
+    """The trash records in .tmp/, oldest name first."""
+    tmp = os.path.join(stack, ".tmp")
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return []
+    return [os.path.join(tmp, name) for name in sorted(names)
+            if name.startswith(TRASH_RECORD) and name.endswith(".json")]
+
+
+def trash_folders(record):
+    """The folders a trash record lists that are ours to delete (by name:
+    a damaged record never makes us delete anything else)."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            folders = json.load(f).get("folders", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [path for path in folders if isinstance(path, str) and os.path.isabs(path)
+            and os.path.basename(path).startswith((ASIDE_PREFIX, FOREIGN_ASIDE))]
+
+
+def delete_tree(path):
+    """Delete path, never following a link.  Returns (entries deleted,
+    bytes freed, entries left): what could not be deleted stays, and the
+    caller keeps its record so that the next run tries again."""
+    deleted = freed = left = 0
+    try:
+        with os.scandir(path) as it:
+            children = list(it)
+    except FileNotFoundError:
+        return 0, 0, 0
+    except NotADirectoryError:
+        children = None
+    except OSError:
+        return 0, 0, 1
+    for entry in children or ():
+        if entry.is_dir(follow_symlinks=False):
+            counts = delete_tree(entry.path)
+            deleted, freed, left = deleted + counts[0], freed + counts[1], left + counts[2]
+            continue
+        try:
+            size = entry.stat(follow_symlinks=False)
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            left += 1
+            continue
+        deleted += 1
+        if size.st_nlink <= 1:  # a hard link's blocks go with its last name
+            freed += size.st_blocks * 512
+    try:
+        if children is None:
+            os.unlink(path)
+        else:
+            os.rmdir(path)
+        deleted += 1
+    except FileNotFoundError:
+        pass
+    except OSError:
+        left += 1
+    return deleted, freed, left
+
+
+def empty_trash(stack, log, out=None):
+    """Delete the replaced items every trash record lists, saying in the log
+    where the space went; a record goes only once its folders are gone."""
+    for record in trash_records(stack):
+        folders = trash_folders(record)
+        deleted = freed = left = 0
+        for folder in folders:
+            log.line("Deleting the replaced items in %s" % folder)
+            counts = delete_tree(folder)
+            deleted, freed, left = deleted + counts[0], freed + counts[1], left + counts[2]
+        if left:
+            message = ("Warning: %d replaced entries could not be deleted from %s; the next run "
+                       "tries again" % (left, ", ".join(folders)))
+            log.line(message)
+            if out is not None:
+                out.write(message + "\n")
+            continue
+        log.line("Deleted the replaced items: %d entries, %s freed"
+                 % (deleted, human_size(freed)))
+        os.unlink(record)
 
 
 def foreign_record_path(stack, staging_rel):
@@ -256,8 +369,10 @@ def remove_foreign_folders(record):
     os.unlink(record)
 
 
-def recover(stack, log, out):
-    """Finish what an interrupted run left: roll back or complete."""
+def recover(stack, log, out, trash=True):
+    """Finish what an interrupted run left: roll back or complete; with
+    trash, also delete the replaced items a restore left to delete (a
+    restore does that itself once it has started what a cut run stopped)."""
     journal = read_journal(stack)
     tmp = os.path.join(stack, ".tmp")
     with_journal = set()
@@ -292,16 +407,19 @@ def recover(stack, log, out):
             remove_empty_tree(os.path.join(tmp, name))
     if os.path.exists(journal_path(stack) + ".new"):
         os.unlink(journal_path(stack) + ".new")
+    if trash:
+        empty_trash(stack, log, out)
     return journal is not None
 
 
 def pending(stack):
-    """Whether an interrupted restore left a journal or a staging folder."""
+    """Whether an interrupted restore left a journal, a staging folder or
+    replaced items to delete."""
     if os.path.lexists(journal_path(stack)):
         return True
     tmp = os.path.join(stack, ".tmp")
     with contextlib.suppress(OSError):
-        return any(name.startswith(STAGING_PREFIX) for name in os.listdir(tmp))
+        return any(name.startswith((STAGING_PREFIX, TRASH_RECORD)) for name in os.listdir(tmp))
     return False
 
 

@@ -8,7 +8,9 @@ nothing live changes until all of that has passed.  Then, with the stack
 stopped, each item being replaced is renamed aside and its staged copy
 renamed in, under a journal in .tmp/: if anything fails the old items are
 renamed back, and a run killed at any point is rolled back or completed by
-the next run.  The old items are deleted only after the restore succeeded.
+the next run.  The services are down only for the renames, the hook and
+the start: the old items are deleted only after the restore succeeded and
+the services run again (or by the next run, if this one is cut).
 """
 import argparse
 import collections
@@ -199,8 +201,9 @@ def run_restore(stack, archive, args, owner):
         try:
             log.field("Started At", now.isoformat(timespec="seconds"))
             log.field("Current Directory", stack)
-            recover(stack, log, out)
+            recover(stack, log, out, trash=False)
             leftover = docker_compose.restart_left_stopped(stack, log, out)
+            journal.empty_trash(stack, log, out)  # with what a cut run stopped running again
             if args.recover:
                 if leftover is not None and leftover.failed:
                     raise run.UserError(
@@ -255,8 +258,9 @@ def restore_with_log(stack, archive, args, log, out):
     window = docker_compose.ServiceWindow(stack, log)
     hook_status = swap_with_services_stopped(stack, archive, args, summary, units, swaps,
                                              places, disks, window, log, out)
-    # 3. Say what happened.
+    # 3. Say what happened; delete the replaced items, with the services running again.
     docker_compose.log_fields(log, window)
+    journal.empty_trash(stack, log, out)
     if window.failed:
         raise run.UserError("restored, but could not start again: %s" % "; ".join(
             "%s (%s)" % pair for pair in window.failed))
@@ -395,7 +399,9 @@ def swap_staged(stack, archive, args, units, swaps, places, disks, log, out):
         clean_up(stack, record)
         log.line("The swap failed; every item was put back as it was")
         raise
-    clean_up(stack, record)
+    if clean_up(stack, record) is not None:
+        log.line("Replaced items moved aside to %s, deleted once the services run again"
+                 % ", ".join([places.aside_rel] + record["foreign"]["aside"]))
     if args.keep_old and any(os.path.lexists(os.path.join(stack, places.aside_rel, unit))
                              for unit in units):
         out.write("The replaced items are kept in %s\n" % places.aside_rel)
