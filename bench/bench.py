@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark backup.py and restore.py against GNU tar, gzip and pigz.
 
-    python3 bench/bench.py [--scale S] [--rounds N] [--workdir DIR] [--keep]
-                           [--memory-scales 0.25,2] [--profile]
-                           [--downtime | --no-downtime]
+    python3 bench/bench.py [--scale S] [--entries N] [--tree DIR] [--rounds N]
+                           [--workdir DIR] [--keep] [--memory-scales 0.25,2] [--profile]
+                           [--downtime | --restore-downtime | --no-downtime]
     python3 bench/bench.py --databases [--rows N] [--rate R] [--rounds N]
 
 On a tree built by bench/stack_builder.py, every command runs once untimed
@@ -23,8 +23,11 @@ after deleting a large tree (an earlier run's work directory), or give
 and restore under cProfile (main thread only) and prints the top functions;
 --rounds 0 skips the timing. After the timing, when a Docker engine answers
 (DOCKER_HOST), bench/downtime.py measures how long services are down with
---stop each and --stop all against tar -czf (--downtime: that alone;
---no-downtime: not at all). --databases runs only bench/databases.py: five
+--stop each and --stop all against tar -czf, and during a restore against
+tar -xzf (--downtime, --restore-downtime: that alone; --no-downtime: not
+at all). --entries N adds small files until the tree holds N entries;
+--tree DIR uses a tree built before (on a fresh file system, once).
+--databases runs only bench/databases.py: five
 real databases (tests/databases.py) backed up under load in both modes,
 each one's outage and lost rows, the archive beside tar -czf (report in
 bench/out/databases.md). Stdlib only, Python 3.9+.
@@ -161,10 +164,11 @@ def tree_totals(root):
     return entries, int(size)
 
 
-def build_tree(bench, path, scale, seed):
+def build_tree(bench, path, scale, seed, entries=0):
     started = time.perf_counter()
     bench.run("build-%g" % scale, [sys.executable, BUILDER, path, "--scale", str(scale),
-                                   "--seed", str(seed)])
+                                   "--seed", str(seed)]
+              + (["--entries", str(entries)] if entries else []))
     entries, size = tree_totals(path)
     print("built %s: scale %g, %d entries, %.1f MB in %.1f s"
           % (path, scale, entries, size / 1e6, time.perf_counter() - started), flush=True)
@@ -458,9 +462,18 @@ def build_parser():
                              "these scales, e.g. 0.25,2")
     parser.add_argument("--profile", action="store_true",
                         help="run backup and restore once under cProfile, print the top 25")
+    parser.add_argument("--entries", type=int, default=0, metavar="N",
+                        help="add small files (a Nextcloud's data) until the tree holds N "
+                             "entries, e.g. 1000000")
+    parser.add_argument("--tree", metavar="DIR",
+                        help="use this tree (built by stack_builder.py) instead of building "
+                             "one; it is restored onto itself by the restore downtime")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--downtime", action="store_true",
                        help="only measure the services' downtime on a real Docker engine")
+    which.add_argument("--restore-downtime", action="store_true",
+                       help="only measure the services' outages during a restore, paired "
+                            "with tar -xzf, on a real Docker engine")
     which.add_argument("--no-downtime", action="store_true",
                        help="do not measure downtime (it needs a Docker engine)")
     which.add_argument("--databases", action="store_true",
@@ -492,17 +505,24 @@ def benchmark(args, bench):
     load_at_start = os.getloadavg()[0]
     with_pigz = shutil.which("pigz") is not None
     lines, main_rows = [], []
-    if args.downtime:
+    if args.downtime or args.restore_downtime:
         args.memory_scales, args.profile, timing_rounds = [], False, 0
     else:
         timing_rounds = args.rounds
-    downtime_rounds = args.rounds if not args.no_downtime else 0
-    if timing_rounds > 0 or args.profile or downtime_rounds > 0:
-        stack = os.path.join(bench.workdir, "stack")
-        tree = build_tree(bench, stack, args.scale, args.seed)
+    downtime_rounds = args.rounds if not (args.no_downtime or args.restore_downtime) else 0
+    restore_downtime_rounds = args.rounds if not (args.no_downtime or args.downtime) else 0
+    if timing_rounds > 0 or args.profile or downtime_rounds > 0 or restore_downtime_rounds > 0:
+        if args.tree:
+            stack = os.path.abspath(args.tree)
+            tree = tree_totals(stack)
+            source = "the tree %s" % stack
+        else:
+            stack = os.path.join(bench.workdir, "stack")
+            tree = build_tree(bench, stack, args.scale, args.seed, args.entries)
+            source = "bench/stack_builder.py at scale %g (seed %d%s)" % (
+                args.scale, args.seed, ", --entries %d" % args.entries if args.entries else "")
         commands = Commands(bench, stack)
-        lines += ["Tree: bench/stack_builder.py at scale %g (seed %d), %d entries, %.1f MB."
-                  % (args.scale, args.seed, tree[0], tree[1] / 1e6)]
+        lines += ["Tree: %s, %d entries, %.1f MB." % (source, tree[0], tree[1] / 1e6)]
     if timing_rounds > 0:
         lines[-1] += (" %d rounds, medians (min-max in the second table). Docker: a fake "
                       "`docker` on PATH (no service running)." % args.rounds)
@@ -518,6 +538,10 @@ def benchmark(args, bench):
     if downtime_rounds > 0:
         from downtime import measure  # beside this file; imports tests/engine.py
         lines += [""] + measure(stack, downtime_rounds, out=lambda text: print(text, flush=True))
+    if restore_downtime_rounds > 0:
+        from downtime import measure_restore
+        lines += [""] + measure_restore(stack, restore_downtime_rounds, bench.workdir,
+                                        out=lambda text: print(text, flush=True))
     lines[:0] = ["## Benchmark: backup.py and restore.py against GNU tar", "",
                  machine_line(with_pigz, load_at_start)]
     report = "\n".join(lines) + "\n"
@@ -532,8 +556,11 @@ def benchmark(args, bench):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.rounds < 0 or args.scale <= 0 or any(s <= 0 for s in args.memory_scales):
-        sys.exit("bench: --rounds must be 0 or more, scales more than 0")
+    if args.rounds < 0 or args.scale <= 0 or any(s <= 0 for s in args.memory_scales) \
+            or args.entries < 0:
+        sys.exit("bench: --rounds and --entries must be 0 or more, scales more than 0")
+    if args.tree and not os.path.isdir(os.path.join(args.tree, "volumes")):
+        sys.exit("bench: --tree %s: not a tree built by stack_builder.py" % args.tree)
     if args.rows < 0 or args.rate <= 0:
         sys.exit("bench: --rows must be 0 or more, --rate more than 0")
 

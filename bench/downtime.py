@@ -1,4 +1,5 @@
-"""The downtime part of the benchmark: how long services are down during a backup.
+"""The downtime part of the benchmark: how long services are down during a
+backup (measure) and during a restore (measure_restore).
 
 On a tree from stack_builder.py, a compose project on a real Docker engine
 (the one DOCKER_HOST names, e.g. `bash .ci/engine start`): one container per
@@ -10,8 +11,12 @@ each`, `backup.py 1 --stop all` and `tar -czf` of the same items, in turn
 each service's outages come from the engine's events (die to start), and
 the report gives, per mode, the longest outage of any service and the time
 every service was down at once, each as a median of the paired ratios to
-that round's `tar -czf`.  Without an engine it says so and measures nothing.
+that round's `tar -czf`.  measure_restore does the same for `restore.py
+ARCHIVE noask` of a backup of the tree, with the services running, paired
+with `tar -xzf` of that archive into an empty folder.  Without an engine
+it says so and measures nothing.
 """
+import glob
 import os
 import shutil
 import statistics
@@ -28,7 +33,9 @@ from iotstack_backup import archive_writer, iotstack  # noqa: E402
 from tests import engine as E  # noqa: E402
 
 BACKUP = os.path.join(REPO, "backup.py")
+RESTORE = os.path.join(REPO, "restore.py")
 GOALS = {"each": (0.30, 0.02), "all": (0.45, None)}
+RESTORE_GOAL = 0.10  # every service's outage during a restore, to tar -xzf's time
 RACY_S = archive_writer.RACY_NS // 10**9
 
 
@@ -107,7 +114,7 @@ def wait_until_settled(stack, out):
 def timed(argv, env, cwd):
     started = time.perf_counter()
     result = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=3600)
     stderr = result.stderr.decode("utf-8", "replace")
     if result.returncode != 0 and not changed_as_read(argv, result.returncode, stderr):
         raise RuntimeError("%s exited %d: %s" % (" ".join(argv[:4]), result.returncode, stderr))
@@ -204,3 +211,90 @@ def report(rows, rounds, count):
                                      together, verdict(together, together_goal),
                                      med([r[1] for r in found]), med([r[0] for r in found])))
     return lines
+
+
+def running_project(stack, eng, out):
+    """(project, env, service names): the tree's services up on the engine."""
+    services = stack_services(stack)
+    E.write_compose(stack, services)
+    name = "iotstackbench%d" % os.getpid()
+    project = E.ComposeProject(stack, name=name, flavour=eng.flavours()[0])
+    env = {k: v for k, v in os.environ.items() if k not in ("IOTSTACK", "SUDO_USER")}
+    env.update(DOCKER_HOST=eng.docker_host, COMPOSE_PROJECT_NAME=name)
+    names = [s["name"] for s in services]
+    project.up()
+    project.wait_for({n: "running" for n in names}, timeout=60)
+    return project, env, names
+
+
+def measure_restore(stack, rounds, workdir, out=print):
+    """Markdown lines: each service's outages during `restore.py ARCHIVE
+    noask` (services running) against `tar -xzf` of the same archive."""
+    try:
+        eng = find_engine()
+    except NoEngine as e:
+        out("restore downtime: skipped, no Docker engine: %s" % e)
+        return ["Restore downtime: not measured (no Docker engine: %s)." % e]
+    project, env, names = running_project(stack, eng, out)
+    user = ["root"] if os.geteuid() == 0 else []
+    archive = os.path.join(workdir, "restore-downtime.tar.gz")
+    rows = []
+    try:
+        # Exit 3 is fine: the writer's file may change as it is read.
+        made = subprocess.run([sys.executable, BACKUP, "1", "--no-stop", "--dir", stack] + user,
+                              env=env, cwd=stack, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=3600)
+        if made.returncode not in (0, 3):
+            raise RuntimeError("backup.py exited %d: %s" % (made.returncode, made.stderr))
+        made = glob.glob(os.path.join(stack, "backups", "backup", "*.tar.gz"))
+        os.replace(made[0], archive)
+
+        def restore():
+            watcher = E.EventWatcher(project).start()
+            try:
+                wall = timed([sys.executable, RESTORE, archive, "noask", "--dir", stack],
+                             env, stack)
+            finally:
+                watcher.stop()
+            project.wait_for({n: "running" for n in names}, timeout=60)
+            return wall, outage_spans(watcher, names)
+
+        def tar_xzf(number):
+            target = os.path.join(workdir, "restore-downtime-tar-%d" % number)
+            os.makedirs(target)
+            os.sync()
+            return timed(["tar", "-xzf", archive, "-C", target], env, stack)
+
+        out("restore downtime: warm-up (untimed)")
+        restore()
+        tar_xzf(0)
+        for number in range(1, rounds + 1):
+            os.sync()
+            wall, spans = restore()
+            reference = tar_xzf(number)
+            rows.append((reference, wall, longest(spans), all_down_at_once(spans)))
+            out("restore downtime round %d/%d: tar -xzf %.2fs; restore %.2fs, longest outage "
+                "%.2fs, all down %.2fs" % ((number, rounds) + rows[-1]))
+    finally:
+        project.remove()
+        for path in glob.glob(os.path.join(workdir, "restore-downtime-tar-*")):
+            shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(archive):
+            os.unlink(archive)
+    return restore_report(rows, rounds, len(names))
+
+
+def restore_report(rows, rounds, count):
+    med = statistics.median
+    ratio = med([r[2] / r[0] for r in rows])
+    return ["Restore downtime on a real engine: %d services running (one per volumes/ folder "
+            "and a writer), `restore.py ARCHIVE noask` of a backup of the same tree, outages "
+            "from the engine's events (die to start); %d paired rounds with `tar -xzf` of the "
+            "archive into an empty folder, medians." % (count, rounds), "",
+            "| `restore.py ARCHIVE noask` | longest outage | ratio to `tar -xzf` | goal "
+            "| all down at once | whole run | `tar -xzf` |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| services running | %.2f s | **%.3f** | ≤ %.2f: %s | %.2f s | %.2f s | %.2f s |"
+            % (med([r[2] for r in rows]), ratio, RESTORE_GOAL,
+               "PASS" if ratio <= RESTORE_GOAL else "MISS", med([r[3] for r in rows]),
+               med([r[1] for r in rows]), med([r[0] for r in rows]))]

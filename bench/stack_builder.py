@@ -11,8 +11,10 @@ Zigbee2MQTT and Home Assistant: ~24,000 small text files in node_modules
 compressed 20 MiB blob, a Home Assistant database with a hard link and
 symlinks to it, a text log, empty directories, an awkward file name, and
 files owned by the service uids 1000, 472 and 1883 (when run as root).
---scale multiplies the counts and most sizes; the same seed and scale give
-the same names, bytes, modes and mtimes.  Stdlib only, Python 3.9+.
+--scale multiplies the counts and most sizes; --entries N adds small files
+in volumes/nextcloud/data (a Nextcloud's shape) until the tree holds N
+entries; the same seed and scale give the same names, bytes, modes and
+mtimes.  Stdlib only, Python 3.9+.
 """
 import argparse
 import os
@@ -165,16 +167,52 @@ def build(dest, scale=1.0, seed=1):
     os.chmod(tree.path(mosquitto + "/pwfile"), 0o700)
 
 
+NEXTCLOUD_UID = 33  # www-data
+FILES_PER_FOLDER = 1000
+
+
+def count_entries(dest):
+    return sum(len(dirs) + len(files) for _folder, dirs, files in os.walk(dest))
+
+
+def add_small_files(dest, entries, seed=1):
+    """Fill volumes/nextcloud/data with small files (0-2000 bytes of text,
+    1,000 per folder) until the tree holds `entries` entries: the shape of
+    a Nextcloud's data, where the cost per entry decides."""
+    rng = random.Random(seed)
+    tree = TreeWriter(dest)
+    text = source_text(rng, 1 << 16)
+    missing = entries - count_entries(dest)
+    number = 0
+    while missing > 0:
+        folder = "volumes/nextcloud/data/pi/files/%04d" % (number // FILES_PER_FOLDER)
+        if folder not in tree.made:
+            parts = folder.split("/")
+            missing -= sum(1 for i in range(len(parts))
+                           if not os.path.isdir(tree.path("/".join(parts[:i + 1]))))
+        size = rng.randint(0, 2000)
+        start = rng.randint(0, len(text) - size)
+        tree.file("%s/f%06d.txt" % (folder, number), text[start:start + size],
+                  owner=NEXTCLOUD_UID)
+        number += 1
+        missing -= 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--entries", type=int, default=0,
+                        help="add small files in volumes/nextcloud/data until the tree "
+                             "holds this many entries")
     args = parser.parse_args()
     if os.path.exists(args.dest) and os.listdir(args.dest):
         sys.exit("stack_builder: %s exists and is not empty" % args.dest)
     os.makedirs(args.dest, exist_ok=True)
     build(args.dest, args.scale, args.seed)
+    if args.entries:
+        add_small_files(args.dest, args.entries, args.seed)
 
 
 if __name__ == "__main__":

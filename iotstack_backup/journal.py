@@ -315,6 +315,22 @@ def delete_tree(path):
     return deleted, freed, left
 
 
+def delete_in_place(folder):
+    """delete_tree(folder); a folder of ours inside a mount point or a
+    linked folder on another disk leaves that folder's times as they were."""
+    parent = os.path.dirname(folder)
+    times = None
+    if os.path.basename(folder).startswith(FOREIGN_ASIDE):
+        with contextlib.suppress(OSError):
+            st = os.stat(parent)
+            times = (st.st_atime_ns, st.st_mtime_ns)
+    counts = delete_tree(folder)
+    if times is not None:
+        with contextlib.suppress(OSError):
+            os.utime(parent, ns=times)
+    return counts
+
+
 def empty_trash(stack, log, out=None):
     """Delete the replaced items every trash record lists, saying in the log
     where the space went; a record goes only once its folders are gone."""
@@ -323,7 +339,7 @@ def empty_trash(stack, log, out=None):
         deleted = freed = left = 0
         for folder in folders:
             log.line("Deleting the replaced items in %s" % folder)
-            counts = delete_tree(folder)
+            counts = delete_in_place(folder)
             deleted, freed, left = deleted + counts[0], freed + counts[1], left + counts[2]
         if left:
             message = ("Warning: %d replaced entries could not be deleted from %s; the next run "

@@ -41,8 +41,13 @@ class JournalTests(IsolatedCase):
         record = self.record()
         journal.swap_in(self.stack, record)
         self.assertEqual(record["state"], "committed")
-        journal.clean_up(self.stack, record)
+        trash = journal.clean_up(self.stack, record)
         self.assertEqual(self.versions(), ["new"] * 3)
+        # The old items wait for empty_trash, which a restore calls once the
+        # services run again.
+        self.assertEqual(journal.trash_folders(trash),
+                         [os.path.join(self.stack, record["aside"])])
+        journal.empty_trash(self.stack, iotstack.RunLog())
         self.assert_tidy()
 
     def test_roll_back_after_the_whole_swap(self):
