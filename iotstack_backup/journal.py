@@ -18,10 +18,11 @@ import contextlib
 import json
 import os
 import shutil
+import time
 
 from . import iotstack
-from .run import EXIT_BUSY, UserError, describe_os_error
 from .progress import human_size
+from .run import EXIT_BUSY, UserError, describe_os_error
 from .unpack import live_points, staging_ancestors
 
 STAGING_PREFIX = "restore-staging."
@@ -337,6 +338,7 @@ def empty_trash(stack, log, out=None):
     for record in trash_records(stack):
         folders = trash_folders(record)
         deleted = freed = left = 0
+        started = time.monotonic()
         for folder in folders:
             log.line("Deleting the replaced items in %s" % folder)
             counts = delete_in_place(folder)
@@ -348,8 +350,8 @@ def empty_trash(stack, log, out=None):
             if out is not None:
                 out.write(message + "\n")
             continue
-        log.line("Deleted the replaced items: %d entries, %s freed"
-                 % (deleted, human_size(freed)))
+        log.line("Deleted the replaced items: %d entries, %s freed, in %.1f s"
+                 % (deleted, human_size(freed), time.monotonic() - started))
         os.unlink(record)
 
 
