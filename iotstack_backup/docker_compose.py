@@ -293,6 +293,10 @@ class ServiceWindow:
         self._down = {}     # service -> [monotonic stop begin, start end or None]
         self._containers = {}
         self._inherited = {}  # a killed run's entries not (yet) taken over
+        # The services the compose file names, when the caller knows that
+        # answer is still current (a restore that left the compose files
+        # as they were): start() then need not ask compose while they are down.
+        self.compose_services = None
         self.engine = None
         if not installed(environ):
             # No docker command anywhere: no container can run from here.
@@ -394,7 +398,9 @@ class ServiceWindow:
         if not group or self.engine is None:
             return
         with run.signals_deferred():
-            in_file = self.engine.services_in_file()
+            in_file = self.compose_services
+            if in_file is None:
+                in_file = self.engine.services_in_file()
             absent = [s for s in group if in_file is not None and s not in in_file]
             present = [s for s in group if s not in absent]
             errors = self._start_each(present)

@@ -372,6 +372,10 @@ def swap_with_services_stopped(stack, archive, args, summary, units, swaps, plac
     services again whatever happens.  Returns the hook's exit status."""
     services = services_to_stop(window, stack, args, log)
     old_compose = compose_bytes(stack)  # read now: --in-place deletes it
+    old_inputs = compose_inputs(stack)
+    # Asked now, with the services up: if the swap leaves the compose files
+    # as they are, the start needs no compose call of its own to know them.
+    in_file = window.engine.services_in_file() if services and window.engine else None
     with window:
         if not args.no_stop:
             stop_or_refuse(window, services, places.staging)
@@ -384,7 +388,35 @@ def swap_with_services_stopped(stack, archive, args, summary, units, swaps, plac
             message = ("docker-compose.yml changed: run 'docker compose up -d' to apply it")
             out.write(message + "\n")
             log.line(message)
-        return iotstack.run_hook(stack, "post_restore.sh", log)
+        status = iotstack.run_hook(stack, "post_restore.sh", log)
+        if in_file is not None and old_inputs is not None and compose_inputs(stack) == old_inputs:
+            window.compose_services = in_file
+        return status
+
+
+# What `compose config --services` reads in the stack's folder.
+COMPOSE_NAMES = ("docker-compose.yml", "docker-compose.yaml", "docker-compose.override.yml",
+                 "docker-compose.override.yaml", "compose.yml", "compose.yaml",
+                 "compose.override.yml", "compose.override.yaml", ".env")
+
+
+def compose_inputs(stack):
+    """The bytes of the files compose reads to list the services, or None
+    when they may name others (include, extends: files we do not follow)."""
+    found = {}
+    for name in COMPOSE_NAMES:
+        try:
+            with open(os.path.join(stack, name), "rb") as f:
+                found[name] = f.read()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        if name != ".env" and (b"include" in found[name] or b"extends" in found[name]):
+            return None
+    if b"COMPOSE_FILE" in found.get(".env", b""):
+        return None
+    return found
 
 
 def swap_staged(stack, archive, args, units, swaps, places, disks, log, out):

@@ -972,6 +972,22 @@ class TrashTests(RestoreCase):
         self.assertEqual(where, sorted(where), log)
         self.assertRegex(log, r"Deleted the replaced items: \d+ entries, [\d.]+ [KMG]?B freed")
 
+    def test_no_compose_call_between_stop_and_start_when_the_compose_file_stays(self):
+        archive = self.make_backup()
+        calls = []
+        running = docker_compose.Engine.compose_run
+
+        def recorded(engine, *args, **kwargs):
+            calls.append(args[0])
+            return running(engine, *args, **kwargs)
+        with mock.patch.object(docker_compose.Engine, "compose_run", recorded):
+            code, out, err = self.restore(archive, "noask")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertNotIn("docker-compose.yml changed", out)
+        self.assertEqual(calls[calls.index("stop"):], ["stop", "start"], calls)
+        self.assertIn("config", calls[:calls.index("stop")])
+        self.assert_stopped_and_started()
+
     def test_cut_after_the_start_next_run_deletes_them(self):
         archive = self.make_backup()
         expected = items(self.stack)
