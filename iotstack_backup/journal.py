@@ -276,44 +276,57 @@ def trash_folders(record):
 def delete_tree(path):
     """Delete path, never following a link.  Returns (entries deleted,
     bytes freed, entries left): what could not be deleted stays, and the
-    caller keeps its record so that the next run tries again."""
-    deleted = freed = left = 0
+    caller keeps its record so that the next run tries again.  A loop, not
+    recursion: an archive may hold folders thousands deep."""
+    counts = [0, 0, 0]  # deleted, freed, left
     try:
-        with os.scandir(path) as it:
-            children = list(it)
+        if not os.path.isdir(path) or os.path.islink(path):
+            _unlink_counted(path, os.lstat(path), counts)
+            return tuple(counts)
     except FileNotFoundError:
         return 0, 0, 0
-    except NotADirectoryError:
-        children = None
-    except OSError:
-        return 0, 0, 1
-    for entry in children or ():
-        if entry.is_dir(follow_symlinks=False):
-            counts = delete_tree(entry.path)
-            deleted, freed, left = deleted + counts[0], freed + counts[1], left + counts[2]
+    pending = [(path, False)]
+    while pending:
+        folder, emptied = pending.pop()
+        if emptied:
+            _rmdir_counted(folder, counts)
             continue
+        pending.append((folder, True))
         try:
-            size = entry.stat(follow_symlinks=False)
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue
+            with os.scandir(folder) as it:
+                entries = list(it)
         except OSError:
-            left += 1
-            continue
-        deleted += 1
-        if size.st_nlink <= 1:  # a hard link's blocks go with its last name
-            freed += size.st_blocks * 512
+            continue  # its rmdir fails and counts it as left
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append((entry.path, False))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    _unlink_counted(entry.path, entry.stat(follow_symlinks=False), counts)
+    return tuple(counts)
+
+
+def _unlink_counted(path, st, counts):
     try:
-        if children is None:
-            os.unlink(path)
-        else:
-            os.rmdir(path)
-        deleted += 1
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        counts[2] += 1
+        return
+    counts[0] += 1
+    if st.st_nlink <= 1:  # a hard link's blocks go with its last name
+        counts[1] += st.st_blocks * 512
+
+
+def _rmdir_counted(folder, counts):
+    try:
+        os.rmdir(folder)
+        counts[0] += 1
     except FileNotFoundError:
         pass
     except OSError:
-        left += 1
-    return deleted, freed, left
+        counts[2] += 1
 
 
 def delete_in_place(folder):
