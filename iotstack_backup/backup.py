@@ -31,6 +31,7 @@ from . import (
     service_groups,
     tarformat,
 )
+from . import good_backups
 from .archive_writer import write_archive
 from .settings import (
     backup_type,
@@ -110,6 +111,11 @@ def build_parser():
                        help="also keep the newest backup of each of the last N %s that "
                             "have backups (restic's rule), here and at rclone and rsync copies"
                             % {"daily": "days", "weekly": "ISO weeks", "monthly": "months"}[unit])
+    p.add_argument("--accept-smaller", action="store_true",
+                   help="the data shrank on purpose (a volume deleted, a new --exclude): take "
+                        "this backup as good even though it is much smaller than the last good "
+                        "one or lacks services/ or volumes/, so later runs compare with it "
+                        "(command line only: say it once)")
     p.add_argument("--copy-to", action="append", type=destination, metavar="METHOD:TARGET",
                    help="after a verified backup, copy it to rclone:REMOTE:PATH, "
                         "rsync:[USER@HOST:]PATH or scp:USER@HOST:PATH, under a folder "
@@ -153,6 +159,9 @@ class Plan:
 
     def __init__(self, stem, dated, rolling, log):
         self.stem, self.dated, self.rolling, self.log = stem, dated, rolling, log
+        # The size guard, asked before the archive gets its names: a
+        # function of its size giving a good_backups.Verdict.
+        self.judge = None
 
     @property
     def targets(self):
@@ -210,9 +219,27 @@ def give_second_name(source, final, owner):
     return temp
 
 
-class Written(collections.namedtuple("Written", "size verified rolling_overwritten")):
+class Written(collections.namedtuple("Written",
+                                     "size verified rolling_overwritten names verdict")):
     """A backup that has its final name(s): its size, whether it was read
-    back, and whether it replaced an older rolling archive."""
+    back, whether it replaced an older rolling archive, the paths it got
+    (the first is the archive; a rolling name withheld by the guard is not
+    among them) and the size guard's good_backups.Verdict."""
+
+
+def relative_to_backups(path):
+    return "/".join(path.split(os.sep)[-2:])
+
+
+def final_targets(plan, verdict, complete, exists):
+    """The paths the new archive gets.  A backup the guard tripped on (or
+    an incomplete one) never replaces an existing rolling archive: it keeps
+    its dated name, or with TYPE 2 gets the dated name instead."""
+    if plan.rolling is None or not good_backups.withhold_rolling(verdict, complete,
+                                                                 exists(plan.rolling)):
+        return plan.targets
+    return [plan.dated or iotstack.dated_archive_path(os.path.dirname(os.path.dirname(
+        plan.rolling)), plan.stem)]
 
 
 def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
@@ -240,16 +267,25 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
         else:
             log.field("Verified", "OK (read back from disk: gzip CRC, %d tar headers)"
                       % stats.members)
-        for final in plan.targets[1:]:
-            temps.append(give_second_name(temps[0], final, owner))
+        verdict = plan.judge(size) if plan.judge else good_backups.Verdict(good_backups.FIRST)
+        targets = final_targets(plan, verdict, True, os.path.exists)
+        if targets != plan.targets:
+            log.line("Rolling File: %s not replaced: this backup did not pass the size guard, "
+                     "and the archive of that name may be the good one; this one is %s"
+                     % (relative_to_backups(plan.rolling), relative_to_backups(targets[0])))
+        pairs = []
+        for final in targets:
+            if final != first:  # a second name, or TYPE 2's dated name in backup/
+                temps.append(give_second_name(temps[0], final, owner))
+            pairs.append((temps[0] if final == first else temps[-1], final))
         rolling_overwritten = None
-        for temp, final in zip(temps, plan.targets):
+        for temp, final in pairs:
             if final == plan.rolling:
                 rolling_overwritten = os.path.exists(final)
             os.rename(temp, final)
+            temps.remove(temp)
             iotstack.fsync_dir(os.path.dirname(final))
-        temps = []
-        return Written(size, not args.no_verify, rolling_overwritten)
+        return Written(size, not args.no_verify, rolling_overwritten, targets, verdict)
     finally:
         bar.stop()
         for temp in temps:
@@ -289,8 +325,7 @@ def dry_run(stack, args):
     out.write("Log: %s\n" % relative(stack, plan.log))
     for line in planned_stops(stack, args, items):
         out.write(line + "\n")
-    for item in missing:
-        out.write("Missing: ./%s (noted in the log, not an error)\n" % item)
+    guard_warnings = dry_run_guard(backups, stack, out)
     out.write("Items backed up:\n")
     for item in items:
         out.write("  ./%s\n" % item)
@@ -312,7 +347,9 @@ def dry_run(stack, args):
         out.write("Warning: %s\n" % warning)
     folder = os.path.join(backups, "backup")
     policy = iotstack.retention_policy(args)
-    if policy and os.path.isdir(folder):
+    if policy and guard_warnings:
+        out.write("Would remove no old backup: the size guard is tripped\n")
+    elif policy and os.path.isdir(folder):
         just_written = os.path.basename(plan.dated) if plan.dated else None
         for name in iotstack.dated_backups_to_remove(os.listdir(folder), just_written=just_written,
                                                      **policy):
@@ -322,7 +359,22 @@ def dry_run(stack, args):
             dest, iotstack.host_folder(), " (encrypted with gpg to %s)" % ", ".join(args.encrypt_to)
             if args.encrypt_to else ""))
     out.write("Dry run: nothing was written.\n")
-    return run.EXIT_WARNINGS if warnings else run.EXIT_OK
+    return run.EXIT_WARNINGS if warnings or guard_warnings else run.EXIT_OK
+
+
+def dry_run_guard(backups, stack, out):
+    """What the size guard will say of services/ and volumes/ (their size
+    is known only once written); the warnings."""
+    entries, _problem = good_backups.load_record(backups)
+    reference = good_backups.last_good_backup(entries)
+    if reference is None:
+        reference = good_backups.adopted(iotstack.newest_archive(backups), "")
+    warnings, notes = good_backups.judge_items(good_backups.item_states(stack), reference)
+    for note in notes:
+        out.write("Note: %s\n" % note)
+    for warning in warnings:
+        out.write("Warning: %s\n" % warning)
+    return warnings
 
 
 class Facts:
@@ -378,6 +430,8 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     remove_stale_partials(os.path.join(stack, "backups"), log)
     leftover = docker_compose.restart_left_stopped(stack, log, sys.stdout)
     items = items_to_save(stack, log)
+    guard = SizeGuard(stack, args, log, now)
+    plan.judge = guard.judge
     status = iotstack.run_hook(stack, "pre_backup.sh", log)
     if status:
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
@@ -385,7 +439,6 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     facts.window = open_window(stack, args, log)
     facts.stack_warnings = leftover_warnings(leftover) + live_warnings(facts.window)
     facts.stats = archive_writer.ArchiveStats()
-    previous = iotstack.newest_archive(os.path.join(stack, "backups"))
     stops = service_groups.StopWindows(facts.window, log)
     error = None
     try:
@@ -402,7 +455,8 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     if error is None:
         error = post_backup_error(stack, log)
     if facts.written is not None:
-        copy_error = keep_and_copy(stack, plan, args, log, facts, previous)
+        facts.stack_warnings += guard.record(facts.written, owner)
+        copy_error = keep_and_copy(stack, plan, args, log, facts)
         error = error or copy_error
     facts.stack_warnings += missing_warnings(facts.window)
     finish_log(stack, log, items, facts)
@@ -424,11 +478,60 @@ def log_header(stack, args, owner, owner_how, plan, log, now):
 
 
 def items_to_save(stack, log):
-    """The manifest items present; the missing ones are noted, not an error."""
-    items, missing = iotstack.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))
-    for item in missing:
-        log.line("Note: ./%s is missing; backing up the rest" % item)
-    return items
+    """The manifest items present (a missing services/ or volumes/ is for
+    the size guard to judge: a note, or a warning)."""
+    return iotstack.manifest_items(lambda rel: os.path.lexists(os.path.join(stack, rel)))[0]
+
+
+class SizeGuard:
+    """The size guard of one run (good_backups): the live state of
+    services/ and volumes/ and the last good backup, read before anything
+    is written; judge(size) before the archive is named; record() after."""
+
+    def __init__(self, stack, args, log, now):
+        self.backups = os.path.join(stack, "backups")
+        self.accept = bool(getattr(args, "accept_smaller", False))
+        self.now = now
+        self.states = good_backups.item_states(stack)
+        self.entries, problem = good_backups.load_record(self.backups)
+        if problem:
+            log.line("Note: %s" % problem)
+        self.reference = good_backups.last_good_backup(self.entries)
+        if self.reference is None:
+            newest = iotstack.newest_archive(self.backups)
+            self.reference = good_backups.adopted(newest, "")
+            if self.reference is not None:
+                self.entries = self.entries + [self.reference]
+                log.line("Size guard: no good backup recorded yet; comparing with the newest "
+                         "archive, %s (%d bytes)" % (self.reference.names[0], self.reference.size))
+        for note in good_backups.judge_items(self.states, self.reference)[1]:
+            log.line("Note: %s" % note)
+        self.verdict = None
+        self.log = log
+
+    def judge(self, size):
+        self.verdict = good_backups.judge(size, self.states, self.reference, self.accept)
+        for note in self.verdict.notes:
+            if note.startswith("Accepted"):
+                self.log.line(note)
+        return self.verdict
+
+    def record(self, written, owner):
+        """Add the new backup to the record; the warnings of the run."""
+        verdict = written.verdict
+        entry = good_backups.BackupRecord(
+            names=tuple(relative_to_backups(path) for path in written.names),
+            size=written.size, finished=iotstack.now_local().isoformat(timespec="seconds"),
+            held=good_backups.held_items(self.states), verified=written.verified,
+            complete=True, guard=verdict.guard)
+        warnings = list(verdict.warnings)
+        try:
+            good_backups.record_good_backup(self.backups, self.entries, entry, owner)
+        except OSError as e:
+            warnings.append("the record of good backups (%s) could not be written: %s; the "
+                            "next run compares with an older backup"
+                            % (good_backups.RECORD_NAME, run.describe_os_error(e)))
+        return warnings
 
 
 def open_window(stack, args, log):
@@ -467,18 +570,19 @@ def post_backup_error(stack, log):
     return None
 
 
-def keep_and_copy(stack, plan, args, log, facts, previous):
+def keep_and_copy(stack, plan, args, log, facts):
     """Retention and copies, once an archive has its name; the UserError of
-    failed copies, or None.  Only a complete, verified archive of the usual
-    size makes older ones expendable."""
+    failed copies, or None.  Only a good (complete, passed the size guard),
+    verified archive makes older ones expendable, here and at the copies."""
     backups = os.path.join(stack, "backups")
     policy = iotstack.retention_policy(args)
-    shrunk = iotstack.shrink_warning(facts.written.size, previous)
-    if shrunk:
-        facts.stack_warnings.append(shrunk)
+    written = facts.written
+    why_not = good_backups.retention_allowed(written.verdict, written.verified, True)
+    if policy and why_not:
+        log.line("Retention: no old backup removed, here or at the copies: %s" % why_not)
         policy = None
     remove_old_backups(backups, plan, policy, log)
-    failures = copy_offsite(backups, plan, args, log, policy)
+    failures = copy_offsite(backups, plan, args, log, policy, written.names)
     if failures:
         return run.UserError("%s; the local backup is kept" % "; ".join(failures))
     return None
@@ -541,22 +645,22 @@ def remove_old_backups(backups, plan, policy, log):
         log.line("Removed old backup (%s): backup/%s" % (iotstack.describe_policy(policy), name))
 
 
-def copy_offsite(backups, plan, args, log, policy):
-    """Copy the new archive(s) to every destination, then apply the
+def copy_offsite(backups, plan, args, log, policy, names):
+    """Copy the new archive's names to every destination, then apply the
     retention policy there; a list of failures."""
     if not args.copy_to:
         return []
     from . import encryption, offsite
     host = iotstack.host_folder()
     failures = []
-    sources = [(path, os.path.relpath(path, backups)) for path in plan.targets]
+    sources = [(path, os.path.relpath(path, backups)) for path in names]
     encrypted = None
     if args.encrypt_to:
         # One ciphertext for every name and destination, under a partial
         # name beside the archive (a killed run's is removed by the next).
-        encrypted = iotstack.partial_path(plan.targets[0] + encryption.SUFFIX)
+        encrypted = iotstack.partial_path(names[0] + encryption.SUFFIX)
         try:
-            encryption.encrypt(args.encrypt_to, plan.targets[0], encrypted)
+            encryption.encrypt(args.encrypt_to, names[0], encrypted)
         except encryption.EncryptionError as e:
             log.line("ERROR: %s; nothing was copied" % e)
             return ["%s; nothing was copied" % e]
@@ -620,10 +724,10 @@ def print_summary(stack, facts):
     plan, written, window = facts.plan, facts.written, facts.window
     verified = "verified" if written.verified else "not verified"
     lines = ["Backup complete: %s (%s, %d items, %s)" % (
-        relative(stack, plan.targets[0]), progress.human_size(written.size),
+        relative(stack, written.names[0]), progress.human_size(written.size),
         facts.stats.members, verified)]
-    if plan.dated and plan.rolling:
-        lines.append("Rolling copy: %s" % relative(stack, plan.rolling))
+    for name in written.names[1:]:
+        lines.append("Rolling copy: %s" % relative(stack, name))
     if window is not None and window.started:
         lines.append("Services stopped and started again: %s" % ", ".join(window.started))
         lines.append("Downtime (s): %s" % docker_compose.downtimes(window))

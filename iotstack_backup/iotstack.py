@@ -197,7 +197,8 @@ def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily
 
 def newest_archive(backups):
     """(name relative to backups, size) of the newest archive in backup/ and
-    rolling/ (by mtime), or None: what a new backup is compared with."""
+    rolling/ (by mtime), or None: what the size guard adopts as the last
+    good backup while good_backups.json holds none."""
     newest = None
     for folder in ("backup", "rolling"):
         with contextlib.suppress(OSError), os.scandir(os.path.join(backups, folder)) as it:
@@ -208,20 +209,6 @@ def newest_archive(backups):
                     if newest is None or st.st_mtime > newest[0]:
                         newest = (st.st_mtime, folder + "/" + entry.name, st.st_size)
     return None if newest is None else newest[1:]
-
-
-def shrink_warning(new_size, previous):
-    """The size guard: a warning when the new archive is less than half the
-    size of the previous one (a disk not mounted, a volume deleted), else
-    None.  previous is newest_archive()'s answer before this run."""
-    if previous is None:
-        return None
-    name, old_size = previous
-    if new_size * 2 >= old_size:
-        return None
-    return ("this backup (%d bytes) is less than half the size of the previous one, %s "
-            "(%d bytes): is a disk not mounted, or a volume gone? It is kept, and no old "
-            "backup was removed" % (new_size, name, old_size))
 
 
 def manifest_items(exists):

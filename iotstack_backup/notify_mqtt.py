@@ -28,7 +28,7 @@ def report_facts(facts, error):
     (backup.Facts; nothing yet when it failed early)."""
     archive = size = downtime = None
     if facts.written is not None:
-        path = facts.plan.targets[0]
+        path = facts.written.names[0]
         archive = os.path.relpath(path, os.path.dirname(os.path.dirname(path)))
         size = facts.written.size
     if facts.stats is not None:

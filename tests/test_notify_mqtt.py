@@ -122,7 +122,7 @@ class NotifyMqttTest(PlainStackTestCase):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "backup_2020-01-01_0000.tar.gz"), "wb") as f:
                 f.write(os.urandom(8 << 20))
-            expected = "less than half the size of the previous one"
+            expected = "less than half the size of the last good backup"
         code, _out, _err = self.backup("1", "--notify-mqtt", self.url)
         self.assertEqual(code, 3)
         report = self.report()
