@@ -802,35 +802,59 @@ def set_up(stack, args):
 
 def notify_once(args, facts, ok, log=None):
     """GET the notify URL (URL/fail on failure) and publish the MQTT report;
-    a failure here is logged, never fatal.  Done inside the run when its log
-    is open, else here (a warning line on stderr when it fails)."""
+    a failure here is one "Warning:" line in the log, never fatal and never
+    a change of the exit code, whatever goes wrong (a reply that is not
+    HTTP, a socket that cannot be created...).  Done inside the run when its
+    log is open, else here (the warning on stderr)."""
     url_set, mqtt_set = getattr(args, "notify_url", None), getattr(args, "notify_mqtt", None)
     if not (url_set or mqtt_set) or facts.notified:
         return
     facts.notified = True
+    error = sys.exc_info()[1]  # the run's error, when called while it unwinds
     messages = []
     if url_set:
-        url = args.notify_url if ok else args.notify_url.rstrip("/") + "/fail"
-        # Imported here: it takes longer to import than a small backup takes to
-        # start, and most runs notify nobody.
-        import urllib.request
-        try:
-            with urllib.request.urlopen(url, timeout=15) as response:
-                messages.append("Notified %s: HTTP %d" % (url, response.status))
-        except (OSError, ValueError) as e:
-            messages.append("Warning: notification to %s failed: %s" % (url, e))
+        messages.append(notify_url_once(args.notify_url, ok))
     if mqtt_set:
-        from . import notify_mqtt
-        error = sys.exc_info()[1]  # the run's error, when called while it unwinds
-        messages.append(notify_mqtt.publish_report(
-            args.notify_mqtt, notify_mqtt.status_of(ok, facts.code),
-            iotstack.host_folder(), notify_mqtt.report_facts(facts, error),
-            discovery=not getattr(args, "no_mqtt_discovery", None)))
+        messages.append(notify_mqtt_once(args, facts, ok, error))
     for message in messages:
         if log is not None:
             log.line(message)
         elif message.startswith("Warning:"):
             sys.stderr.write("%s: %s\n" % (PROG, message))
+
+
+def notify_url_once(url: str, ok: bool) -> str:
+    """GET url (url/fail when the run failed); one line for the log, the
+    URL's secrets masked."""
+    from . import redact
+    url = url if ok else url.rstrip("/") + "/fail"
+    try:
+        # Imported here: it takes longer to import than a small backup takes
+        # to start, and most runs notify nobody.
+        import urllib.request
+        with urllib.request.urlopen(url, timeout=15) as response:
+            return "Notified %s: HTTP %d" % (redact.url(url), response.status)
+    except Exception as e:  # noqa: BLE001 - nothing after the backup may change its code
+        return "Warning: notification to %s failed: %s" % (redact.url(url), one_line(e))
+
+
+def notify_mqtt_once(args, facts, ok: bool, error) -> str:
+    """Publish the MQTT report (and discovery configs); one line for the log."""
+    try:
+        from . import notify_mqtt
+        return notify_mqtt.publish_report(
+            args.notify_mqtt, notify_mqtt.status_of(ok, facts.code), iotstack.host_folder(),
+            notify_mqtt.report_facts(facts, error),
+            discovery=not getattr(args, "no_mqtt_discovery", None))
+    except Exception as e:  # noqa: BLE001 - nothing after the backup may change its code
+        return "Warning: MQTT report to %s failed: %s" % (args.notify_mqtt, one_line(e))
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line of text, its URLs masked."""
+    from . import redact
+    text = " ".join(str(error).split())
+    return redact.text("%s: %s" % (type(error).__name__, text) if text else type(error).__name__)
 
 
 if __name__ == "__main__":

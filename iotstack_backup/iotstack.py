@@ -58,6 +58,9 @@ PARTIAL_SUFFIX = ".partial"
 ARCHIVE_MODE = 0o640  # archives hold secrets (.env, password files)
 
 
+LOG_MODE = 0o640  # logs are not for every user of the Pi either
+
+
 def is_stack_dir(path):
     return (os.path.isfile(os.path.join(path, "docker-compose.yml"))
             or os.path.isfile(os.path.join(path, "menu.sh")))
@@ -446,7 +449,12 @@ class RunLog:
         self.lines = []
         self._file = None
         if path is not None:
-            self._file = open(path, "a", encoding="utf-8", errors="replace")
+            # 0640 like the archives: a log names files, services and hosts.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_size == 0:
+                    os.fchmod(fd, LOG_MODE)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
             remember_log(path)
 
     def line(self, text):

@@ -467,7 +467,13 @@ class _Session:
     def _connect(self, addresses):
         last_error = None
         for family, kind, proto, _name, address in addresses:
-            sock = socket.socket(family, kind, proto)
+            try:
+                # EAFNOSUPPORT: a Pi booted with IPv6 off still resolves
+                # localhost to ::1 first; try the next address.
+                sock = socket.socket(family, kind, proto)
+            except OSError as e:
+                last_error = e
+                continue
             try:
                 sock.settimeout(self.deadline.left("connecting"))
                 sock.connect(address)

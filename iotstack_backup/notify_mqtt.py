@@ -60,14 +60,20 @@ def describe(error):
     return "unexpected error: %s: %s" % (type(error).__name__, error)
 
 
+def _one_line(error):
+    if isinstance(error, (mqtt.MqttError, ValueError)):
+        return " ".join(str(error).split())
+    return "%s: %s" % (type(error).__name__, " ".join(str(error).split()))
+
+
 def publish_report(target, status, host, run_facts, discovery=True, budget=BUDGET):
     """Publish the report (and the discovery configs); return one line for
     the log: what was published, or "Warning: ..." saying what failed."""
     deadline = time.monotonic() + budget
     try:
         mqtt.publish(target, mqtt.status_message(status, host, **run_facts), timeout=budget)
-    except (mqtt.MqttError, ValueError) as e:
-        return "Warning: MQTT report to %s failed: %s" % (target, e)
+    except Exception as e:  # noqa: BLE001 - reporting never hurts the backup
+        return "Warning: MQTT report to %s failed: %s" % (target, _one_line(e))
     message = "Reported %s to %s" % (status, target)
     if not discovery:
         return message
@@ -77,6 +83,7 @@ def publish_report(target, status, host, run_facts, discovery=True, budget=BUDGE
             if left <= 0:
                 raise mqtt.MqttError("no time left within %.0f seconds" % budget)
             mqtt.publish(dataclasses.replace(target, topic=topic), payload, timeout=left)
-    except (mqtt.MqttError, ValueError) as e:
-        return "Warning: %s, but its Home Assistant discovery configs failed: %s" % (message, e)
+    except Exception as e:  # noqa: BLE001 - reporting never hurts the backup
+        return ("Warning: %s, but its Home Assistant discovery configs failed: %s"
+                % (message, _one_line(e)))
     return message + ", with Home Assistant discovery configs"

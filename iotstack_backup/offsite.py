@@ -89,13 +89,18 @@ class Destination:
         self._spec = spec if spec is not None else "%s:%s" % (method, target)
 
     def __str__(self) -> str:
+        """The spec as written, with an rclone connection string's secrets
+        masked: this is what logs and messages show."""
+        if self.method == "rclone":
+            from . import redact
+            return "rclone:" + redact.rclone_target(self.target)
         return self._spec
 
     def __repr__(self):
-        return "Destination(%r)" % self._spec
+        return "Destination(%r)" % str(self)
 
     def __eq__(self, other):
-        return isinstance(other, Destination) and str(self) == str(other)
+        return isinstance(other, Destination) and self._spec == other._spec
 
     def __hash__(self):
         return hash(self._spec)
@@ -295,7 +300,11 @@ def _cause(result):
 
 
 def _failure(dest, action, result):
-    return CopyError(_one_line("%s: %s failed: %s" % (dest, action, _cause(result))))
+    text = "%s: %s failed: %s" % (dest, action, _cause(result))
+    if dest.method == "rclone":  # the action names remote paths: no secret of a connection string
+        from . import redact
+        text = text.replace(dest.target, redact.rclone_target(dest.target))
+    return CopyError(_one_line(text))
 
 
 def _one_line(text):

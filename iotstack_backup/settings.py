@@ -7,9 +7,14 @@ unknown section or key, or a value that does not parse, stops the run
 before anything is stopped or written, with one line naming the file and
 the key, rather than running with a setting the user did not mean.
 """
+from __future__ import annotations
+
 import argparse
 import configparser
+import ipaddress
 import os
+import re
+import urllib.parse
 
 from . import pgzip, run
 
@@ -60,9 +65,46 @@ def recipient(text):
 
 
 def notify_url(text):
-    if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError("%r is not an http:// or https:// URL" % text)
+    """An http(s) URL that urllib can call: scheme, host and port checked
+    here, so that a URL that cannot work is exit 2 before anything
+    happens, not a notification that fails after the backup."""
+    problem = notify_url_problem(text)
+    if problem:
+        from . import redact
+        raise argparse.ArgumentTypeError("%r %s" % (redact.url(text), problem))
     return text
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def notify_url_problem(text: str) -> "str | None":
+    """Why text cannot be used as --notify-url, or None."""
+    if any(ord(c) <= 32 or ord(c) == 127 for c in text):
+        return "holds a space or a control character (%-encode it)"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        return "has a bad port or host (%s)" % e
+    if parts.scheme not in ("http", "https"):
+        return "is not an http:// or https:// URL"
+    host = parts.hostname or ""
+    if not host:
+        return "has no host"
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            return "has a bad IPv6 address %r" % host
+    elif not _HOST_NAME.match(host):
+        return "has a bad host name %r" % host
+    if port is not None and not 0 < port < 65536:
+        return "has a bad port %d" % port
+    if parts.netloc.endswith(":"):
+        return "has an empty port"
+    return None
 
 
 def mqtt_url(text):
@@ -210,4 +252,7 @@ def print_config(args, sources, out, stack=None):
         else:
             shown = "(none)" if value is None else str(value).lower() if isinstance(value, bool) \
                 else str(value)
+            if key == "notify-url" and value:
+                from . import redact
+                shown = redact.url(value)
         show(key, shown, sources[key])
