@@ -582,7 +582,7 @@ def keep_and_copy(stack, plan, args, log, facts):
         log.line("Retention: no old backup removed, here or at the copies: %s" % why_not)
         policy = None
     remove_old_backups(backups, plan, policy, log)
-    failures = copy_offsite(backups, plan, args, log, policy, written.names)
+    failures = copy_offsite(backups, plan, args, log, policy, written)
     if failures:
         return run.UserError("%s; the local backup is kept" % "; ".join(failures))
     return None
@@ -645,7 +645,21 @@ def remove_old_backups(backups, plan, policy, log):
         log.line("Removed old backup (%s): backup/%s" % (iotstack.describe_policy(policy), name))
 
 
-def copy_offsite(backups, plan, args, log, policy, names):
+def copy_names(backups, plan, written):
+    """(local path, name at the destination) of each copy: the archive's
+    names; a backup the guard tripped on replaces no rolling copy there
+    either, and goes under its dated name."""
+    sources = []
+    for path in written.names:
+        rel = os.path.relpath(path, backups).replace(os.sep, "/")
+        if rel.startswith("rolling/") and not written.verdict.passed:
+            rel = "backup/%s.tar.gz" % plan.stem
+        if rel not in [r for _p, r in sources]:
+            sources.append((path, rel))
+    return sources
+
+
+def copy_offsite(backups, plan, args, log, policy, written):
     """Copy the new archive's names to every destination, then apply the
     retention policy there; a list of failures."""
     if not args.copy_to:
@@ -653,7 +667,8 @@ def copy_offsite(backups, plan, args, log, policy, names):
     from . import encryption, offsite
     host = iotstack.host_folder()
     failures = []
-    sources = [(path, os.path.relpath(path, backups)) for path in names]
+    names = written.names
+    sources = copy_names(backups, plan, written)
     encrypted = None
     if args.encrypt_to:
         # One ciphertext for every name and destination, under a partial
@@ -672,6 +687,7 @@ def copy_offsite(backups, plan, args, log, policy, names):
                 for path, rel in sources:
                     checked = offsite.upload(dest, path, rel, host)
                     log.line("Copied %s to %s under %s/ (%s)" % (rel, dest, host, checked))
+                remove_other_rolling_copies(dest, host, [rel for _path, rel in sources], log)
                 if policy and dest.method in ("rclone", "rsync"):
                     names = [rel.split("/", 1)[1] for rel, _size, _mtime
                              in offsite.list_backups(dest, host) if rel.startswith("backup/")]
@@ -691,6 +707,27 @@ def copy_offsite(backups, plan, args, log, policy, names):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(encrypted)
     return failures
+
+
+def other_rolling_copies(uploaded):
+    """The names a rolling copy just uploaded makes stale at its
+    destination: the same weekday in the other form (the plain copy left
+    from before --encrypt-to, or the .gpg one from before it was dropped),
+    which restore --from could otherwise take."""
+    from .encryption import SUFFIX
+    return [rel[:-len(SUFFIX)] if rel.endswith(SUFFIX) else rel + SUFFIX
+            for rel in uploaded if rel.startswith("rolling/")]
+
+
+def remove_other_rolling_copies(dest, host, uploaded, log):
+    from . import offsite
+    stale = other_rolling_copies(uploaded)
+    present = offsite.find(dest, host, stale) if stale else {}
+    if present:
+        offsite.delete(dest, host, list(present))
+        for rel in present:
+            log.line("Removed the older copy %s at %s: this run's copy of that weekday "
+                     "replaces it" % (rel, dest))
 
 
 def finish_log(stack, log, items, facts):

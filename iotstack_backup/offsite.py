@@ -396,6 +396,17 @@ def list_backups(dest: Destination, host: str) -> "list[tuple[str, int, float]]"
     return backups
 
 
+def find(dest: Destination, host: str, rel_names: "list[str]") -> "dict[str, tuple[int, float]]":
+    """{rel_name: (size, mtime)} of those of rel_names that are files at
+    TARGET/host (validated plain names); CopyError when unreachable."""
+    _check_host(host)
+    for rel_name in rel_names:
+        _check_rel_name(rel_name)
+    listed = {"rclone": _rclone_list, "rsync": _rsync_list, "scp": _scp_list}[dest.method](
+        dest, host, list(rel_names))
+    return {name: listed[name] for name in rel_names if name in listed}
+
+
 def delete(dest: Destination, host: str, rel_names: "list[str]") -> None:
     """Delete TARGET/host/NAME for each name; names not there are skipped.
 

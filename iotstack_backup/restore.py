@@ -546,9 +546,23 @@ def print_list(stack, out, source=None, host=None):
     if not entries:
         out.write("No backups in %s\n" % where)
         return
+    times = {rel: mtime for rel, _size, mtime in entries}
     for rel, size, mtime in entries:
         when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
-        out.write("%-44s %10s  %s\n" % (rel, progress.human_size(size), when))
+        out.write("%-44s %10s  %s%s\n" % (rel, progress.human_size(size), when,
+                                         pair_note(rel, times) if source else ""))
+
+
+def pair_note(rel, times):
+    """For a name whose plain and .gpg copies are both at a destination:
+    which one --from takes (the newer; fetch.choose_remote)."""
+    from . import encryption, fetch
+    plain = encryption.plain_name(rel)
+    encrypted = encryption.encrypted_name(plain)
+    if plain not in times or encrypted not in times:
+        return ""
+    taken, _note = fetch.choose_remote(plain, {name: (0, times[name]) for name in (plain, encrypted)})
+    return "  (--from takes this one: newer)" if rel == taken else "  (older copy)"
 
 
 def verify_only(stack, filename, out):
@@ -666,13 +680,30 @@ def restore_command(args):
             out.write("Nothing was changed.\n")
             return run.EXIT_USAGE
     if args.source is not None:
-        from . import encryption
-        passphrase = encryption.passphrase_file_from(args.passphrase_file, os.environ)
-        args.filename = fetch(stack, args.source, host, args.filename, owner, out, passphrase)
+        return restore_fetched(stack, args, host, owner, out)
     archive = resolve_archive(stack, args.filename)
     if archive is None:
         raise run.UserError("backup file %s not found (looked in %s and as given)"
                             % (args.filename, os.path.join(stack, "backups")), run.EXIT_USAGE)
+    return restore_archive(stack, archive, args, owner, out)
+
+
+def restore_fetched(stack, args, host, owner, out):
+    """--from: fetch (never over a local file; see fetch.py), then restore
+    it; a dry run's temporary copy is removed afterwards."""
+    from . import encryption, fetch
+    args.owner = owner
+    args.passphrase_file = encryption.passphrase_file_from(args.passphrase_file, os.environ)
+    fetched = fetch.fetch(stack, args.source, host, args.filename, out, args)
+    try:
+        return restore_archive(stack, fetched.path, args, owner, out)
+    finally:
+        if fetched.temporary_dir is not None:
+            shutil.rmtree(fetched.temporary_dir, ignore_errors=True)
+
+
+def restore_archive(stack, archive, args, owner, out):
+    """Dry run, or ask, then restore archive."""
     if args.dry_run:
         return dry_run(stack, archive, args, out)
     if not (args.noask or args.yes):
@@ -690,44 +721,6 @@ def restore_command(args):
 def warn(message):
     sys.stderr.write("%s: warning: %s\n" % (PROG, message))
     sys.stderr.flush()
-
-
-def fetch(stack, source, host, name, owner, out, passphrase_file=None):
-    """Download NAME from a copy into ./backups/NAME (atomically: a
-    half-fetched archive never takes the name).  When only NAME.gpg is
-    there (backup.py --encrypt-to), or NAME ends in .gpg, that is fetched
-    and decrypted into the plain name.  Returns the plain name."""
-    from . import encryption, offsite
-    plain = encryption.plain_name(name)
-    local = os.path.join(stack, "backups", plain)
-    fetched = name
-    try:
-        try:
-            offsite.download(source, host, name, os.path.join(stack, "backups", name))
-        except offsite.NotThere:
-            if name != plain:
-                raise
-            fetched = encryption.encrypted_name(name)
-            offsite.download(source, host, fetched, os.path.join(stack, "backups", fetched))
-    except (offsite.CopyError, ValueError) as e:
-        raise run.UserError("cannot fetch %s from %s (host %s): %s" % (name, source, host, e)) \
-            from None
-    out.write("Fetched %s from %s into %s\n" % (
-        fetched, source, os.path.relpath(os.path.join(stack, "backups", fetched), stack)))
-    if fetched != plain:
-        encrypted = os.path.join(stack, "backups", fetched)
-        try:
-            encryption.decrypt(encrypted, local, passphrase_file)
-        except encryption.EncryptionError as e:
-            raise run.UserError("%s; the restore needs the secret key of a recipient (gpg "
-                                "--import it from your emergency kit) and its passphrase"
-                                % e) from None
-        finally:
-            os.unlink(encrypted)
-        out.write("Decrypted it with gpg into %s\n" % os.path.relpath(local, stack))
-    for path in (os.path.join(stack, "backups"), os.path.dirname(local), local):
-        iotstack.chown_to(path, owner)
-    return plain
 
 
 def normalize_only(path):

@@ -193,7 +193,7 @@ class EncryptedCopyTest(PlainStackTestCase):
             code, out, err = self.restore(DATED, "noask", "--from", source)
             self.assertEqual((code, err), (0, ""), out)
             self.assertIn("Fetched %s.gpg from %s" % (DATED, source), out)
-            self.assertIn("Decrypted it with gpg into backups/%s" % DATED, out)
+            self.assertIn("Decrypted it with gpg\nKept as backups/%s" % DATED, out)
             after = snapshot(self.stack, skip=("backups", ".tmp", "menu.sh"))
             self.assertEqual(diff_snapshots(before, after), [], source)
             # The plain archive stays, as after a plain fetch; no .gpg, no partial.
