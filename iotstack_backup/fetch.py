@@ -122,7 +122,7 @@ def pick(source, host: str, name: str) -> "tuple[str, str | None]":
         raise run.UserError("cannot fetch %s from %s (host %s): it is not there (nor %s); "
                             "see restore.py --list --from %s" % (
                                 name, source, host, " or ".join(candidates[1:]) or "a plain copy",
-                                source), run.EXIT_USAGE)
+                                source))
     return remote, note
 
 
