@@ -227,6 +227,13 @@ class Written(collections.namedtuple("Written",
     among them) and the size guard's good_backups.Verdict."""
 
 
+def is_complete(stats) -> bool:
+    """Whether the archive holds every file of the items (the good-backup
+    record's `complete`).  Issue 21 decides what makes a backup incomplete
+    (files that could not be read); until then every archive counts."""
+    return True
+
+
 def relative_to_backups(path):
     return "/".join(path.split(os.sep)[-2:])
 
@@ -268,7 +275,7 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
             log.field("Verified", "OK (read back from disk: gzip CRC, %d tar headers)"
                       % stats.members)
         verdict = plan.judge(size) if plan.judge else good_backups.Verdict(good_backups.FIRST)
-        targets = final_targets(plan, verdict, True, os.path.exists)
+        targets = final_targets(plan, verdict, is_complete(stats), os.path.exists)
         if targets != plan.targets:
             log.line("Rolling File: %s not replaced: this backup did not pass the size guard, "
                      "and the archive of that name may be the good one; this one is %s"
@@ -455,7 +462,7 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     if error is None:
         error = post_backup_error(stack, log)
     if facts.written is not None:
-        facts.stack_warnings += guard.record(facts.written, owner)
+        facts.stack_warnings += guard.record(facts.written, owner, is_complete(facts.stats))
         copy_error = keep_and_copy(stack, plan, args, log, facts)
         error = error or copy_error
     facts.stack_warnings += missing_warnings(facts.window)
@@ -516,14 +523,14 @@ class SizeGuard:
                 self.log.line(note)
         return self.verdict
 
-    def record(self, written, owner):
+    def record(self, written, owner, complete):
         """Add the new backup to the record; the warnings of the run."""
         verdict = written.verdict
         entry = good_backups.BackupRecord(
             names=tuple(relative_to_backups(path) for path in written.names),
             size=written.size, finished=iotstack.now_local().isoformat(timespec="seconds"),
             held=good_backups.held_items(self.states), verified=written.verified,
-            complete=True, guard=verdict.guard)
+            complete=complete, guard=verdict.guard)
         warnings = list(verdict.warnings)
         try:
             good_backups.record_good_backup(self.backups, self.entries, entry, owner)
@@ -577,7 +584,8 @@ def keep_and_copy(stack, plan, args, log, facts):
     backups = os.path.join(stack, "backups")
     policy = iotstack.retention_policy(args)
     written = facts.written
-    why_not = good_backups.retention_allowed(written.verdict, written.verified, True)
+    why_not = good_backups.retention_allowed(written.verdict, written.verified,
+                                             is_complete(facts.stats))
     if policy and why_not:
         log.line("Retention: no old backup removed, here or at the copies: %s" % why_not)
         policy = None
