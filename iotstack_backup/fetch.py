@@ -72,9 +72,11 @@ def apart_path(local: str, exists) -> str:
     return os.path.join(folder, chosen + ".tar.gz")
 
 
-def fetch(stack: str, source, host: str, name: str, out, options) -> Fetched:
-    """Fetch NAME (or NAME.gpg) from source for a restore; see the module.
-    options: the restore's args (owner, passphrase_file, dry_run)."""
+def fetch(stack: str, host: str, name: str, out, options) -> Fetched:
+    """Fetch NAME (or NAME.gpg) from options.source for a restore; see the
+    module.  options: the restore's args (source, owner, passphrase_file,
+    dry_run)."""
+    source = options.source
     remote, note = pick(source, host, name)
     if note:
         out.write(note + "\n")

@@ -694,7 +694,7 @@ def restore_fetched(stack, args, host, owner, out):
     from . import encryption, fetch
     args.owner = owner
     args.passphrase_file = encryption.passphrase_file_from(args.passphrase_file, os.environ)
-    fetched = fetch.fetch(stack, args.source, host, args.filename, out, args)
+    fetched = fetch.fetch(stack, host, args.filename, out, args)
     try:
         return restore_archive(stack, fetched.path, args, owner, out)
     finally:

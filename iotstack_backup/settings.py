@@ -247,12 +247,19 @@ def print_config(args, sources, out, stack=None):
             note = "" if os.geteuid() == 0 else "; used only as root"
             show(key, name, "default: %s%s" % (how, note))
             continue
-        if repeatable:
-            shown = ", ".join(str(v) for v in value) or "(none)"
-        else:
-            shown = "(none)" if value is None else str(value).lower() if isinstance(value, bool) \
-                else str(value)
-            if key == "notify-url" and value:
-                from . import redact
-                shown = redact.url(value)
-        show(key, shown, sources[key])
+        show(key, shown_value(key, value, repeatable), sources[key])
+
+
+def shown_value(key: str, value, repeatable: bool) -> str:
+    """A setting as --print-config shows it: secrets of URLs masked
+    (str() of a destination or an MQTT target masks its own)."""
+    if repeatable:
+        return ", ".join(str(v) for v in value) or "(none)"
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if key == "notify-url":
+        from . import redact
+        return redact.url(value)
+    return str(value)
