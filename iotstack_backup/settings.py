@@ -93,7 +93,7 @@ def notify_url_problem(text: str) -> "str | None":
     host = parts.hostname or ""
     if not host:
         return "has no host"
-    if ":" in host:
+    if ":" in host or "[" in parts.netloc:  # 3.9's urlsplit lets "[zz]" through
         try:
             ipaddress.IPv6Address(host.split("%")[0])
         except ValueError:
