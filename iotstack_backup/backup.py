@@ -191,7 +191,11 @@ def ask(prompt, default):
 
 def remove_stale_partials(backups, log):
     """Temporary files left by a run that was killed: we hold the lock, so
-    no live run owns them."""
+    no live run owns them (the good-backup record's too)."""
+    for name in sorted(os.listdir(backups)):
+        if good_backups.is_temporary_name(name):
+            os.unlink(os.path.join(backups, name))
+            log.line("Removed an unfinished record from an interrupted run: %s" % name)
     for folder in ("backup", "rolling"):
         path = os.path.join(backups, folder)
         for name in sorted(os.listdir(path)):

@@ -102,6 +102,11 @@ def record_path(backups: str) -> str:
     return os.path.join(backups, RECORD_NAME)
 
 
+def is_temporary_name(name: str) -> bool:
+    """The record's temporary name while it is written (record_good_backup)."""
+    return name.startswith(RECORD_NAME + ".") and name.endswith(".new")
+
+
 def parse_record(text: str) -> list:
     """The entries of the record's text, oldest first; ValueError when it
     is not a record."""
