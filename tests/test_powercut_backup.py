@@ -65,7 +65,8 @@ class BackupPowerCutTest(StackCutCase):
                 if rel not in state or state[rel][:6] != entry]
 
     def test_backup_3_keep_2_with_a_rolling_archive(self):
-        (code, _out, err), record = self.record(lambda stack: self.backup(stack, NOW, "--keep", "2"))
+        (code, _out, err), record = self.record(
+            lambda stack: self.backup(stack, NOW, "--keep", "2"))
         self.assertEqual(code, 0, err)
         after = harness.listing(os.path.join(self.stack, "backups"))
         may_go = {rel for rel in self.before if rel not in after}
