@@ -560,23 +560,79 @@ def _rsync_upload(dest, local_path, rel_name, host):
         os.makedirs(os.path.dirname(staged))
         os.symlink(local_path, staged)
         # A failed transfer leaves nothing: rsync removes its temporary file.
+        _remove_stale_rsync_temps(dest, host, rel_name)
         _rsync_transfer(dest, stage, host, rel_name)
         try:
-            return _rsync_check(dest, stage, local_path, host, rel_name)
+            checked = _rsync_check(dest, stage, local_path, host, rel_name)
         except CopyError as error:
             raise _removed_bad_copy(error, lambda: _rsync_delete(dest, host, [rel_name]),
                                     _rsync_location(dest, _join(dest.path, host, rel_name)))
+        _fsync_local_copy(dest, host, rel_name)
+        return checked
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync_local_copy(dest, host, rel_name):
+    """rsync fsyncs nothing it writes: on a local TARGET (a USB disk) the
+    copy and each folder from it up to TARGET are made durable here, or a
+    power cut could leave an empty copy under its final name (issue 22)."""
+    if dest.remote is not None:
+        return
+    path = _join(dest.path, host, rel_name)
+    _fsync_file(path)
+    top = os.path.abspath(dest.path)
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        fsync_dir(folder)
+        if folder == top or folder == os.path.dirname(folder):
+            break
+        folder = os.path.dirname(folder)
 
 
 def _rsync_transfer(dest, stage, host, rel_name):
     # -W: no delta algorithm (gzip data has no reusable blocks); -I: always
     # copy, even over a same-size same-time file; -O: leave folder times;
-    # -K: keep a symlinked folder at the destination as it is.
-    _run_ok(dest, ["rsync", "-r", "-L", "-K", "-O", "-t", "-W", "-I", "--",
-                   _as_dir(stage), _rsync_root(dest)],
+    # -K: keep a symlinked folder at the destination as it is.  --fsync (a
+    # local TARGET, rsync 3.2.4 or later): the copy is durable before rsync
+    # renames it to its final name (issue 22: a power cut, an empty copy).
+    durable = ["--fsync"] if dest.remote is None and _rsync_can_fsync() else []
+    _run_ok(dest, ["rsync", "-r", "-L", "-K", "-O", "-t", "-W", "-I"] + durable + [
+                   "--", _as_dir(stage), _rsync_root(dest)],
             TRANSFER_TIMEOUT, "upload of %s/%s" % (host, rel_name))
+
+
+_RSYNC_FSYNC = []
+
+
+def _rsync_can_fsync():
+    """Whether this rsync has --fsync (3.2.4 and later; Bullseye has 3.2.3)."""
+    if not _RSYNC_FSYNC:
+        try:
+            result = subprocess.run(["rsync", "--help"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, timeout=LIST_TIMEOUT)
+            _RSYNC_FSYNC.append(b"--fsync" in result.stdout)
+        except (OSError, subprocess.SubprocessError):
+            _RSYNC_FSYNC.append(False)
+    return _RSYNC_FSYNC[0]
+
+
+def _remove_stale_rsync_temps(dest, host, rel_name):
+    """A local TARGET: the temporary files (.backup_NAME.XXXXXX) of an rsync
+    that a power cut or kill stopped before its rename, removed before the
+    new copy (this host's folder holds only our archives; the stack's lock
+    keeps another run of ours from writing there now)."""
+    if dest.remote is not None:
+        return
+    folder = os.path.dirname(_join(dest.path, host, rel_name))
+    stale = re.compile(r"^\.backup_[^/]*\.tar\.gz(\.gpg)?\.[A-Za-z0-9]{6}$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for other in names:
+        if stale.match(other) and os.path.isfile(os.path.join(folder, other)):
+            _remove_quietly(os.path.join(folder, other))
 
 
 def _rsync_check(dest, stage, local_path, host, rel_name):
