@@ -17,6 +17,8 @@ archive is only ever reported good after its bytes were read from the disk.
 Files that cannot be read, or that shrink while read, become warnings, never
 a short archive.
 """
+from __future__ import annotations
+
 import contextlib
 import errno
 import hashlib
@@ -44,11 +46,40 @@ from .tarformat import (
 )
 
 
-class Entry:
-    __slots__ = ("rel", "path", "st")
+# Every entry is opened relative to the directory the walk opened it in,
+# never through a path: a directory swapped for a symlink between the
+# listing and the read (by anyone who may write in volumes/) is never
+# followed, so a run as root never pulls another folder into the archive.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-    def __init__(self, rel, path, st):
-        self.rel, self.path, self.st = rel, path, st
+
+class Entry:
+    """An entry of the tree as the walk met it: rel, its name in the
+    archive; st, its lstat (for a directory, the fstat of the directory the
+    walk opened); name in the directory open as dir_fd, where it is opened
+    without following a symlink (the descriptor is valid while the entry is
+    written; a deferred entry owns a copy until close_entries).  follow: a
+    top-level item that is a symlink to a folder (volumes/ on an SSD),
+    followed as planned, and only to the folder it led to then."""
+
+    __slots__ = ("rel", "st", "dir_fd", "name", "follow")
+
+    def __init__(self, rel: str, st: os.stat_result, dir_fd: int, name: str,
+                 follow: bool = False):
+        self.rel, self.st, self.dir_fd, self.name, self.follow = rel, st, dir_fd, name, follow
+
+
+class WalkLog:
+    """Where a walk puts what it leaves out and what it has to say."""
+
+    __slots__ = ("excluded", "notes", "warnings")
+
+    def __init__(self, excluded: list, notes: list, warnings: list):
+        self.excluded, self.notes, self.warnings = excluded, notes, warnings
+
+    def vanished(self, rel: str) -> None:
+        self.notes.append("%s vanished before it was read: not saved" % rel)
 
 
 def iter_entries(stack, items, patterns, excluded, notes, warnings=None, defer=frozenset(),
@@ -62,75 +93,200 @@ def iter_entries(stack, items, patterns, excluded, notes, warnings=None, defer=f
     is a warning naming it (its entry is kept, its contents are not), an
     entry gone between listing and reading is a note.  Entries whose path is
     in defer are not yielded nor entered: they go, as the walk met them,
-    into the list deferred, for write_tar to read later.
+    into the list deferred (each holding a descriptor of its folder: see
+    close_entries), for write_tar to read later.
     """
-    if warnings is None:
-        warnings = notes
-    for item in items:
-        rel = item.rstrip("/")
-        path = os.path.join(stack, rel)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            notes.append("%s vanished before it was read: not saved" % rel)
-            continue
-        if item.endswith("/") and stat.S_ISLNK(st.st_mode):
-            try:
-                st = os.stat(path)
-            except OSError:
-                pass
-            else:
-                if stat.S_ISDIR(st.st_mode):
-                    notes.append("%s is a symlink to %s: its contents are saved as %s"
-                                 % (rel, os.path.realpath(path), item))
-        if is_excluded(rel + "/" if stat.S_ISDIR(st.st_mode) else rel, patterns):
-            excluded.append(rel)
-            continue
-        if rel in defer:
-            deferred.append(Entry(rel, path, st))
-            continue
-        yield Entry(rel, path, st)
-        if stat.S_ISDIR(st.st_mode):
-            yield from _iter_dir(rel, path, patterns, excluded, notes, warnings, defer, deferred)
-
-
-def _iter_dir(rel, path, patterns, excluded, notes, warnings, defer=frozenset(), deferred=None):
-    # A stack of directory listings rather than recursion: each entry is
-    # yielded once, not passed up through a generator per level of depth.
-    listings = [(rel, _sorted_listing(path, rel, notes, warnings))]
-    while listings:
-        parent, children = listings[-1]
-        for child in children:
-            child_rel = parent + "/" + child.name
-            try:
-                st = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                notes.append("%s vanished before it was read: not saved" % child_rel)
-                continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
-                excluded.append(child_rel)
-                continue
-            if defer and child_rel in defer:
-                deferred.append(Entry(child_rel, child.path, st))
-                continue
-            yield Entry(child_rel, child.path, st)
-            if is_dir:
-                listings.append((child_rel, _sorted_listing(child.path, child_rel, notes,
-                                                            warnings)))
-                break
-        else:
-            listings.pop()
-
-
-def _sorted_listing(path, rel, notes, warnings):
+    log = WalkLog(excluded, notes, notes if warnings is None else warnings)
+    root = os.open(stack, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with os.scandir(path) as it:
+        for item in items:
+            entry = _item_entry(root, stack, item, patterns, log)
+            if entry is None:
+                continue
+            try:
+                if entry.rel in defer:
+                    deferred.append(_kept(entry))
+                else:
+                    yield from _walk(entry, patterns, log, defer, deferred)
+            finally:
+                if entry.dir_fd != root:
+                    os.close(entry.dir_fd)
+    finally:
+        os.close(root)
+
+
+def _item_entry(root: int, stack: str, item: str, patterns, log: WalkLog):
+    """The Entry of a manifest item (None: missing or excluded).  Its
+    folders inside the stack (.tmp of .tmp/databases_backup) are opened
+    without following a symlink (the caller closes that descriptor, the
+    entry's dir_fd, when it is not root); the item itself is followed when
+    it is a top-level folder given with a slash (volumes/) and is a symlink
+    to a folder."""
+    rel = item.rstrip("/")
+    parent, name = root, rel
+    if "/" in rel:
+        folder, name = rel.rsplit("/", 1)
+        try:
+            parent = _open_below(root, folder)
+        except FileNotFoundError:
+            log.vanished(rel)
+            return None
+        except OSError as e:
+            log.warnings.append(walk_warning(rel, e))
+            return None
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        follow = False
+        if item.endswith("/") and stat.S_ISLNK(st.st_mode) and "/" not in rel:
+            with contextlib.suppress(OSError):
+                target = os.stat(name, dir_fd=parent)
+                if stat.S_ISDIR(target.st_mode):
+                    st, follow = target, True
+                    log.notes.append("%s is a symlink to %s: its contents are saved as %s"
+                                     % (rel, os.path.realpath(os.path.join(stack, rel)), item))
+    except FileNotFoundError:
+        log.vanished(rel)
+        st = None
+    if st is None or is_excluded(rel + "/" if stat.S_ISDIR(st.st_mode) else rel, patterns):
+        if st is not None:
+            log.excluded.append(rel)
+        if parent != root:
+            os.close(parent)
+        return None
+    return Entry(rel, st, parent, name, follow)
+
+
+def _open_below(root: int, folder: str) -> int:
+    """A descriptor of folder (relative to root), each component opened
+    without following a symlink (ELOOP or ENOTDIR when one is)."""
+    fd = root
+    for part in folder.split("/"):
+        try:
+            fd_next = os.open(part, DIR_FLAGS, dir_fd=fd)
+        finally:
+            if fd != root:
+                os.close(fd)
+        fd = fd_next
+    return fd
+
+
+def _kept(entry: Entry) -> Entry:
+    """entry with its own copy of its folder's descriptor, to read later."""
+    return Entry(entry.rel, entry.st, os.dup(entry.dir_fd), entry.name, entry.follow)
+
+
+def close_entries(entries) -> None:
+    """Close the descriptors of entries made by _kept (the deferred ones)."""
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            os.close(entry.dir_fd)
+
+
+def _walk(entry: Entry, patterns, log: WalkLog, defer=frozenset(), deferred=None):
+    """entry and, when it is a folder, everything below it, depth first in
+    name order (deferred entries aside).  A stack of open folders and their
+    listings rather than recursion: each entry is yielded once, not passed
+    up through a generator per level of depth."""
+    if not stat.S_ISDIR(entry.st.st_mode):
+        yield entry
+        return
+    fd, entry = _open_listed_dir(entry, log)
+    if entry is not None:
+        yield entry
+    if fd is None:
+        return
+    listings = [(entry.rel, fd, _sorted_listing(fd, entry.rel, log))]
+    try:
+        while listings:
+            parent, dir_fd, children = listings[-1]
+            for child in children:
+                child_rel = parent + "/" + child.name
+                try:
+                    st = child.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    log.vanished(child_rel)
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
+                    log.excluded.append(child_rel)
+                    continue
+                found = Entry(child_rel, st, dir_fd, child.name)
+                if defer and child_rel in defer:
+                    deferred.append(_kept(found))
+                    continue
+                if not is_dir:
+                    yield found
+                    continue
+                sub, found = _open_listed_dir(found, log)
+                if found is not None:
+                    yield found
+                if sub is not None:
+                    listings.append((child_rel, sub, _sorted_listing(sub, child_rel, log)))
+                    break
+            else:
+                listings.pop()
+                os.close(dir_fd)
+    finally:
+        for _parent, dir_fd, _children in listings:
+            os.close(dir_fd)
+
+
+def _open_listed_dir(entry: Entry, log: WalkLog):
+    """(descriptor, entry as opened) for a folder the walk listed, opened
+    without following a symlink (a followed item: only to the folder it
+    led to when listed).  No longer a folder: (None, the entry as it is now,
+    a symlink saved as one, with a warning), or (None, None) when gone.  A
+    folder that cannot be opened: (None, entry), with a warning."""
+    flags = DIR_FLAGS & ~os.O_NOFOLLOW if entry.follow else DIR_FLAGS
+    try:
+        fd = os.open(entry.name, flags, dir_fd=entry.dir_fd)
+    except FileNotFoundError:
+        log.vanished(entry.rel)
+        return None, None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None, _as_it_is_now(entry, log)
+        log.warnings.append(walk_warning(entry.rel, e))
+        return None, entry
+    st = os.fstat(fd)
+    if entry.follow and (st.st_dev, st.st_ino) != (entry.st.st_dev, entry.st.st_ino):
+        os.close(fd)
+        return None, _as_it_is_now(entry, log)
+    return fd, Entry(entry.rel, st, entry.dir_fd, entry.name, entry.follow)
+
+
+def _as_it_is_now(entry: Entry, log: WalkLog):
+    """The entry listed as a folder, now something else (lstat again, never
+    followed), or None when it is gone."""
+    try:
+        st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        log.vanished(entry.rel)
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        log.warnings.append(became_symlink_warning(entry.rel, entry.follow))
+    elif stat.S_ISDIR(st.st_mode):
+        log.warnings.append("%s changed while it was listed: its contents are not saved"
+                            % entry.rel)
+    return Entry(entry.rel, st, entry.dir_fd, entry.name)
+
+
+def became_symlink_warning(rel: str, followed: bool = False) -> str:
+    if followed:
+        return ("%s now leads to another folder than when the backup began: saved as the "
+                "symlink, not followed" % rel)
+    return ("%s was a folder when the backup began and is a symlink now: saved as the "
+            "symlink, not followed (something replaced it while the backup ran)" % rel)
+
+
+def _sorted_listing(fd: int, rel: str, log: WalkLog):
+    try:
+        with os.scandir(fd) as it:
             return iter(sorted(it, key=lambda e: e.name))
     except FileNotFoundError:
-        notes.append("%s vanished before it was read: not saved" % rel)
+        log.vanished(rel)
     except OSError as e:
-        warnings.append(walk_warning(rel, e))
+        log.warnings.append(walk_warning(rel, e))
     return iter(())
 
 
@@ -168,26 +324,32 @@ class Segment:
 def iter_part(found, patterns, stats):
     """The entries at and below `found` (entries the first walk deferred),
     as they are now: the walk met them, maybe seconds before this part is
-    read (and before its services stopped)."""
+    read (and before its services stopped).  Each is looked at again in
+    the folder the walk met it in, never through a symlink that was not
+    there then."""
+    log = WalkLog(stats.excluded, stats.notes, stats.warnings)
     for entry in found:
-        fresh = _restat(entry, stats)
-        if fresh is None:
-            continue
-        yield fresh
-        if stat.S_ISDIR(fresh.st.st_mode):
-            yield from _iter_dir(fresh.rel, fresh.path, patterns, stats.excluded, stats.notes,
-                                 stats.warnings)
+        fresh = _relisted(entry, stats)
+        if fresh is not None:
+            yield from _walk(fresh, patterns, log)
 
 
-def _restat(entry, stats):
+def _relisted(entry: Entry, stats):
+    """A deferred entry as it is now (None: gone).  A followed item is
+    followed again only to the folder it led to when listed; a folder that
+    became a symlink is that symlink, with a warning."""
     try:
-        st = os.lstat(entry.path)
-        if stat.S_ISLNK(st.st_mode) and stat.S_ISDIR(entry.st.st_mode):
-            st = os.stat(entry.path)  # a top-level item the walk followed
+        if entry.follow:
+            st = os.stat(entry.name, dir_fd=entry.dir_fd)
+            if (st.st_dev, st.st_ino) == (entry.st.st_dev, entry.st.st_ino):
+                return Entry(entry.rel, st, entry.dir_fd, entry.name, True)
+        st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         stats.warnings.append("%s disappeared before it was read" % entry.rel)
         return None
-    return Entry(entry.rel, entry.path, st)
+    if stat.S_ISLNK(st.st_mode) and stat.S_ISDIR(entry.st.st_mode):
+        stats.warnings.append(became_symlink_warning(entry.rel, entry.follow))
+    return Entry(entry.rel, st, entry.dir_fd, entry.name)
 
 
 # An entry changed this shortly before it was read may change again, after
@@ -275,6 +437,7 @@ def write_segment(tar, out, segment, parts, patterns, stats):
     if not hasattr(out, "checkpoint"):
         _call(segment.before)
         for part in parts:
+            tar.begin_part()
             tar.write(iter_part(part, patterns, stats))
         _call(segment.after)
         return
@@ -287,6 +450,7 @@ def write_segment(tar, out, segment, parts, patterns, stats):
         tar.flush()
         live = LiveFingerprint()
         reads.append((part, out.checkpoint(), tar.mark(), live))
+        tar.begin_part()
         tar.write(live.track(iter_part(part, patterns, stats)))
     _call(segment.before)
     changed = first_changed(reads, patterns)
@@ -296,6 +460,7 @@ def write_segment(tar, out, segment, parts, patterns, stats):
         tar.rewind(mark)
         out.rewind(checkpoint)
         for part, _checkpoint, _mark, _live in reads[changed:]:
+            tar.begin_part()
             tar.write(iter_part(part, patterns, stats))
             reread += [entry.rel for entry in part]
     if segment.report is not None:
@@ -337,33 +502,91 @@ def write_tar(out, stack, items, patterns, progress, stats, segments=()):
     tar = TarStream(out, progress, stats)
     defer = frozenset(root for segment in segments for root in segment.roots)
     deferred = []
-    tar.write(iter_entries(stack, items, patterns, stats.excluded, stats.notes, stats.warnings,
-                           defer, deferred))
-    for segment in segments:
-        parts = [[entry for entry in deferred if entry.rel in roots] for roots in segment.parts]
-        parts = [part for part in parts if part]
-        if parts:
-            write_segment(tar, out, segment, parts, patterns, stats)
+    try:
+        tar.write(iter_entries(stack, items, patterns, stats.excluded, stats.notes,
+                               stats.warnings, defer, deferred))
+        for segment in segments:
+            parts = [[entry for entry in deferred if entry.rel in roots]
+                     for roots in segment.parts]
+            parts = [part for part in parts if part]
+            if parts:
+                write_segment(tar, out, segment, parts, patterns, stats)
+    finally:
+        close_entries(deferred)
     tar.finish(patterns)
+
+
+def open_listed_file(entry: Entry, stats):
+    """(descriptor, its fstat) of a regular file the walk listed, opened in
+    its folder without following a symlink; (None, Entry) when it is no
+    longer a regular file (a symlink, a device node: never read), (None,
+    None) when it is gone or cannot be read (noted or warned)."""
+    try:
+        fd = os.open(entry.name, FILE_FLAGS, dir_fd=entry.dir_fd)
+    except FileNotFoundError:
+        stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+        return None, None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            stats.warnings.append(walk_warning(entry.rel, e))
+            return None, None
+        try:
+            st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+            return None, None
+        return None, _replaced(entry, st, stats)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None, _replaced(entry, st, stats)
+    return fd, st
+
+
+def _replaced(entry: Entry, st: os.stat_result, stats):
+    """A file listed as regular that is something else now: that, as an
+    Entry (a folder, which the walk never entered, is not saved)."""
+    if stat.S_ISDIR(st.st_mode):
+        stats.warnings.append("%s changed while it was read: not saved" % entry.rel)
+        return None
+    stats.notes.append("%s was replaced while the backup ran: saved as it is now, not read"
+                       % entry.rel)
+    return Entry(entry.rel, st, entry.dir_fd, entry.name)
 
 
 class TarStream:
     """Encodes walk entries as tar members onto out, small members gathered
     into batches.  mark() and rewind() take back what was encoded since a
-    mark (with the stats, progress and hard-link names it added), for a
-    caller that cuts its output back to the same point."""
+    mark (with the stats, progress and hard-link records it added), for a
+    caller that cuts its output back to the same point.
+
+    Hard links: the names of an inode met in one part (begin_part: a group's
+    data, read in its own stop window) are its first name's content and
+    links to it.  Met again in a later part, whose services may have
+    written it since, the inode is read again, whole, under the later name,
+    and every earlier name follows as a link to that member (tar takes the
+    last member of a name), so a restore gives every name the content as
+    of the later part's stop, still linked."""
 
     def __init__(self, out, progress, stats):
         self.out, self.progress, self.stats = out, progress, stats
-        self.first_of_inode = {}
+        # (st_dev, st_ino) -> (part, name of the member with its content,
+        # every name archived for it); _undo: (key, record before) per change.
+        self.inodes = {}
+        self._undo = []
+        self.part = 0
         self.batch = bytearray()
         self.batch_bytes = self.batch_files = 0
         self.files = 0
 
+    def begin_part(self) -> None:
+        """What follows is read in another window than what came before."""
+        self.part += 1
+
     def write(self, entries):
         """Encode the entries (the per-member hot loop: kept in one piece)."""
         out, progress, stats = self.out, self.progress, self.stats
-        first_of_inode, batch = self.first_of_inode, self.batch
+        inodes, batch = self.inodes, self.batch
         batch_bytes, batch_files = self.batch_bytes, self.batch_files
         for entry in entries:
             if len(batch) >= WRITE_BATCH:
@@ -374,59 +597,66 @@ class TarStream:
             st = entry.st
             fmt = stat.S_IFMT(st.st_mode)
             name = os.fsencode(entry.rel)
-            mode = stat.S_IMODE(st.st_mode)
-            mtime = st.st_mtime_ns // 1_000_000_000
             if fmt == stat.S_IFREG:
                 if st.st_nlink > 1:
-                    key = (st.st_dev, st.st_ino)
-                    first = first_of_inode.get(key)
-                    if first is not None:
-                        batch += tar_header(name, TYPE_HARDLINK, mode, st.st_uid, st.st_gid,
-                                            0, mtime, first)
+                    known = inodes.get((st.st_dev, st.st_ino))
+                    if known is not None and known[0] == self.part:
+                        batch += tar_header(name, TYPE_HARDLINK, stat.S_IMODE(st.st_mode),
+                                            st.st_uid, st.st_gid, 0,
+                                            st.st_mtime_ns // 1_000_000_000, known[1])
+                        self._record((st.st_dev, st.st_ino), known[:2] + (known[2] + (name,),))
                         stats.members += 1
                         continue
-                try:
-                    fd = os.open(entry.path,
-                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                fd, now = open_listed_file(entry, stats)
+                if fd is None:
+                    if now is None:
+                        continue
+                    entry, st = now, now.st  # no longer a regular file: saved as it is now
+                    fmt = stat.S_IFMT(st.st_mode)
+                else:
+                    try:
+                        st = now
+                        size = st.st_size
+                        batch += tar_header(name, TYPE_FILE, stat.S_IMODE(st.st_mode), st.st_uid,
+                                            st.st_gid, size, st.st_mtime_ns // 1_000_000_000)
+                        data = os.read(fd, size) if size <= READ_CHUNK else b""
+                        if len(data) == size:
+                            batch += data  # most files: read whole, one copy into the batch
+                        else:
+                            out.write(batch)
+                            batch.clear()
+                            out.write(data)
+                            # A large file reports as it goes, so the line keeps moving.
+                            progress.update(len(data), 0)
+                            _copy_rest(out, fd, size - len(data), entry.rel, stats, progress)
+                            batch_bytes -= size  # already reported
+                        batch += bytes(-size % BLOCK)
+                        if changed_while_read(st, os.fstat(fd)):
+                            stats.warnings.append("%s changed while it was read: the backup "
+                                                  "holds its first %d bytes" % (entry.rel, size))
+                    finally:
+                        os.close(fd)
+                    stats.members += 1
+                    if st.st_nlink > 1:
+                        batch += self._linked_content(st, name)
+                    stats.bytes += size
+                    batch_bytes += size
+                    batch_files += 1
+                    self.files += 1
                     continue
-                except OSError as e:
-                    stats.warnings.append(walk_warning(entry.rel, e))
-                    continue
-                try:
-                    size = st.st_size
-                    batch += tar_header(name, TYPE_FILE, mode, st.st_uid, st.st_gid, size, mtime)
-                    data = os.read(fd, size) if size <= READ_CHUNK else b""
-                    if len(data) == size:
-                        batch += data  # most files: read whole, one copy into the batch
-                    else:
-                        out.write(batch)
-                        batch.clear()
-                        out.write(data)
-                        # A large file reports as it goes, so the line keeps moving.
-                        progress.update(len(data), 0)
-                        _copy_rest(out, fd, size - len(data), entry.rel, stats, progress)
-                        batch_bytes -= size  # already reported
-                    batch += bytes(-size % BLOCK)
-                    if changed_while_read(st, os.fstat(fd)):
-                        stats.warnings.append("%s changed while it was read: the backup holds "
-                                              "its first %d bytes" % (entry.rel, size))
-                finally:
-                    os.close(fd)
-                if st.st_nlink > 1:
-                    first_of_inode[key] = name
-                stats.bytes += size
-                batch_bytes += size
-                batch_files += 1
-                self.files += 1
-            elif fmt == stat.S_IFDIR:
+            mode = stat.S_IMODE(st.st_mode)
+            mtime = st.st_mtime_ns // 1_000_000_000
+            if fmt == stat.S_IFDIR:
                 batch += tar_header(name + b"/", TYPE_DIR, mode, st.st_uid, st.st_gid, 0, mtime)
             elif fmt == stat.S_IFLNK:
                 try:
-                    target = os.fsencode(os.readlink(entry.path))
+                    target = os.fsencode(os.readlink(entry.name, dir_fd=entry.dir_fd))
                 except FileNotFoundError:
                     stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                    continue
+                except OSError as e:  # EINVAL: no longer a symlink
+                    stats.warnings.append("%s changed while it was read: not saved (%s)"
+                                          % (entry.rel, e.strerror))
                     continue
                 batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime,
                                     target)
@@ -443,6 +673,32 @@ class TarStream:
             stats.members += 1
         self.batch_bytes, self.batch_files = batch_bytes, batch_files
 
+    def _linked_content(self, st: os.stat_result, name: bytes) -> bytes:
+        """After the member `name` with the content of a linked inode: its
+        record, and when earlier parts archived it under other names, those
+        names again, as links to `name` (bytes to add to the batch)."""
+        key = (st.st_dev, st.st_ino)
+        known = self.inodes.get(key)
+        if known is not None and known[0] == self.part:
+            # Replaced by a link to it since listed: read in this window anyway.
+            self._record(key, known[:2] + (known[2] + (name,),))
+            return b""
+        earlier = known[2] if known is not None else ()
+        self._record(key, (self.part, name, earlier + (name,)))
+        if earlier:
+            self.stats.notes.append(
+                "%s: read again in a later stop window than its other names (%s), which are "
+                "archived again as links to it" % (os.fsdecode(name),
+                                                   ", ".join(map(os.fsdecode, earlier))))
+        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns // 1_000_000_000
+        self.stats.members += len(earlier)
+        return b"".join(tar_header(old, TYPE_HARDLINK, mode, st.st_uid, st.st_gid, 0, mtime, name)
+                        for old in earlier)
+
+    def _record(self, key, record) -> None:
+        self._undo.append((key, self.inodes.get(key)))
+        self.inodes[key] = record
+
     def flush(self):
         if self.batch:
             self.out.write(self.batch)
@@ -454,7 +710,7 @@ class TarStream:
         """A point to rewind to; the batch must be empty (flushed)."""
         stats = self.stats
         return (stats.members, stats.bytes, self.files, len(stats.excluded), len(stats.notes),
-                len(stats.warnings), len(self.first_of_inode))
+                len(stats.warnings), len(self._undo))
 
     def rewind(self, mark):
         stats = self.stats
@@ -463,8 +719,12 @@ class TarStream:
                              -(self.files - files - self.batch_files))
         stats.members, stats.bytes, self.files = members, nbytes, files
         del stats.excluded[excluded:], stats.notes[notes:], stats.warnings[warnings:]
-        for key in list(self.first_of_inode)[links:]:
-            del self.first_of_inode[key]
+        while len(self._undo) > links:
+            key, record = self._undo.pop()
+            if record is None:
+                del self.inodes[key]
+            else:
+                self.inodes[key] = record
         self.batch.clear()
         self.batch_bytes = self.batch_files = 0
 
