@@ -173,6 +173,8 @@ def read_archive(path, only, unpack=None, progress=None):
                     summary.found_only.add(path_)
             if member.type == "file":
                 summary.bytes += member.size
+            if only and member.type == "hardlink":
+                refuse_link_out_of_only(member, only)
             if unpack is not None:
                 unpack.add(member, rel, reader)
             if progress is not None:
@@ -180,6 +182,17 @@ def read_archive(path, only, unpack=None, progress=None):
     if unpack is not None:
         unpack.finish()
     return summary
+
+
+def refuse_link_out_of_only(member, only) -> None:
+    """A hard link whose target --only leaves out cannot be made (its data
+    was never staged): one clear line, before anything changes.  A backup
+    writes a name linked across stop groups as a link to its later name."""
+    target = normalize_member_name(member.linkname)
+    if not restorable(target, only):
+        raise tarformat.ArchiveError(
+            "%s is a hard link to %s, which --only leaves out: restore both (add --only %s)"
+            % (member.name, member.linkname, target.rpartition("/")[0] or target))
 
 
 class EarlyWriteback(archive_writer.BackgroundSync):
