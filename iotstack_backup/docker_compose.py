@@ -51,6 +51,7 @@ import time
 
 from . import run
 from .iotstack import write_json_atomically
+from .stack_paths import same_folder
 
 STOPPED_MARKER = ".tmp/iotstack-stopped-services.json"
 PROJECT_LABEL = "com.docker.compose.project"
@@ -177,11 +178,30 @@ class Container:
         self.made_by_v1 = labels.get(VERSION_LABEL, "").startswith("1.")
         self.state = state.get("Status", "unknown")
         self.started_at = docker_time(state.get("StartedAt"))
-        # What it keeps in the stack (bind mounts) and whom it needs
-        # (compose v2's label; None from v1, which writes none).
-        self.mounts = [m["Source"] for m in info.get("Mounts") or ()
-                       if m.get("Type") == "bind" and m.get("Source")]
+        self.project = labels.get(PROJECT_LABEL, "")
+        # What it may keep in the stack (bind mounts, named volumes) and whom
+        # it needs (compose v2's label; None from v1, which writes none).
+        self.mounts = [Mount(m) for m in info.get("Mounts") or ()
+                       if m.get("Type") in ("bind", "volume")]
         self.depends_on = labels.get(DEPENDS_LABEL)
+
+
+class Mount:
+    """One bind mount or named volume of a container, as `docker inspect`
+    gives it: kind ("bind" or "volume"), source (the host path; for a
+    volume, docker's folder of it), writable, and a volume's name."""
+
+    __slots__ = ("kind", "source", "writable", "volume")
+
+    def __init__(self, info):
+        self.kind = info.get("Type")
+        self.source = info.get("Source") or ""
+        self.writable = info.get("RW", True) is not False
+        self.volume = info.get("Name") if self.kind == "volume" else None
+
+    def __repr__(self):
+        return "Mount(%s %s%s)" % (self.kind, self.volume or self.source,
+                                   "" if self.writable else " ro")
 
 
 class Engine:
@@ -241,6 +261,31 @@ class Engine:
             raise StackUnavailable(_last_line(err))
         return [c for c in found if not c.oneoff and c.service]
 
+    def volumes(self, names):
+        """{name: (driver, options, mountpoint)} of named volumes, as `docker
+        volume inspect` says; a volume it cannot describe is left out."""
+        if not names:
+            return {}
+        code, out, _err = _run([self.docker, "volume", "inspect"] + sorted(set(names)))
+        try:
+            found = json.loads(out or "[]")
+        except ValueError:
+            return {}
+        return {v.get("Name"): (v.get("Driver"), v.get("Options"), v.get("Mountpoint") or "")
+                for v in found if isinstance(v, dict) and v.get("Name")}
+
+    def containers_by_folder(self, stack):
+        """Compose's containers (any project) made from this folder, by
+        whatever path compose was run from: found when the project name of
+        the rules finds none (compose started through a symlink whose name
+        differs from the folder's)."""
+        code, out, err = _run([self.docker, "ps", "-a", "-q", "--no-trunc", "--filter",
+                               "label=" + PROJECT_LABEL])
+        if code != 0:
+            raise StackUnavailable(_last_line(err))
+        found = self.containers(out.split())
+        return [c for c in found if c.working_dir and same_folder(c.working_dir, stack)]
+
     def compose_run(self, *args, timeout=ACTION_TIMEOUT):
         return _run(self.compose + ["-p", self.project] + list(args), cwd=self.stack,
                     timeout=timeout)
@@ -252,11 +297,10 @@ class Engine:
 
 
 def split_by_folder(containers, stack):
-    """(ours, foreign): containers compose made from this folder (or that do
-    not say where from), and those made from another one."""
-    here = os.path.realpath(stack)
-    ours = [c for c in containers
-            if not c.working_dir or os.path.realpath(c.working_dir) == here]
+    """(ours, foreign): containers compose made from this folder, by any
+    path to it (or that do not say where from), and those made from another
+    one."""
+    ours = [c for c in containers if not c.working_dir or same_folder(c.working_dir, stack)]
     return ours, [c for c in containers if c not in ours]
 
 
@@ -312,6 +356,8 @@ class ServiceWindow:
             return
         self._inherited = entries(read_record(self.marker))
         ours, foreign = split_by_folder(found, stack)
+        if not ours:
+            ours = self._project_by_folder(log)
         self.engine.follow_creator(ours)
         if foreign:
             # Same project name, another folder: compose would mix them up;
@@ -328,6 +374,26 @@ class ServiceWindow:
                  % (self.engine.project, self.compose_words, ", ".join(self.running) or "none"))
         if self.left_alone:
             log.line("Services left alone: %s" % describe(self.left_alone))
+
+    def _project_by_folder(self, log):
+        """The containers compose made from this folder under another project
+        name (started through another path to it), the engine then naming
+        that project; [] when there are none or they are of several."""
+        try:
+            found = self.engine.containers_by_folder(self.stack)
+        except StackUnavailable:
+            return []
+        projects = sorted({c.project for c in found if c.project})
+        if len(projects) != 1:
+            if projects:
+                log.line("Containers of several compose projects were made from this folder "
+                         "(%s), none named %s: none is touched" % (", ".join(projects),
+                                                                   self.engine.project))
+            return []
+        log.line("Compose project %s: its containers were made from this folder through %s"
+                 % (projects[0], sorted({c.working_dir for c in found})[0]))
+        self.engine.project = projects[0]
+        return found
 
     @property
     def compose_words(self):

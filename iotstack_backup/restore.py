@@ -611,7 +611,9 @@ def services_to_stop(window, stack, args, log):
         return None
     if not args.only:
         return list(window.running)
-    using = service_groups.services_using(window.running_containers(), stack, args.only)
+    containers = window.running_containers()
+    using = service_groups.services_using(containers, stack, args.only,
+                                          service_groups.volumes_of(window, containers), log)
     log.line("Services with data under %s: %s" % (", ".join(args.only), ", ".join(using) or "none"))
     return [service for service in window.running if service in using]
 

@@ -1,9 +1,10 @@
 """Which running services must be down while which part of the archive is read.
 
 A backup only needs a service stopped while its own files are read.  Two
-services share data when a bind mount of one and a bind mount of the other
-fall in the same top-level folder of volumes/ (or one lies inside the
-other), and a service that depends on another goes down with it; services
+services share data when a mount of one and a mount of the other fall in
+the same top-level folder of volumes/ (or one lies inside the other: a
+mount of the stack's parent folder holds all of it), and a service that
+depends on another goes down with it; services
 linked that way, directly or through others, form a group.  The archive is
 written in an order that keeps each group's data together (archive_writer's
 segments): the group's data is read while it runs, then the group is
@@ -13,14 +14,23 @@ run; data no running container mounts is read first, with nothing stopped.
 
 How it keeps data safe: mounts and dependencies come from the engine
 (`docker inspect` of the project's containers: `.Mounts` and compose v2's
-`com.docker.compose.depends_on` label), never from reading YAML by hand; when
-they cannot be learned, every running service is stopped together around
-all of the data (the old behaviour), so not knowing never means reading a
-running database.  The decisions are pure functions, table-tested; the query
-is one thin function at the end.
+`com.docker.compose.depends_on` label; `docker volume inspect` for what a
+named volume's driver options bind), never from reading YAML by hand, and
+their paths are compared as the kernel sees them (stack_paths: a stack
+reached through a symlink, a mount from above the stack); for a backup only
+what a service can write counts.  When they cannot be learned, every
+running service is stopped together around all of the data (the old
+behaviour); a mount that cannot be told (a volume driver other than
+docker's local one, a block device) makes --stop each stop everything
+together; so not knowing never means reading a running database.  The
+decisions are pure functions, table-tested; the queries are thin functions
+at the end.
 """
+from __future__ import annotations
+
 import os
 
+from . import stack_paths
 from .archive_writer import Segment
 from .docker_compose import StackUnavailable
 
@@ -74,20 +84,6 @@ def parse_depends_on(label):
     "db:service_started:false,mqtt:service_healthy:true"."""
     return tuple(sorted({part.split(":", 1)[0].strip()
                          for part in (label or "").split(",") if part.strip()}))
-
-
-def relative_to_stack(source, bases):
-    """The stack-relative path of a mount's host path, or None when it lies
-    outside the stack.  bases: (absolute prefix, relative prefix) pairs, e.g.
-    the stack itself, its real path, and a volumes/ that is a symlink."""
-    source = os.path.normpath(source)
-    for prefix, rel in bases:
-        if source == prefix:
-            return rel
-        if source.startswith(prefix.rstrip("/") + "/"):
-            below = source[len(prefix.rstrip("/")) + 1:]
-            return rel + "/" + below if rel else below
-    return None
 
 
 def data_key(rel):
@@ -176,48 +172,85 @@ def left_running(windows, running):
     return [s for s in sorted(running) if s not in stopped]
 
 
-def path_bases(stack, item_names, realpath=os.path.realpath, islink=os.path.islink,
-               listdir=os.listdir):
-    """Where mounts of the stack may point: the stack as given and as its real
-    path, each top-level item that is a symlink (volumes/ on an SSD), and
-    each folder of volumes/ that is one (a database moved alone), longest
-    first so the most specific prefix wins."""
-    stack = os.path.abspath(stack)
-    bases = [(stack, ""), (realpath(stack), "")]
-    linked = [item for item in item_names if "/" not in item]
-    if "volumes" in item_names:
-        try:
-            linked += ["volumes/" + name for name in listdir(os.path.join(stack, "volumes"))]
-        except OSError:
-            pass
-    bases += [(realpath(os.path.join(stack, rel)), rel) for rel in linked
-              if islink(os.path.join(stack, rel))]
-    return sorted(set(bases), key=lambda b: -len(b[0]))
+class MountFacts:
+    """What the engine said of the running containers' mounts, for
+    mount_keys: the stack's Places and {volume: (driver, options,
+    mountpoint)} of their named volumes."""
+
+    __slots__ = ("places", "volumes")
+
+    def __init__(self, places: stack_paths.Places, volumes: dict):
+        self.places, self.volumes = places, volumes
 
 
-def facts_from_containers(containers, bases):
+def mount_keys(mount, facts: MountFacts, ident=stack_paths.identity,
+               realpath=os.path.realpath):
+    """(stack-relative paths the mount covers, why it cannot be told or
+    None).  A named volume is followed to what its driver options bind."""
+    source = mount.source
+    if mount.kind == "volume":
+        driver, options, mountpoint = facts.volumes.get(mount.volume, (None, None, source))
+        how, found = stack_paths.volume_source(driver, options, mountpoint or source)
+        if how == "unknown":
+            return (), "volume %s: %s" % (mount.volume, found)
+        if how == "outside":
+            return (), None
+        source = found
+    return stack_paths.locate(source, facts.places, ident, realpath), None
+
+
+def facts_from_containers(containers, facts: MountFacts, writable_only: bool = True,
+                          ident=stack_paths.identity, realpath=os.path.realpath):
     """({service: data keys}, {service: dependencies}, whether any container
-    carries compose v2's depends_on label) from the running containers
-    (docker_compose.Container: service, mounts, depends_on)."""
+    carries compose v2's depends_on label, {service: why its mounts cannot be
+    told}) from the running containers (docker_compose.Container).  For a
+    backup only what a service can write counts (writable_only); a service
+    whose mounts cannot be told gets the whole stack ("")."""
     names = sorted({c.service for c in containers})
-    keys = {name: tuple(sorted({data_key(rel) for c in containers if c.service == name
-                                for rel in (relative_to_stack(source, bases)
-                                            for source in c.mounts)
-                                if rel is not None}))
-            for name in names}
+    keys = {name: set() for name in names}
+    unknown = {}
+    for c in containers:
+        for mount in c.mounts:
+            if writable_only and not mount.writable:
+                continue
+            rels, why = mount_keys(mount, facts, ident, realpath)
+            if why is not None:
+                unknown.setdefault(c.service, why)
+                rels = ("",)
+            keys[c.service].update(data_key(rel) for rel in rels)
     deps = {name: tuple(sorted({d for c in containers if c.service == name
                                 for d in parse_depends_on(c.depends_on)}))
             for name in names}
-    return keys, deps, any(c.depends_on is not None for c in containers)
+    return ({name: tuple(sorted(keys[name])) for name in names}, deps,
+            any(c.depends_on is not None for c in containers), unknown)
 
 
-def services_using(containers, stack, paths):
-    """The services with a bind mount under, or holding, one of `paths`
-    (relative to stack): those a restore --only of them must stop."""
-    bases = path_bases(stack, [p.split("/", 1)[0] for p in paths])
-    return sorted({c.service for c in containers for source in c.mounts
-                   for rel in [relative_to_stack(source, bases)]
-                   if rel is not None and any(overlaps(rel, path) for path in paths)})
+def volumes_of(window, containers) -> dict:
+    """{name: (driver, options, mountpoint)} of the containers' named
+    volumes, as the engine describes them ({} when it does not answer)."""
+    names = [m.volume for c in containers for m in c.mounts if m.volume]
+    if not names or window.engine is None:
+        return {}
+    try:
+        return window.engine.volumes(names)
+    except StackUnavailable:
+        return {}
+
+
+def services_using(containers, stack, paths, volumes=None, log=None):
+    """The services with a mount under, or holding, one of `paths` (relative
+    to stack), read-only ones too: those a restore --only of them must stop;
+    with those whose mounts cannot be told (logged).  volumes: see
+    volumes_of."""
+    facts = MountFacts(stack_paths.places_of(stack, sorted({p.split("/", 1)[0] for p in paths})),
+                       volumes or {})
+    keys, _deps, _labelled, unknown = facts_from_containers(containers, facts,
+                                                            writable_only=False)
+    if log is not None:
+        for service, why in sorted(unknown.items()):
+            log.line("Cannot tell what %s mounts (%s): it is stopped too" % (service, why))
+    return sorted(name for name, rels in keys.items()
+                  if any(overlaps(rel, path) for rel in rels for path in paths))
 
 
 def describe_window(window):
@@ -225,14 +258,25 @@ def describe_window(window):
 
 
 def learn_groups(window, stack, running, item_names, log):
-    """The groups of the running services, from what the engine said of
-    their containers when the window was made."""
+    """(groups of the running services, {service: why its mounts cannot be
+    told}), from what the engine said of their containers when the window
+    was made."""
     containers = window.running_containers()
-    keys, deps, labelled = facts_from_containers(containers, path_bases(stack, item_names))
+    facts = MountFacts(stack_paths.places_of(stack, item_names), volumes_of(window, containers))
+    keys, deps, labelled, unknown = facts_from_containers(containers, facts)
     if not labelled:
         log.line("Dependencies between services are not known (compose v1 labels no "
                  "depends_on): services are grouped by shared data only")
-    return group_services(running, keys, deps)
+    return group_services(running, keys, deps), unknown
+
+
+def stop_mode(mode: str, unknown: dict, log) -> str:
+    """--stop each falls back to all when a service's mounts cannot be told."""
+    for service, why in sorted(unknown.items()):
+        log.line("Cannot tell what %s can write (%s): %s" % (
+            service, why, "--stop each falls back to all for this run" if mode == "each"
+            else "it is stopped with everything"))
+    return "all" if unknown and mode == "each" else mode
 
 
 def plan_for(window, stack, items, mode, log):
@@ -244,7 +288,8 @@ def plan_for(window, stack, items, mode, log):
     if not running:
         return []
     item_names = [item.rstrip("/") for item in items]
-    groups = learn_groups(window, stack, running, item_names, log)
+    groups, unknown = learn_groups(window, stack, running, item_names, log)
+    mode = stop_mode(mode, unknown, log)
     windows = plan_windows(groups, mode, running, item_names)
     for window in windows:
         log.line("Stop window (--stop %s): %s" % (mode, describe_window(window)))

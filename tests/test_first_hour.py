@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 import uuid
@@ -172,20 +173,23 @@ class ServiceMountTests(unittest.TestCase):
                 "Config": {"Labels": {docker_compose.SERVICE_LABEL: service}},
                 "State": {"Status": "running"},
                 "Mounts": [{"Type": "bind", "Source": s} for s in sources]})
+        home = tempfile.mkdtemp(prefix="first-hour-")
+        self.addCleanup(shutil.rmtree, home)
+        stack = os.path.join(home, "IOTstack")
+        for folder in ("volumes/nodered/data", "volumes/grafana", "volumes/nodered-old"):
+            os.makedirs(os.path.join(stack, folder))
         containers = [
-            container("nodered", "/home/pi/IOTstack/volumes/nodered/data"),
-            container("grafana", "/home/pi/IOTstack/volumes/grafana"),
-            container("whole", "/home/pi/IOTstack/volumes"),
+            container("nodered", stack + "/volumes/nodered/data"),
+            container("grafana", stack + "/volumes/grafana"),
+            container("whole", stack + "/volumes"),
             container("elsewhere", "/srv/media"),
-            container("noderedish", "/home/pi/IOTstack/volumes/nodered-old"),
+            container("noderedish", stack + "/volumes/nodered-old"),
         ]
-        self.assertEqual(service_groups.services_using(containers, "/home/pi/IOTstack",
-                                                       ["volumes/nodered"]),
+        self.assertEqual(service_groups.services_using(containers, stack, ["volumes/nodered"]),
                          ["nodered", "whole"])
-        self.assertEqual(service_groups.services_using(containers, "/home/pi/IOTstack",
-                                                       ["volumes"]),
+        self.assertEqual(service_groups.services_using(containers, stack, ["volumes"]),
                          ["grafana", "nodered", "noderedish", "whole"])
-        self.assertEqual(service_groups.services_using(containers, "/home/pi/IOTstack",
+        self.assertEqual(service_groups.services_using(containers, stack,
                                                        ["docker-compose.yml"]), [])
 
 

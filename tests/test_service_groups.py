@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 import unittest
 
-from iotstack_backup import archive_writer, docker_compose, settings
+from iotstack_backup import archive_writer, docker_compose, settings, stack_paths
 from iotstack_backup import service_groups as sg
 from iotstack_backup.docker_compose import StackUnavailable
 from iotstack_backup.service_groups import Group, Window
@@ -28,21 +28,6 @@ class PathRulesTest(unittest.TestCase):
                 ("mqtt:service_healthy:true,db:service_started:false", ("db", "mqtt")),
                 ("db:service_started:false, db:service_healthy:true", ("db",))]:
             self.assertEqual(sg.parse_depends_on(label), expected, label)
-
-    def test_relative_to_stack(self):
-        bases = [("/ssd/volumes", "volumes"), ("/home/pi/IOTstack", ""),
-                 ("/mnt/real/IOTstack", "")]
-        for source, expected in [
-                ("/home/pi/IOTstack/volumes/nodered/data", "volumes/nodered/data"),
-                ("/home/pi/IOTstack/volumes/nodered/data/", "volumes/nodered/data"),
-                ("/mnt/real/IOTstack/services/x", "services/x"),
-                ("/ssd/volumes/influxdb", "volumes/influxdb"),
-                ("/ssd/volumes", "volumes"),
-                ("/home/pi/IOTstack", ""),
-                ("/home/pi/IOTstack2/volumes/a", None),   # a sibling, not inside
-                ("/etc/localtime", None),
-                ("/var/run/docker.sock", None)]:
-            self.assertEqual(sg.relative_to_stack(source, bases), expected, source)
 
     def test_data_key(self):
         for rel, expected in [("volumes/nodered/data", "volumes/nodered"),
@@ -62,15 +47,93 @@ class PathRulesTest(unittest.TestCase):
                                ("volumes", "volumes/x", True)]:
             self.assertEqual(sg.overlaps(a, b), expected, (a, b))
 
-    def test_path_bases(self):
-        links = {"/s/volumes": "/ssd/v", "/s/volumes/influxdb": "/ssd/influx"}
-        bases = sg.path_bases("/s", ["services", "volumes", ".tmp/databases_backup"],
-                              realpath=lambda p: links.get(p, p.replace("/s", "/real/s", 1)),
-                              islink=lambda p: p in links,
-                              listdir=lambda p: ["influxdb", "nodered"])
-        self.assertEqual(bases, [("/ssd/influx", "volumes/influxdb"), ("/real/s", ""),
-                                 ("/ssd/v", "volumes"), ("/s", "")])
-        self.assertEqual(sg.relative_to_stack("/ssd/influx/data", bases), "volumes/influxdb/data")
+
+
+class KernelPaths:
+    """A machine's paths for the pure decisions of stack_paths: realpath
+    resolves `links` (a prefix that is a symlink), identity gives a folder's
+    (dev, ino), the same for two paths of one folder (`aliases`, a bind
+    mount of it elsewhere)."""
+
+    def __init__(self, folders, links=None, aliases=None):
+        self.links = links or {}
+        self.aliases = aliases or {}
+        self.ids = {path: (1, n) for n, path in enumerate(sorted(folders), 1)}
+
+    def realpath(self, path):
+        path = os.path.normpath(path)
+        resolved = None
+        while resolved != path:
+            resolved = path
+            for link, target in sorted(self.links.items(), key=lambda lt: -len(lt[0])):
+                if path == link or path.startswith(link + "/"):
+                    path = target + path[len(link):]
+                    break
+        return path
+
+    def identity(self, path):
+        path = self.realpath(path)
+        for alias, real in self.aliases.items():
+            if path == alias or path.startswith(alias + "/"):
+                path = real + path[len(alias):]
+        return self.ids.get(path)
+
+
+# /home/pi/IOTstack is a symlink to /ssd/stack; its volumes/influxdb one to
+# /hdd/influx; /srv/stack is a bind mount of /ssd/stack.
+MACHINE = KernelPaths(
+    ["/", "/home", "/home/pi", "/ssd", "/ssd/stack", "/ssd/stack/volumes", "/ssd/stack/services",
+     "/ssd/stack/volumes/nodered", "/ssd/stack/volumes/nodered/data", "/hdd", "/hdd/influx",
+     "/etc", "/etc/localtime", "/ssd/other", "/srv", "/srv/stack"],
+    links={"/home/pi/IOTstack": "/ssd/stack", "/ssd/stack/volumes/influxdb": "/hdd/influx"},
+    aliases={"/srv/stack": "/ssd/stack"})
+
+
+class StackPathsTest(unittest.TestCase):
+    def places(self):
+        return stack_paths.places_of("/home/pi/IOTstack", ["services", "volumes"],
+                                     MACHINE.identity, MACHINE.realpath,
+                                     lambda path: ["influxdb", "nodered"])
+
+    def test_locate(self):
+        places = self.places()
+        for source, expected in [
+                ("/home/pi/IOTstack/volumes/nodered/data", ("volumes/nodered/data",)),
+                ("/ssd/stack/volumes/nodered/data", ("volumes/nodered/data",)),
+                ("/ssd/stack/volumes/nodered/data/", ("volumes/nodered/data",)),
+                ("/srv/stack/volumes/nodered", ("volumes/nodered",)),   # a bind mount of it
+                ("/hdd/influx", ("volumes/influxdb",)),                 # the symlink's target
+                ("/hdd/influx/wal", ("volumes/influxdb/wal",)),          # not there yet
+                ("/ssd/stack/volumes/new/x", ("volumes/new/x",)),
+                ("/ssd/stack", ("",)),
+                ("/ssd", ("",)),                                         # holds it from above
+                ("/home/pi", ()),               # holds the symlink, not what it leads to
+                ("/hdd", ("volumes/influxdb",)),
+                ("/", ("",)),
+                ("/ssd/other", ()),
+                ("/etc/localtime", ()),
+                ("/var/run/docker.sock", ())]:
+            self.assertEqual(stack_paths.locate(source, places, MACHINE.identity,
+                                                MACHINE.realpath), expected, source)
+
+    def test_volume_source(self):
+        for driver, options, expected in [
+                ("local", None, ("path", "/var/lib/docker/volumes/v/_data")),
+                ("local", {}, ("path", "/var/lib/docker/volumes/v/_data")),
+                ("local", {"type": "none", "o": "bind", "device": "/s/volumes/x"},
+                 ("path", "/s/volumes/x")),
+                ("local", {"o": "rbind,ro", "device": "/s"}, ("path", "/s")),
+                ("local", {"type": "none", "o": "bind", "device": "volumes/x"},
+                 ("unknown", "bind of a relative device volumes/x")),
+                ("local", {"type": "nfs", "o": "addr=nas", "device": ":/export"},
+                 ("outside", None)),
+                ("local", {"type": "tmpfs", "device": "tmpfs"}, ("outside", None)),
+                ("local", {"type": "ext4", "device": "/dev/sda1"},
+                 ("unknown", "a ext4 file system on /dev/sda1")),
+                ("rclone", {}, ("unknown", "volume driver rclone")),
+                (None, None, ("unknown", "docker could not describe the volume"))]:
+            self.assertEqual(stack_paths.volume_source(
+                driver, options, "/var/lib/docker/volumes/v/_data"), expected, (driver, options))
 
 
 class GroupingTest(unittest.TestCase):
@@ -155,31 +218,64 @@ class RootsAndWindowsTest(unittest.TestCase):
 
 
 def container(service, mounts, depends=None):
+    """mounts: (kind, source) or (kind, source, writable) or, for a named
+    volume, ("volume", name, writable)."""
     labels = {docker_compose.SERVICE_LABEL: service}
     if depends is not None:
         labels[docker_compose.DEPENDS_LABEL] = depends
+    infos = []
+    for kind, source, *rw in mounts:
+        info = {"Type": kind, "Source": source, "RW": rw[0] if rw else True}
+        if kind == "volume":
+            info.update(Name=source, Source="/var/lib/docker/volumes/%s/_data" % source)
+        infos.append(info)
     return docker_compose.Container({
-        "State": {"Status": "running"}, "Config": {"Labels": labels},
-        "Mounts": [{"Type": kind, "Source": source} for kind, source in mounts]})
+        "State": {"Status": "running"}, "Config": {"Labels": labels}, "Mounts": infos})
 
 
 class InspectTest(unittest.TestCase):
-    bases = [("/s", "")]
+    def facts(self, containers, volumes=None, writable_only=True):
+        places = stack_paths.places_of("/home/pi/IOTstack", ["services", "volumes"],
+                                       MACHINE.identity, MACHINE.realpath,
+                                       lambda path: ["influxdb", "nodered"])
+        return sg.facts_from_containers(containers, sg.MountFacts(places, volumes or {}),
+                                        writable_only, MACHINE.identity, MACHINE.realpath)
 
     def test_facts_v2(self):
-        keys, deps, labelled = sg.facts_from_containers([
-            container("db", [("bind", "/s/volumes/db/data"), ("volume", "/var/lib/docker/v")], ""),
-            container("app", [("bind", "/s/volumes/app"), ("bind", "/etc/localtime")],
-                      "db:service_started:false"),
-        ], self.bases)
+        keys, deps, labelled, unknown = self.facts([
+            container("db", [("bind", "/ssd/stack/volumes/db/data"),
+                             ("volume", "dbcache")], ""),
+            container("app", [("bind", "/home/pi/IOTstack/volumes/app"),
+                              ("bind", "/etc/localtime")], "db:service_started:false"),
+        ], {"dbcache": ("local", None, "/var/lib/docker/volumes/dbcache/_data")})
         self.assertEqual(keys, {"db": ("volumes/db",), "app": ("volumes/app",)})
         self.assertEqual(deps, {"db": (), "app": ("db",)})
         self.assertTrue(labelled)
+        self.assertEqual(unknown, {})
 
     def test_facts_v1_have_no_dependencies(self):
-        keys, deps, labelled = sg.facts_from_containers(
-            [container("db", [("bind", "/s/volumes/db")])], self.bases)
+        keys, deps, labelled, _unknown = self.facts(
+            [container("db", [("bind", "/ssd/stack/volumes/db")])])
         self.assertEqual((keys, deps, labelled), ({"db": ("volumes/db",)}, {"db": ()}, False))
+
+    def test_ancestors_bound_volumes_read_only_and_unknown(self):
+        containers = [
+            container("browser", [("bind", "/ssd")]),
+            container("viewer", [("bind", "/ssd", False)]),
+            container("sync", [("volume", "data")]),
+            container("plugin", [("volume", "cloud")]),
+            container("influx", [("bind", "/hdd/influx/data")])]
+        volumes = {"data": ("local", {"type": "none", "o": "bind",
+                                      "device": "/srv/stack/volumes/nodered"}, ""),
+                   "cloud": ("rclone", {}, "")}
+        keys, _deps, _labelled, unknown = self.facts(containers, volumes)
+        self.assertEqual(keys, {"browser": ("",), "viewer": (), "sync": ("volumes/nodered",),
+                                "plugin": ("",), "influx": ("volumes/influxdb",)})
+        self.assertEqual(unknown, {"plugin": "volume cloud: volume driver rclone"})
+        # A restore --only counts read-only mounts: the viewer would keep
+        # showing the old folder.
+        keys, _deps, _labelled, _unknown = self.facts(containers, volumes, writable_only=False)
+        self.assertEqual(keys["viewer"], ("",))
 
 
 class Log:
