@@ -633,14 +633,18 @@ def leftover_warnings(leftover):
 
 
 def missing_warnings(window):
-    return ["%s %s" % pair for pair in (window.missing if window else [])]
+    """Services gone from the compose file, and starts compose could not do."""
+    if window is None:
+        return []
+    return ["%s %s" % pair for pair in window.missing] + list(window.start_notes)
 
 
 def start_failures(window):
-    """The one line for services that could not be started again, or ""."""
+    """The one line for services that could not be started again, with the
+    command that starts each once its cause is fixed, or ""."""
     if window is None or not window.failed:
         return ""
-    return "could not start again: %s" % "; ".join("%s (%s)" % pair for pair in window.failed)
+    return "could not start again: %s" % docker_compose.describe_failed(window)
 
 
 def remove_old_backups(backups, plan, policy, log):

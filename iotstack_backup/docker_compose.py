@@ -66,6 +66,9 @@ USUAL_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbi
               "/snap/bin")
 QUERY_TIMEOUT = 60
 ACTION_TIMEOUT = 900  # a stop waits for every stop_grace_period
+# A start waits for dependencies' health checks: one that never passes
+# again must not keep the services down for long.
+START_TIMEOUT = 300
 
 
 class StackUnavailable(Exception):
@@ -104,7 +107,10 @@ def _run(argv, cwd=None, timeout=QUERY_TIMEOUT):
             err.seek(0)
             return (result.returncode, out.read().decode("utf-8", "replace"),
                     err.read().decode("utf-8", "replace"))
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except subprocess.TimeoutExpired:
+        raise StackUnavailable("%s timed out after %d s" % (
+            " ".join([os.path.basename(argv[0])] + argv[1:2]), timeout)) from None
+    except OSError as e:
         raise StackUnavailable("%s: %s" % (" ".join(argv[:2]), e)) from None
 
 
@@ -286,9 +292,9 @@ class Engine:
         found = self.containers(out.split())
         return [c for c in found if c.working_dir and same_folder(c.working_dir, stack)]
 
-    def compose_run(self, *args, timeout=ACTION_TIMEOUT):
+    def compose_run(self, *args, timeout=None):
         return _run(self.compose + ["-p", self.project] + list(args), cwd=self.stack,
-                    timeout=timeout)
+                    timeout=ACTION_TIMEOUT if timeout is None else timeout)
 
     def services_in_file(self):
         """The services the compose file names now, or None when compose cannot read it."""
@@ -333,6 +339,8 @@ class ServiceWindow:
         self.started = []
         self.failed = []
         self.missing = []
+        self.start_notes = []  # starts that needed docker start (a compose call failed)
+        self._notes_logged = 0
         self._record = {}   # service -> {"containers": [ids], "stopped_at": time}
         self._down = {}     # service -> [monotonic stop begin, start end or None]
         self._containers = {}
@@ -431,7 +439,8 @@ class ServiceWindow:
             begin = time.monotonic()
             stamp = time.time()
             for name in group:
-                self._record[name] = {"containers": [c.id for c in self._containers[name]],
+                self._record[name] = {"containers": [c.id for c in self._containers[name]
+                                                     if c.state == "running"],
                                       "stopped_at": stamp}
                 self._down[name] = [begin, None]
             self.stopped.extend(group)
@@ -459,19 +468,22 @@ class ServiceWindow:
     def start(self, services):
         """Start again those of services this run stopped.  Each ends up in
         `started`, `failed` (with the reason) or `missing` (with what to do);
-        the marker keeps only the failed ones."""
+        the marker keeps only the failed ones.  Never raises for docker's
+        sake: a compose call that fails or times out leaves each service to
+        `docker start`, and what still does not run is named in `failed`."""
         group = [s for s in self.outstanding if s in services]
         if not group or self.engine is None:
             return
         with run.signals_deferred():
             in_file = self.compose_services
             if in_file is None:
-                in_file = self.engine.services_in_file()
+                in_file = self._services_in_file()
             absent = [s for s in group if in_file is not None and s not in in_file]
             present = [s for s in group if s not in absent]
             errors = self._start_each(present)
             now = self._states()
             for name in present:
+                self.failed = [pair for pair in self.failed if pair[0] != name]
                 if now.get(name) == "running":
                     self.started.append(name)
                     self._record.pop(name)
@@ -484,22 +496,55 @@ class ServiceWindow:
             self._write_marker()
         self._log_start(present, absent)
 
+    def _services_in_file(self):
+        try:
+            return self.engine.services_in_file()
+        except StackUnavailable:
+            return None
+
     def _start_each(self, names):
-        """One compose call for all; each one still not running again on its
-        own, so one that cannot start never holds back another.  Returns
-        {service: the error compose gave}."""
+        """One compose call for the services not failed yet (bounded by
+        START_TIMEOUT: compose waits for dependencies' health checks); each
+        one still not running then gets `docker start` of the containers
+        this run stopped, which waits for nothing, so one that cannot start
+        never holds back another.  Returns {service: the error docker gave}."""
         if not names:
             return {}
-        code, _out, err = self.engine.compose_run("start", *names)
-        now = self._states()
-        late = [s for s in names if now.get(s) != "running"]
-        errors = {}
-        if code != 0 or late:
-            for name in late:
-                code, _out, err = self.engine.compose_run("start", name)
+        failed = {name for name, _why in self.failed}
+        first = [name for name in names if name not in failed]
+        if first:
+            try:
+                code, _out, err = self.engine.compose_run("start", *first,
+                                                          timeout=START_TIMEOUT)
                 if code != 0 or "error" in err.lower():  # v1 says so, yet exits 0
-                    errors[name] = _last_line(err)
+                    self.start_notes.append("'%s start %s' failed: %s" % (
+                        self.compose_words, " ".join(first), _last_line(err)))
+            except StackUnavailable as e:
+                self.start_notes.append("'%s start %s' did not finish (%s: a dependency's "
+                                        "health check failing?); each service was started "
+                                        "with docker start" % (self.compose_words,
+                                                               " ".join(first), e))
+        now = self._states()
+        errors = {}
+        for name in names:
+            if now.get(name) != "running":
+                error = self._docker_start(name)
+                if error:
+                    errors[name] = error
         return errors
+
+    def _docker_start(self, name):
+        """`docker start` of the service's containers this run stopped; the
+        error docker gave, or None."""
+        ids = self._record.get(name, {}).get("containers") or [
+            c.id for c in self._containers.get(name, [])]
+        if not ids:
+            return "no container"
+        try:
+            code, _out, err = _run([self.engine.docker, "start"] + ids, timeout=QUERY_TIMEOUT)
+        except StackUnavailable as e:
+            return str(e)
+        return _last_line(err) if code != 0 else None
 
     def _ours(self):
         """{service: [Container]} of this folder's containers, now."""
@@ -519,6 +564,9 @@ class ServiceWindow:
                 "--remove-orphans'" % (names, self.compose_words))
 
     def _log_start(self, present, absent):
+        for note in self.start_notes[self._notes_logged:]:
+            self.log.line("Warning: %s" % note)
+        self._notes_logged = len(self.start_notes)
         started = [s for s in present if s in self.started]
         if started:
             self.log.line("Started again: %s" % ", ".join(started))
@@ -601,6 +649,14 @@ def downtimes(window):
 def describe(pairs):
     """"a (paused), b (exited)"."""
     return ", ".join("%s (%s)" % pair for pair in pairs)
+
+
+def describe_failed(window):
+    """"app (why); to start it: docker start NAME" for each service the
+    window could not start again: the command works once the cause is fixed."""
+    return "; ".join("%s (%s); to start it: docker start %s"
+                     % (name, why, " ".join(window.container_names([name])) or name)
+                     for name, why in window.failed)
 
 
 def describe_exit(state):

@@ -262,8 +262,8 @@ def restore_with_log(stack, archive, args, log, out):
     docker_compose.log_fields(log, window)
     journal.empty_trash(stack, log, out)
     if window.failed:
-        raise run.UserError("restored, but could not start again: %s" % "; ".join(
-            "%s (%s)" % pair for pair in window.failed))
+        raise run.UserError("restored, but could not start again: %s"
+                            % docker_compose.describe_failed(window))
     out.write("Restored %s: %s (%d members, %s)\n" % (
         os.path.basename(archive), ", ".join(units), summary.members,
         progress.human_size(summary.bytes)))
