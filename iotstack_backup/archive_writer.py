@@ -200,28 +200,20 @@ def _walk(entry: Entry, patterns, log: WalkLog, defer=frozenset(), deferred=None
         while listings:
             parent, dir_fd, children = listings[-1]
             for child in children:
-                child_rel = parent + "/" + child.name
-                try:
-                    st = child.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    log.vanished(child_rel)
+                found = _listed(child, parent, dir_fd, patterns, log)
+                if found is None:
                     continue
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
-                    log.excluded.append(child_rel)
-                    continue
-                found = Entry(child_rel, st, dir_fd, child.name)
-                if defer and child_rel in defer:
+                if defer and found.rel in defer:
                     deferred.append(_kept(found))
                     continue
-                if not is_dir:
+                if not stat.S_ISDIR(found.st.st_mode):
                     yield found
                     continue
                 sub, found = _open_listed_dir(found, log)
                 if found is not None:
                     yield found
                 if sub is not None:
-                    listings.append((child_rel, sub, _sorted_listing(sub, child_rel, log)))
+                    listings.append((found.rel, sub, _sorted_listing(sub, found.rel, log)))
                     break
             else:
                 listings.pop()
@@ -229,6 +221,21 @@ def _walk(entry: Entry, patterns, log: WalkLog, defer=frozenset(), deferred=None
     finally:
         for _parent, dir_fd, _children in listings:
             os.close(dir_fd)
+
+
+def _listed(child: os.DirEntry, parent: str, dir_fd: int, patterns, log: WalkLog):
+    """The Entry of a folder's child (its lstat, relative to the folder's
+    descriptor), or None when it is gone or excluded."""
+    rel = parent + "/" + child.name
+    try:
+        st = child.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        log.vanished(rel)
+        return None
+    if patterns and is_excluded(rel + "/" if stat.S_ISDIR(st.st_mode) else rel, patterns):
+        log.excluded.append(rel)
+        return None
+    return Entry(rel, st, dir_fd, child.name)
 
 
 def _open_listed_dir(entry: Entry, log: WalkLog):

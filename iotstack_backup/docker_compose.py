@@ -439,8 +439,7 @@ class ServiceWindow:
             begin = time.monotonic()
             stamp = time.time()
             for name in group:
-                self._record[name] = {"containers": [c.id for c in self._containers[name]
-                                                     if c.state == "running"],
+                self._record[name] = {"containers": self._running_ids(name),
                                       "stopped_at": stamp}
                 self._down[name] = [begin, None]
             self.stopped.extend(group)
@@ -456,6 +455,10 @@ class ServiceWindow:
         if still:
             reason = _last_line(err) if code != 0 else "still running after stop"
             raise StackUnavailable("could not stop %s: %s" % (", ".join(still), reason))
+
+    def _running_ids(self, name):
+        """The ids of the service's containers that ran when the window was made."""
+        return [c.id for c in self._containers[name] if c.state == "running"]
 
     def _still_running(self, group):
         """Which of group run now, or None when docker does not answer."""
@@ -480,21 +483,25 @@ class ServiceWindow:
                 in_file = self._services_in_file()
             absent = [s for s in group if in_file is not None and s not in in_file]
             present = [s for s in group if s not in absent]
-            errors = self._start_each(present)
-            now = self._states()
-            for name in present:
-                self.failed = [pair for pair in self.failed if pair[0] != name]
-                if now.get(name) == "running":
-                    self.started.append(name)
-                    self._record.pop(name)
-                    self._down[name][1] = time.monotonic()
-                else:
-                    self.failed.append((name, errors.get(name) or describe_exit(now.get(name))))
+            self._settle(present, self._start_each(present))
             for name in absent:
                 self.missing.append((name, self._advice(name)))
                 self._record.pop(name)
             self._write_marker()
         self._log_start(present, absent)
+
+    def _settle(self, names, errors):
+        """Each of names, started: in `started`, else in `failed` (once, with
+        errors' reason, or its state)."""
+        now = self._states()
+        for name in names:
+            self.failed = [pair for pair in self.failed if pair[0] != name]
+            if now.get(name) == "running":
+                self.started.append(name)
+                self._record.pop(name)
+                self._down[name][1] = time.monotonic()
+            else:
+                self.failed.append((name, errors.get(name) or describe_exit(now.get(name))))
 
     def _services_in_file(self):
         try:

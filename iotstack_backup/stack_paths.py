@@ -22,9 +22,11 @@ everything.  The decisions (locate, volume_source) are pure given the
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 Identity = Tuple[int, int]
+IdentityOf = Callable[[str], Optional[Identity]]
+RealPath = Callable[[str], str]
 
 
 def identity(path: str) -> Optional[Identity]:
@@ -36,13 +38,13 @@ def identity(path: str) -> Optional[Identity]:
     return st.st_dev, st.st_ino
 
 
-def same_folder(a: str, b: str, ident: Callable = identity) -> bool:
+def same_folder(a: str, b: str, ident: IdentityOf = identity) -> bool:
     """Whether two paths lead to the same folder (by identity; by their real
     paths when one cannot be stat'ed, e.g. a folder since deleted)."""
     first, second = ident(a), ident(b)
     if first is not None and second is not None:
         return first == second
-    return os.path.realpath(a) == os.path.realpath(b)
+    return bool(os.path.realpath(a) == os.path.realpath(b))
 
 
 class Places:
@@ -55,21 +57,23 @@ class Places:
         self.inside, self.above = inside, above
 
 
-def place_names(item_names: Iterable[str], volume_folders: Iterable[str]) -> list:
+def place_names(item_names: Iterable[str], volume_folders: Iterable[str]) -> List[str]:
     """The stack ("") first, then each top-level item, then each folder of volumes/."""
     tops = [item for item in item_names if "/" not in item]
     return [""] + tops + ["volumes/" + name for name in sorted(volume_folders)]
 
 
-def places_of(stack: str, item_names: Iterable[str], ident: Callable = identity,
-              realpath: Callable = os.path.realpath, listdir: Callable = os.listdir) -> Places:
+def places_of(stack: str, item_names: Iterable[str], ident: IdentityOf = identity,
+              realpath: RealPath = os.path.realpath,
+              listdir: Callable[[str], List[str]] = os.listdir) -> Places:
     """The Places of the stack: each place as what it resolves to, and the
     folders above its real path, up to /."""
     try:
         folders = listdir(os.path.join(stack, "volumes"))
     except OSError:
         folders = []
-    inside, above = {}, {}
+    inside: Dict[Identity, str] = {}
+    above: Dict[Identity, Set[str]] = {}
     for rel in place_names(item_names, folders):
         path = os.path.join(stack, rel) if rel else stack
         key = ident(path)
@@ -93,12 +97,13 @@ def outermost(rels: Iterable[str]) -> Tuple[str, ...]:
                                    for other in rels)))
 
 
-def locate(source: str, places: Places, ident: Callable = identity,
-           realpath: Callable = os.path.realpath) -> Tuple[str, ...]:
+def locate(source: str, places: Places, ident: IdentityOf = identity,
+           realpath: RealPath = os.path.realpath) -> Tuple[str, ...]:
     """The stack-relative paths a mount of `source` covers: (its path,)
     when it lies in the stack (its folders climbed until one is a place),
     the places it holds when it is a folder above them, () when outside."""
-    path, below = realpath(source), []
+    path = realpath(source)
+    below: List[str] = []
     while True:
         key = ident(path)
         if key is not None:
@@ -117,7 +122,8 @@ def locate(source: str, places: Places, ident: Callable = identity,
 REMOTE_OR_MEMORY = ("nfs", "nfs4", "cifs", "smb3", "tmpfs", "ramfs", "sshfs")
 
 
-def volume_source(driver: Optional[str], options: Optional[dict], mountpoint: str):
+def volume_source(driver: Optional[str], options: Optional[Dict[str, Any]],
+                  mountpoint: str) -> Tuple[str, Optional[str]]:
     """Where a named volume keeps its data: ("path", folder) for docker's own
     folder or a local bind (`o: bind`, `device: ...`), ("outside", None) for
     a network or memory file system, ("unknown", why) for anything else."""
