@@ -81,6 +81,13 @@ def _last_line(text):
     return lines[-1] if lines else "no output"
 
 
+def _daemon_error(text):
+    """Why docker failed: the daemon's own words when it gave them (`docker
+    start` ends with a line that only names the container)."""
+    said = [line.strip() for line in text.splitlines() if "Error response from daemon" in line]
+    return said[0] if said else _last_line(text)
+
+
 def find_program(name, path=None):
     """The program on PATH, else in the usual places, else None; always
     None with IOTSTACK_NO_DOCKER=1 (a stack without Docker, or a test that
@@ -551,7 +558,7 @@ class ServiceWindow:
             code, _out, err = _run([self.engine.docker, "start"] + ids, timeout=QUERY_TIMEOUT)
         except StackUnavailable as e:
             return str(e)
-        return _last_line(err) if code != 0 else None
+        return _daemon_error(err) if code != 0 else None
 
     def _ours(self):
         """{service: [Container]} of this folder's containers, now."""
