@@ -21,6 +21,7 @@ import tarfile
 import threading
 import time
 import unittest
+import uuid
 from unittest import mock
 
 from iotstack_backup import archive_writer, docker_compose, run
@@ -202,6 +203,10 @@ class EngineRaceTest(SwapCase):
     def setUp(self):
         super().setUp()
         real_stack.use_engine(self)
+        # A project name of its own: the engine is shared, and remove()
+        # removes every container of the project's name.
+        self.new_stack("IOTstack-" + uuid.uuid4().hex[:10])
+        chown_tree(self.stack, self.pi.pw_uid, self.pi.pw_gid)
         E.write_compose(self.stack, [{"name": "a", "volumes": ["./volumes/a:/data"]},
                                      {"name": "b", "volumes": ["./volumes/b:/data"]}])
         write(self.path("volumes/a/a.txt"), b"a\n")
