@@ -530,7 +530,7 @@ class ServiceWindow:
             try:
                 code, _out, err = self.engine.compose_run("start", *first,
                                                           timeout=START_TIMEOUT)
-                if code != 0 or "error" in err.lower():  # v1 says so, yet exits 0
+                if code != 0:  # (v1 may say "error" and exit 0: docker start follows)
                     self.start_notes.append("'%s start %s' failed: %s" % (
                         self.compose_words, " ".join(first), _last_line(err)))
             except StackUnavailable as e:
