@@ -238,21 +238,100 @@ class LiveSegmentTest(unittest.TestCase):
         self.write(lambda t: [t.segment("A", ["volumes/a"])], trust_recent=False)
         self.assertIn(("reread", "A", ["volumes/a"]), self.calls)
 
-    def test_parts_from_the_first_changed_one_are_read_again(self):
-        # Parts are read in order of their newest change: b, then a, then c.
+    def opened_after_the_stop(self):
+        """Patch os.open of the writer to note what is opened once a
+        segment's before() has run: {rel}."""
+        opened, real_open = set(), os.open
+        stopped = lambda: any(call[0] == "before" for call in self.calls)  # noqa: E731
+
+        def noting_open(path, *args, **kwargs):
+            if stopped() and isinstance(path, str) and path.startswith(self.stack):
+                opened.add(os.path.relpath(path, self.stack))
+            return real_open(path, *args, **kwargs)
+        patcher = mock.patch.object(archive_writer.os, "open", noting_open)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return opened
+
+    def all_parts(self, t, at_stop):
+        return [t.segment("ALL", ["volumes/a", "volumes/b", "volumes/c"],
+                          [["volumes/a"], ["volumes/b"], ["volumes/c"]], at_stop)]
+
+    def assert_read_by_gnu_tools(self):
+        if shutil.which("gzip"):
+            self.assertEqual(subprocess.run(["gzip", "-t", self.archive]).returncode, 0)
+        if shutil.which("tar"):
+            target = tempfile.mkdtemp(prefix="live-segments-x-")
+            self.addCleanup(shutil.rmtree, target)
+            subprocess.run(["tar", "-xzf", self.archive, "-C", target], check=True)
+            return target
+        return None
+
+    def test_only_the_changed_part_is_read_again_whatever_its_place(self):
+        # Issue 24, Must 3.  Parts are read in order of their newest change:
+        # b, then a, then c; a changes at the stop; b before it and c after
+        # it are confirmed by the stat walk and never opened again.
         for rel in ("volumes/a/log", "volumes/c/db"):
             time.sleep(0.05)
             self.put(rel, self.files[rel])
 
         def at_stop():
             self.put("volumes/a/log", b"A")
-        names, contents, _links = self.write(lambda t: [t.segment(
-            "ALL", ["volumes/a", "volumes/b", "volumes/c"],
-            [["volumes/a"], ["volumes/b"], ["volumes/c"]], at_stop)])
-        self.assertIn(("reread", "ALL", ["volumes/a", "volumes/c"]), self.calls)
-        self.assertEqual(names[-3:], ["volumes/a/log.link", "volumes/c", "volumes/c/db"])
+        opened = self.opened_after_the_stop()
+        names, contents, links = self.write(lambda t: self.all_parts(t, at_stop))
+        self.assertIn(("reread", "ALL", ["volumes/a"]), self.calls)
+        self.assertEqual({rel.split("/")[1] for rel in opened if rel.startswith("volumes/")},
+                         {"a"})
+        # a's members were cut out of the middle and written again at the end.
+        self.assertEqual(names[-4:], ["volumes/a", "volumes/a/db", "volumes/a/log",
+                                      "volumes/a/log.link"])
+        self.assertLess(names.index("volumes/c/db"), names.index("volumes/a"))
         self.assertEqual(contents["volumes/a/log"], b"A")
         self.assertEqual(contents["volumes/b/db"], self.files["volumes/b/db"])
+        self.assertEqual(contents["volumes/c/db"], self.files["volumes/c/db"])
+        self.assertEqual(links, {"volumes/a/log.link": "volumes/a/log"})
+        target = self.assert_read_by_gnu_tools()
+        if target:
+            with open(os.path.join(target, "volumes/a/log.link"), "rb") as f:
+                self.assertEqual(f.read(), b"A")
+
+    def test_a_part_linking_into_a_changed_one_is_read_again_too(self):
+        # c holds a hard link to a file of a: once a is cut out, the link's
+        # target would come after it, so c is read again as well; b is not.
+        os.link(self.path("volumes/a/db"), self.path("volumes/c/db.link"))
+        for rel in ("volumes/a/log", "volumes/c/db"):
+            time.sleep(0.05)
+            self.put(rel, self.files[rel])
+
+        def at_stop():
+            self.put("volumes/a/log", b"A")
+        opened = self.opened_after_the_stop()
+        names, contents, links = self.write(lambda t: self.all_parts(t, at_stop))
+        self.assertIn(("reread", "ALL", ["volumes/a", "volumes/c"]), self.calls)
+        self.assertNotIn("b", {rel.split("/")[1] for rel in opened if rel.startswith("volumes/")})
+        self.assertEqual(links["volumes/c/db.link"], "volumes/a/db")
+        self.assertLess(names.index("volumes/a/db"), names.index("volumes/c/db.link"))
+        target = self.assert_read_by_gnu_tools()
+        if target:
+            self.assertEqual(os.stat(os.path.join(target, "volumes/a/db")).st_ino,
+                             os.stat(os.path.join(target, "volumes/c/db.link")).st_ino)
+
+    def test_every_part_changed_or_none(self):
+        for label, at_stop, reread in [
+                ("none", None, []),
+                ("all", lambda: [self.put(rel, b"new") for rel in
+                                 ("volumes/a/log", "volumes/b/db", "volumes/c/db")],
+                 ["volumes/a", "volumes/b", "volumes/c"])]:
+            with self.subTest(label):
+                self.calls = []
+                if os.path.exists(self.archive):
+                    os.unlink(self.archive)
+                names, contents, _links = self.write(lambda t: self.all_parts(t, at_stop))
+                self.assertEqual(sorted(self.calls[1][2]), reread)
+                self.assertEqual(len(names), self.stats.members)
+                if reread:
+                    self.assertEqual(contents["volumes/c/db"], b"new")
+                self.assert_read_by_gnu_tools()
 
     def test_reading_order_puts_recent_changes_last(self):
         for newest, order in [([], []), ([5], [0]), ([3, 1, 2], [1, 2, 0]),
