@@ -6,9 +6,13 @@ stops a group of services only while its data is checked), encodes each
 entry with tarformat, compresses the stream with pgzip's parallel writer
 and writes it to a new temporary file.  A segment is read while its
 services run, then, once they are stopped, confirmed by a stat walk; a part
-that changed is cut off the file (back to where it began) and read again
-with them stopped, so the archive holds each group as it was when
-stopped.  How it keeps data safe: the
+that changed is cut out of the file and read again with them stopped, so
+the archive holds each group as it was when stopped.  A segment of several
+parts (--stop all) writes each part as gzip members of its own: a changed
+part's members are cut out and the confirmed ones after it moved down in
+the file (compressed bytes, not the tree, are read), so a part the stat
+walk confirms is never read again, whatever its place; gzip, GNU tar and
+restore.sh read the members as one stream.  How it keeps data safe: the
 file is created with O_EXCL under a name no glob of backups matches; a
 background thread fdatasyncs it every 16 MiB, and a FollowingVerifier reads
 each synced stretch back from the disk (page cache dropped) and checks the
@@ -19,6 +23,7 @@ a short archive.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -29,6 +34,7 @@ import time
 
 from . import iotstack
 from .iotstack import is_excluded
+from .children import NoProgressError
 from .pgzip import GzipError, ParallelGzipWriter, gunzip_chunks
 from .tarformat import (
     BLOCK,
@@ -430,17 +436,73 @@ def first_changed(reads, patterns):
     return None
 
 
+# A part as it was read live: where its gzip member(s) lie in the output
+# (start, end), the tar marks around it and its live fingerprint.
+PartRead = collections.namedtuple("PartRead", "part start end mark end_mark live")
+
+
+def parts_to_read_again(reads, patterns):
+    """The indexes of the parts (PartReads, in archive order) to read again:
+    those not as they were read (racy, or a fingerprint that differs now).
+    No member of a part is a hard link into another part (TarStream reads
+    an inode again in each part it meets it in), so a part cut out takes
+    no link's target with it."""
+    return [index for index, read in enumerate(reads)
+            if read.live.racy or (fingerprint(iter_part(read.part, patterns, ArchiveStats()))
+                                  != read.live.digest())]
+
+
+def write_parts_apart(tar, out, segment, parts, patterns):
+    """A segment of several parts, each written as gzip members of its own:
+    all read live, then before(), a stat walk, and only the parts that
+    changed are cut out of the file (the members after them move down)
+    and read again, at the end; a part the
+    walk confirms is never read again, whatever its place (issue 24)."""
+    stats = tar.stats
+    tar.flush()
+    out.hold_verification()  # what follows may be moved or taken back
+    reads = []
+    start = out.end_member()
+    for part in parts:
+        mark, live = tar.mark(), LiveFingerprint()
+        tar.begin_part()
+        tar.write(live.track(iter_part(part, patterns, stats)))
+        tar.flush()
+        end = out.end_member()
+        reads.append(PartRead(part, start, end, mark, tar.mark(), live))
+        start = end
+    _call(segment.before)
+    again = parts_to_read_again(reads, patterns)
+    reread = []
+    if again:
+        for index in reversed(again):
+            tar.take_back(reads[index].mark, reads[index].end_mark)
+        out.compact(reads[again[0]].start, [(read.start, read.end) for index, read in
+                                            enumerate(reads) if index > again[0]
+                                            and index not in again])
+        for index in again:
+            tar.begin_part()
+            tar.write(iter_part(reads[index].part, patterns, stats))
+            reread += [entry.rel for entry in reads[index].part]
+    if segment.report is not None:
+        segment.report(reread)
+    _call(segment.after)
+    tar.flush()
+    out.release_verification()
+
+
 def write_segment(tar, out, segment, parts, patterns, stats):
     """A segment's parts (lists of deferred entries), around its callbacks.
 
     When out can take bytes back (checkpoint, rewind), each part is read
     live first, its entries' stats folded into a fingerprint; then before()
-    is called, a stat walk confirms each part, and from the first one that
-    changed (or was changed too recently to tell) the archive is cut back to
-    where that part began and the rest is read again: before() leaves them
-    still.  So after() comes after a stat walk, and a full read only for
-    what changed.  An output that cannot rewind gets the parts read between
-    the callbacks."""
+    is called, a stat walk confirms each part, and what changed (or was
+    changed too recently to tell) is cut out and read again: before()
+    leaves it still.  Several parts, with an out that ends gzip members,
+    go to write_parts_apart (only the changed parts are read again); a
+    single part is cut back to where it began.  So after() comes after a
+    stat walk, and a full read only for what changed.  An output that
+    cannot rewind gets the parts read between the callbacks."""
     if not hasattr(out, "checkpoint"):
         _call(segment.before)
         for part in parts:
@@ -450,6 +512,9 @@ def write_segment(tar, out, segment, parts, patterns, stats):
         return
     if len(parts) > 1:
         parts = [parts[i] for i in reading_order([newest_change(p, patterns) for p in parts])]
+        if hasattr(out, "end_member"):
+            write_parts_apart(tar, out, segment, parts, patterns)
+            return
     tar.flush()
     out.hold_verification()  # what follows may be taken back
     reads = []
@@ -578,10 +643,13 @@ class TarStream:
     def __init__(self, out, progress, stats):
         self.out, self.progress, self.stats = out, progress, stats
         # (st_dev, st_ino) -> (part, name of the member with its content,
-        # every name archived for it); _undo: (key, record before) per change.
+        # ((part, name), ...) of every name archived for it).  A part taken
+        # back (rewind, take_back) is dead: its number never comes again (a
+        # part read again gets a new one), so nothing links to it, and its
+        # names are left out when names are written again as links.
         self.inodes = {}
-        self._undo = []
         self.part = 0
+        self.dead = set()
         self.batch = bytearray()
         self.batch_bytes = self.batch_files = 0
         self.files = 0
@@ -611,7 +679,8 @@ class TarStream:
                         batch += tar_header(name, TYPE_HARDLINK, stat.S_IMODE(st.st_mode),
                                             st.st_uid, st.st_gid, 0,
                                             st.st_mtime_ns // 1_000_000_000, known[1])
-                        self._record((st.st_dev, st.st_ino), known[:2] + (known[2] + (name,),))
+                        inodes[(st.st_dev, st.st_ino)] = known[:2] + (
+                            known[2] + ((self.part, name),),)
                         stats.members += 1
                         continue
                 fd, now = open_listed_file(entry, stats)
@@ -688,10 +757,17 @@ class TarStream:
         known = self.inodes.get(key)
         if known is not None and known[0] == self.part:
             # Replaced by a link to it since listed: read in this window anyway.
-            self._record(key, known[:2] + (known[2] + (name,),))
+            self.inodes[key] = known[:2] + (known[2] + ((self.part, name),),)
             return b""
-        earlier = known[2] if known is not None else ()
-        self._record(key, (self.part, name, earlier + (name,)))
+        # Each earlier name of a living part, once, with the part that wrote it.
+        alive = {}
+        for part, old in known[2] if known is not None else ():
+            if part not in self.dead and old != name:
+                alive.setdefault(old, part)
+        earlier = tuple(alive)
+        self.inodes[key] = (self.part, name,
+                            tuple((part, old) for old, part in alive.items())
+                            + ((self.part, name),))
         if earlier:
             self.stats.notes.append(
                 "%s: read again in a later stop window than its other names (%s), which are "
@@ -701,10 +777,6 @@ class TarStream:
         self.stats.members += len(earlier)
         return b"".join(tar_header(old, TYPE_HARDLINK, mode, st.st_uid, st.st_gid, 0, mtime, name)
                         for old in earlier)
-
-    def _record(self, key, record) -> None:
-        self._undo.append((key, self.inodes.get(key)))
-        self.inodes[key] = record
 
     def flush(self):
         if self.batch:
@@ -717,23 +789,31 @@ class TarStream:
         """A point to rewind to; the batch must be empty (flushed)."""
         stats = self.stats
         return (stats.members, stats.bytes, self.files, len(stats.excluded), len(stats.notes),
-                len(stats.warnings), len(self._undo))
+                len(stats.warnings), self.part)
 
     def rewind(self, mark):
         stats = self.stats
-        members, nbytes, files, excluded, notes, warnings, links = mark
+        members, nbytes, files, excluded, notes, warnings, part = mark
+        self.dead.update(range(part + 1, self.part + 1))
         self.progress.update(-(stats.bytes - nbytes - self.batch_bytes),
                              -(self.files - files - self.batch_files))
         stats.members, stats.bytes, self.files = members, nbytes, files
         del stats.excluded[excluded:], stats.notes[notes:], stats.warnings[warnings:]
-        while len(self._undo) > links:
-            key, record = self._undo.pop()
-            if record is None:
-                del self.inodes[key]
-            else:
-                self.inodes[key] = record
         self.batch.clear()
         self.batch_bytes = self.batch_files = 0
+
+    def take_back(self, start, end):
+        """Forget what was encoded between two marks (flushed, and cut out
+        of the output by the caller), with its stats, progress and inodes;
+        spans are taken back from the last to the first."""
+        stats = self.stats
+        self.progress.update(-(end[1] - start[1]), -(end[2] - start[2]))
+        stats.members -= end[0] - start[0]
+        stats.bytes -= end[1] - start[1]
+        self.files -= end[2] - start[2]
+        del stats.excluded[start[3]:end[3]], stats.notes[start[4]:end[4]]
+        del stats.warnings[start[5]:end[5]]
+        self.dead.update(range(start[6] + 1, end[6] + 1))
 
     def finish(self, patterns):
         """The excludes record (when there are patterns) and the end of the archive."""
@@ -974,6 +1054,32 @@ class FileSink(BackgroundSync):
     def flush(self):
         pass
 
+    def move_down(self, base, ranges):
+        """Copy the byte ranges [(start, end)] of the file, in order, to
+        base and on (every start at or past base), cut the file after them
+        and write on from there; returns that length.  A sync under way
+        finishes first."""
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            at = base
+            for start, end in ranges:
+                while start < end:
+                    chunk = os.pread(self.fd, min(end - start, READ_CHUNK), start)
+                    if not chunk:
+                        raise OSError(errno.EIO, "the archive is shorter than what was written")
+                    view = memoryview(chunk)
+                    while view:
+                        moved = os.pwrite(self.fd, view, at)
+                        if not moved:
+                            raise NoProgressError("moving the archive's parts")
+                        view, at = view[moved:], at + moved
+                    start += len(chunk)
+            os.ftruncate(self.fd, at)
+            os.lseek(self.fd, at, os.SEEK_SET)
+            self.reported = self._asked_at = at
+        return at
+
     def truncate(self, length):
         """Cut the file back to length and write on from there.  A sync
         under way finishes first, so none reports bytes that are gone."""
@@ -1004,6 +1110,16 @@ class ArchiveOutput:
         if self._verifier is not None:
             self._verifier.rewind(offset)
 
+    def end_member(self):
+        return self._gz.end_member()
+
+    def compact(self, base, ranges):
+        """Move the members at ranges down to base, one after another, and
+        write on after them; the verifier reads them again from base."""
+        self._gz.moved_to(self._sink.move_down(base, ranges))
+        if self._verifier is not None:
+            self._verifier.rewind(base)
+
     def hold_verification(self):
         if self._verifier is not None:
             # What is on the file now lies before any later checkpoint.
@@ -1028,7 +1144,9 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
     """Write the tar.gz to temp, fsynced and owned; unless --no-verify, read
     it back from disk as it goes.  segments: see write_tar.  Returns its
     size."""
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, iotstack.ARCHIVE_MODE)
+    # Read and write: parts confirmed after a changed one are moved down
+    # in place (FileSink.move_down).
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, iotstack.ARCHIVE_MODE)
     verifier = sink = None
     try:
         if not args.no_verify:

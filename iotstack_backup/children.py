@@ -18,6 +18,15 @@ import os
 import signal
 import warnings
 
+# typing is only read by the type checker (mypy treats this name as True):
+# the annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Iterable, Mapping, Union
+
+    # What os.write and memoryview take; a status, a chunk or a piece of one.
+    Bytes = Union[bytes, bytearray, memoryview]
+
 # Linux lets any process grow a pipe to 1 MiB: fewer, larger reads.
 # (fcntl names F_SETPIPE_SZ from Python 3.10 on; 1031 is Linux's value.)
 PIPE_SIZE = 1 << 20
@@ -26,7 +35,8 @@ PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def fork_piped_child(body, parent_reads, keep=()):
+def fork_piped_child(body: Callable[[int, int], object], parent_reads: bool,
+                     keep: Iterable[int] = ()) -> tuple[int, int, int]:
     """Fork a child joined to this process by a data pipe (grown to
     PIPE_SIZE; from child to parent when parent_reads, else the other way)
     and a status pipe.  Returns (pid, data_fd, status_fd): the parent's ends.
@@ -78,7 +88,7 @@ def fork_piped_child(body, parent_reads, keep=()):
     return pid, parent_end, status_read
 
 
-def child_status(error):
+def child_status(error: BaseException) -> bytes:
     """How a child says it failed: the errno of an OSError, else the name
     of the exception's class; then the message."""
     if isinstance(error, OSError):
@@ -88,7 +98,7 @@ def child_status(error):
     return text.encode("utf-8", "replace")
 
 
-def read_child_status(fd):
+def read_child_status(fd: int) -> bytes:
     """All a child wrote on its status pipe: empty if it was killed."""
     status = b""
     while True:
@@ -98,7 +108,7 @@ def read_child_status(fd):
         status += more
 
 
-def _close_other_fds(keep):
+def _close_other_fds(keep: tuple[int, ...]) -> None:
     # The child must not hold the parent's other files open: a lock held
     # through an inherited descriptor would outlive a killed parent.
     for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
@@ -114,11 +124,11 @@ class NoProgressError(OSError):
     """A write that should have moved data moved none: raised instead of
     calling it again for ever."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str) -> None:
         super().__init__(errno.EIO, "%s made no progress (0 bytes written)" % what)
 
 
-def write_all_fd(fd: int, data, what: str = "a write") -> None:
+def write_all_fd(fd: int, data: Bytes, what: str = "a write") -> None:
     """os.write until all of data is written; NoProgressError if a write
     takes none of it."""
     view = memoryview(data)
@@ -129,7 +139,9 @@ def write_all_fd(fd: int, data, what: str = "a write") -> None:
         view = view[written:]
 
 
-def child_failure(status, known, unknown, unfinished):
+def child_failure(status: bytes, known: Mapping[str, Callable[[str], BaseException]],
+                  unknown: Callable[[str], BaseException],
+                  unfinished: Callable[[], BaseException]) -> BaseException:
     """The exception a child's status other than b"ok" stands for: an
     OSError with its errno, a class of `known` (by name) with its message,
     else unknown(message); unfinished() if the child said nothing (it was

@@ -12,7 +12,11 @@ and any error (from a worker or from the output file, for example a full
 disk) reaches the caller unchanged.  checkpoint() and rewind() let a caller
 take back everything written since a point: the stream is cut into a new
 block there, so the compressed output up to it is final and the caller can
-truncate its file to that length and write something else.
+truncate its file to that length and write something else.  end_member()
+ends the gzip member under way, so that what follows starts a member of its
+own, with no history before it: a caller may then move or drop the bytes of
+one member without touching the others (moved_to() says where writing goes
+on); every gzip reader reads concatenated members as one stream.
 
 iter_gunzip decompresses a regular file in a child process, as gzip does for
 tar (other readable objects in this process).  It never reports success for
@@ -283,9 +287,11 @@ class ParallelGzipWriter:
             raise ValueError("jobs must be at least 1, not %r" % (jobs,))
         if block_size < 1:
             raise ValueError("block_size must be positive, not %r" % (block_size,))
-        self.crc = 0
+        self.crc = 0   # of the member under way, as its size
         self.size = 0
         self.compressed_size = 0
+        self._member_offset = 0  # where the member under way begins in the output
+        self._earlier = 0        # uncompressed bytes of the members before it
         self._fileobj = fileobj
         self._level = level
         self._block_size = block_size
@@ -312,7 +318,7 @@ class ParallelGzipWriter:
 
     def tell(self):
         """Return the uncompressed position, as gzip.GzipFile does."""
-        return self.size
+        return self._earlier + self.size
 
     def write(self, data):
         self._check_open()
@@ -361,11 +367,44 @@ class ParallelGzipWriter:
         self._place_checkpoints()
         return checkpoint
 
+    def end_member(self):
+        """End the member under way, if it holds anything, and return the
+        offset where the next one will begin.  Waits for the blocks in
+        flight; a checkpoint taken before cannot be rewound to after."""
+        self._check_open()
+        try:
+            if self._header_written or self._buffer or self._in_flight or self.size:
+                self._submit(self._buffer, last=True)
+                self._buffer = bytearray()
+                while self._in_flight:
+                    self._emit_block(self._in_flight.popleft().result())
+                self._emit(gzip_trailer(self.crc, self.size))
+        except BaseException as error:
+            self._fail(error)
+            raise
+        self._unplaced.clear()
+        self._earlier += self.size
+        self.crc = self.size = 0
+        self._dictionary = b""
+        self._header_written = False
+        self._member_offset = self.compressed_size
+        return self.compressed_size
+
+    def moved_to(self, offset):
+        """Right after end_member(): the output was rearranged and writing
+        goes on at offset (the caller has put its file position there)."""
+        self._check_open()
+        if self._header_written or self._buffer or self._in_flight:
+            raise ValueError("moved_to() is only valid at the end of a member")
+        self.compressed_size = self._member_offset = offset
+
     def rewind(self, checkpoint):
         """Forget everything written after checkpoint; return the length
         the output file must be cut back to (its offset), after which
         writing goes on from there."""
         self._check_open()
+        if checkpoint.offset is not None and checkpoint.offset < self._member_offset:
+            raise ValueError("cannot rewind to a checkpoint before the member under way")
         try:
             while checkpoint.offset is None:
                 self._emit_block(self._in_flight.popleft().result())
@@ -381,7 +420,7 @@ class ParallelGzipWriter:
         self.crc, self.size = checkpoint.crc, checkpoint.size
         self._dictionary = checkpoint.dictionary
         self.compressed_size = checkpoint.offset
-        self._header_written = checkpoint.offset > 0
+        self._header_written = checkpoint.offset > self._member_offset
         return checkpoint.offset
 
     def abort(self):

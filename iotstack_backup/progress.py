@@ -15,7 +15,17 @@ import time
 # the annotations are strings, so nothing of it is imported at run time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Optional, TextIO
+    from typing import Callable, Optional, Protocol, TextIO
+
+    class Progress(Protocol):
+        """What the work reports to: NoProgress or TerminalProgress (a
+        caller annotates `bar: progress.Progress`)."""
+
+        def update(self, nbytes: int, nfiles: int) -> None: ...
+
+        def finish(self) -> None: ...
+
+        def stop(self) -> None: ...
 
 
 def human_size(n: float) -> str:

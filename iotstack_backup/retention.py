@@ -15,26 +15,37 @@ listed (other files, the archive just written if the caller leaves it out)
 are never chosen; the caller must still exclude the archive it just wrote,
 since a clock set back could make it look older than the rest.
 """
+from __future__ import annotations
+
+# typing is only read by the type checker (mypy treats this name as True):
+# the annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from datetime import date, datetime
+    from typing import Callable, Hashable, Iterable, Optional, Sequence, TypeVar
+
+    # A backup's key: whatever the caller finds it again by (a file name).
+    Key = TypeVar("Key", bound=Hashable)
 
 RULES = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly")
 
 
-def _day(stamp):
+def _day(stamp: datetime) -> date:
     return stamp.date()
 
 
-def _iso_week(stamp):
+def _iso_week(stamp: datetime) -> tuple[int, int]:
     # ISO weeks, not calendar ones: 2026-12-31 and 2027-01-01 are both in
     # 2026-W53, so a week never splits at New Year.
     iso = stamp.isocalendar()
     return iso[0], iso[1]
 
 
-def _month(stamp):
+def _month(stamp: datetime) -> tuple[int, int]:
     return stamp.year, stamp.month
 
 
-def _count(name, value):
+def _count(name: str, value: object) -> int:
     """The rule's count, with None meaning off (0 is off as well)."""
     if value is None:
         return 0
@@ -43,7 +54,7 @@ def _count(name, value):
     return value
 
 
-def newest_first(backups):
+def newest_first(backups: Iterable[tuple[Key, datetime]]) -> list[tuple[Key, datetime]]:
     """The (key, stamp) pairs, newest first.  Equal stamps keep the caller's
     order reversed: the later pair in the input counts as the newer, so a
     caller listing "_0200" before "_0200-2" gets the right order."""
@@ -55,10 +66,12 @@ def newest_first(backups):
     return [pairs[i] for i in order]
 
 
-def _newest_of_each_period(ordered, count, period_of):
+def _newest_of_each_period(ordered: Sequence[tuple[Key, datetime]], count: int,
+                           period_of: Callable[[datetime], Hashable]) -> set[Key]:
     """Keys of the newest backup in each of the `count` newest periods that
     have a backup; periods without one do not count."""
-    kept, periods = set(), set()
+    kept: set[Key] = set()
+    periods: set[Hashable] = set()
     for key, stamp in ordered:
         period = period_of(stamp)
         if period in periods:
@@ -70,7 +83,9 @@ def _newest_of_each_period(ordered, count, period_of):
     return kept
 
 
-def _kept_keys(ordered, keep_last, keep_daily, keep_weekly, keep_monthly):
+def _kept_keys(ordered: Sequence[tuple[Key, datetime]], keep_last: Optional[int],
+               keep_daily: Optional[int], keep_weekly: Optional[int],
+               keep_monthly: Optional[int]) -> set[Key]:
     counts = [_count(name, value) for name, value in
               zip(RULES, (keep_last, keep_daily, keep_weekly, keep_monthly))]
     if not any(counts):
@@ -83,8 +98,9 @@ def _kept_keys(ordered, keep_last, keep_daily, keep_weekly, keep_monthly):
     return kept
 
 
-def backups_to_keep(backups, keep_last=None, keep_daily=None, keep_weekly=None,
-                    keep_monthly=None):
+def backups_to_keep(backups: Iterable[tuple[Key, datetime]], keep_last: Optional[int] = None,
+                    keep_daily: Optional[int] = None, keep_weekly: Optional[int] = None,
+                    keep_monthly: Optional[int] = None) -> set[Key]:
     """The set of keys kept from `backups`, an iterable of (key, datetime).
 
     keep_last N: the newest N.  keep_daily N: for the last N days that have
@@ -95,8 +111,9 @@ def backups_to_keep(backups, keep_last=None, keep_daily=None, keep_weekly=None,
     return _kept_keys(newest_first(backups), keep_last, keep_daily, keep_weekly, keep_monthly)
 
 
-def backups_to_remove(backups, keep_last=None, keep_daily=None, keep_weekly=None,
-                      keep_monthly=None):
+def backups_to_remove(backups: Iterable[tuple[Key, datetime]], keep_last: Optional[int] = None,
+                      keep_daily: Optional[int] = None, keep_weekly: Optional[int] = None,
+                      keep_monthly: Optional[int] = None) -> list[Key]:
     """The keys not kept by `backups_to_keep`, as a list, oldest first."""
     ordered = newest_first(backups)
     kept = _kept_keys(ordered, keep_last, keep_daily, keep_weekly, keep_monthly)

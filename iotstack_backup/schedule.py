@@ -12,6 +12,8 @@ without_line) on bytes, cut at "\n" only: a byte that is not UTF-8, a \r
 or a form feed in someone else's line comes back exactly as it was.
 Reading and writing it is `crontab -l` and `crontab -`.
 """
+from __future__ import annotations
+
 import argparse
 import os
 import pwd
@@ -21,6 +23,12 @@ import subprocess
 
 from . import run
 
+# typing is only read by the type checker (mypy treats this name as True):
+# the annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Optional, TextIO
+
 MARK = "# iotstack-backup"
 DEFAULT_SCHEDULE = "0 2 * * *"
 _FIELD = re.compile(r"^[0-9A-Za-z*/,-]+$")
@@ -28,7 +36,7 @@ _NICKNAMES = ("@reboot", "@yearly", "@annually", "@monthly", "@weekly", "@daily"
               "@midnight", "@hourly")
 
 
-def parse_schedule(text):
+def parse_schedule(text: str) -> str:
     """Five cron fields ("30 3 * * *") or a nickname (@daily)."""
     fields = text.split()
     if len(fields) == 1 and fields[0] in _NICKNAMES:
@@ -40,12 +48,13 @@ def parse_schedule(text):
         "(minute hour day month weekday), or @daily" % text)
 
 
-def cron_quote(word):
+def cron_quote(word: str) -> str:
     """Shell-quoted, with cron's % (a newline to cron) escaped."""
     return shlex.quote(word).replace("%", "\\%")
 
 
-def cron_line(schedule, python, backup_py, stack, args=()):
+def cron_line(schedule: str, python: str, backup_py: str, stack: str,
+              args: Iterable[str] = ()) -> str:
     command = "cd %s && %s %s --dir %s" % (cron_quote(stack), cron_quote(python),
                                            cron_quote(backup_py), cron_quote(stack))
     for arg in args:
@@ -61,7 +70,7 @@ def is_ours(line: bytes) -> bool:
     return line.rstrip(b" \t\r").endswith(MARK_BYTES) and not line.lstrip().startswith(b"#")
 
 
-def split_lines(data: bytes) -> "tuple[list[bytes], bool]":
+def split_lines(data: bytes) -> tuple[list[bytes], bool]:
     """(lines, ended): the crontab cut at b"\n" only -- cron's own line
     end -- so that \r, a form feed or bytes that are not UTF-8 stay inside
     their line as they were; ended: whether it ended with b"\n"."""
@@ -72,7 +81,7 @@ def split_lines(data: bytes) -> "tuple[list[bytes], bool]":
     return (lines[:-1] if ended else lines), ended
 
 
-def join_lines(lines: "list[bytes]", ended: bool) -> bytes:
+def join_lines(lines: list[bytes], ended: bool) -> bytes:
     if not lines:
         return b""
     return b"\n".join(lines) + (b"\n" if ended else b"")
@@ -82,7 +91,8 @@ def with_line(data: bytes, line: bytes) -> bytes:
     """The crontab with our line in place of the old one (or appended);
     every other byte as it was."""
     lines, ended = split_lines(data)
-    out, placed = [], False
+    out: list[bytes] = []
+    placed = False
     for old in lines:
         if is_ours(old):
             if not placed:
@@ -101,7 +111,7 @@ def without_line(data: bytes) -> bytes:
     return join_lines([line for line in lines if not is_ours(line)], ended)
 
 
-def line_user(stack, given):
+def line_user(stack: str, given: Optional[str]) -> Optional[str]:
     """The USER of the line when root's crontab runs it: the one given,
     else the owner of the IOTstack directory (none when that is root)."""
     if given:
@@ -113,7 +123,7 @@ def line_user(stack, given):
     return None if name == "root" else name
 
 
-def _crontab(args, data=None):
+def _crontab(args: list[str], data: Optional[bytes] = None) -> subprocess.CompletedProcess[bytes]:
     try:
         return subprocess.run(["crontab"] + args, input=data,
                               stdin=subprocess.DEVNULL if data is None else None,
@@ -137,7 +147,7 @@ def spool_body(spool: bytes) -> bytes:
     return b"\n".join(lines[skip:])
 
 
-def exact_crontab(listed: bytes, spool: "bytes | None") -> bytes:
+def exact_crontab(listed: bytes, spool: Optional[bytes]) -> bytes:
     """The crontab's true bytes.  Debian's `crontab -l` shows a carriage
     return as the two characters \\r, which a literal \\r in a command
     also is: where the listing holds one, the spool file (readable as
@@ -155,7 +165,7 @@ def exact_crontab(listed: bytes, spool: "bytes | None") -> bytes:
         "edit the line with 'crontab -e'")
 
 
-def read_spool(user: str) -> "bytes | None":
+def read_spool(user: str) -> Optional[bytes]:
     try:
         with open(os.path.join(SPOOL_DIR, user), "rb") as f:
             return f.read()
@@ -163,7 +173,7 @@ def read_spool(user: str) -> "bytes | None":
         return None
 
 
-def read_crontab(user=None) -> bytes:
+def read_crontab(user: Optional[str] = None) -> bytes:
     """The crontab's bytes, exactly as they are (see exact_crontab)."""
     result = _crontab((["-u", user] if user else []) + ["-l"])
     if result.returncode == 0:
@@ -174,18 +184,19 @@ def read_crontab(user=None) -> bytes:
     raise run.UserError("crontab -l failed: %s" % (err or "status %d" % result.returncode))
 
 
-def write_crontab(data: bytes, user=None):
+def write_crontab(data: bytes, user: Optional[str] = None) -> None:
     result = _crontab((["-u", user] if user else []) + ["-"], data)
     if result.returncode != 0:
         err = result.stderr.decode("utf-8", "replace").strip().splitlines()
         raise run.UserError("crontab - failed: %s" % (err[-1] if err else result.returncode))
 
 
-def whose():
+def whose() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def install(stack, schedule, python, backup_py, args, out, user=None):
+def install(stack: str, schedule: str, python: str, backup_py: str, args: Iterable[str],
+            out: TextIO, user: Optional[str] = None) -> str:
     line = cron_line(schedule, python, backup_py, stack, args)
     old = read_crontab(user)
     # os.fsencode: a path that is not UTF-8 goes back as the bytes it was.
@@ -196,7 +207,7 @@ def install(stack, schedule, python, backup_py, args, out, user=None):
     return line
 
 
-def uninstall(out, user=None):
+def uninstall(out: TextIO, user: Optional[str] = None) -> bool:
     old = read_crontab(user)
     if not any(is_ours(x) for x in split_lines(old)[0]):
         out.write("%s's crontab has no backup line; nothing to remove.\n" % (user or whose()))

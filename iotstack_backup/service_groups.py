@@ -330,7 +330,8 @@ class StopWindows:
                 self.log.line("Warning: %s" % e)
 
         def report(reread):
-            # reread: the roots of the parts from the first that changed on.
+            # reread: the roots of the parts read again (those that changed,
+            # and those holding hard links into them).
             checked = [root for root in group.roots if root not in reread]
             if checked:
                 self.log.line("Checked after the stop, unchanged since read: %s"

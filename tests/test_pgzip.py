@@ -444,6 +444,65 @@ class CheckpointTests(unittest.TestCase):
                     self.assertEqual(subprocess.run(["gzip", "-t"], input=data).returncode
                                      if shutil.which("gzip") else 0, 0)
 
+    def test_members_can_be_dropped_without_the_ones_after_them(self):
+        # Issue 24: each part its own member, so one can be taken out of the
+        # middle and the rest still reads as one stream.
+        for jobs, block_size in ((1, 4096), (2, 8192), (4, pgzip.DEFAULT_BLOCK_SIZE)):
+            with self.subTest(jobs=jobs, block_size=block_size):
+                out = io.BytesIO()
+                gz = ParallelGzipWriter(out, jobs=jobs, block_size=block_size)
+                parts = [self.DATA[:70000], b"", os.urandom(50000), self.DATA[70000:200000]]
+                offsets = [gz.end_member()]
+                for part in parts:
+                    gz.write(part)
+                    offsets.append(gz.end_member())
+                self.assertEqual(offsets[0], 0)
+                self.assertEqual(offsets[-1], len(out.getvalue()))
+                self.assertEqual(offsets[1], offsets[2], "an empty part makes no member")
+                whole = out.getvalue()
+                for part, start, end in zip(parts, offsets, offsets[1:]):
+                    self.assertEqual(gzip.decompress(whole[start:end]) if end > start else b"",
+                                     part)
+                # Drop the third part, keep the fourth, write on after it.
+                kept = whole[:offsets[2]] + whole[offsets[3]:offsets[4]]
+                out.seek(0)
+                out.truncate(0)
+                out.write(kept)
+                gz.moved_to(len(kept))
+                gz.write(b"tail" * 1000)
+                gz.close()
+                data = out.getvalue()
+                expected = parts[0] + parts[3] + b"tail" * 1000
+                self.assertEqual(gzip.decompress(data), expected)
+                self.assertEqual(b"".join(pgzip.gunzip_chunks(io.BytesIO(data).read, 65536)),
+                                 expected)
+                self.assertEqual(gz.tell(), sum(map(len, parts)) + 4000)
+                if shutil.which("gzip"):
+                    self.assertEqual(subprocess.run(["gzip", "-dc"], input=data,
+                                                    stdout=subprocess.PIPE).stdout, expected)
+
+    def test_rewind_inside_a_later_member(self):
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=2, block_size=8192)
+        gz.write(b"a" * 30000)
+        early = gz.checkpoint()
+        start = gz.end_member()
+        at_start = gz.checkpoint()
+        gz.write(os.urandom(30000))
+        with self.assertRaisesRegex(ValueError, "before the member under way"):
+            gz.rewind(early)
+        self.assertEqual(gz.rewind(at_start), start)
+        out.truncate(start)
+        out.seek(start)
+        gz.write(b"b" * 10)
+        gz.close()
+        self.assertEqual(gzip.decompress(out.getvalue()), b"a" * 30000 + b"b" * 10)
+        unended = ParallelGzipWriter(io.BytesIO(), jobs=1)
+        self.addCleanup(unended.abort)
+        unended.write(b"x")
+        with self.assertRaisesRegex(ValueError, "end of a member"):
+            unended.moved_to(0)
+
     def test_rewind_to_an_earlier_of_two_checkpoints(self):
         out = io.BytesIO()
         gz = ParallelGzipWriter(out, jobs=2, block_size=8192)
