@@ -30,7 +30,8 @@ import stat
 import threading
 import time
 
-from . import iotstack
+from . import incomplete, iotstack
+from .incomplete import Unread
 from .iotstack import is_excluded
 from .children import NoProgressError
 from .pgzip import GzipError, ParallelGzipWriter, gunzip_chunks
@@ -78,7 +79,7 @@ def iter_entries(stack, items, patterns, excluded, notes, warnings=None, defer=f
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            notes.append("%s vanished before it was read: not saved" % rel)
+            notes.append(vanished(rel))
             continue
         if item.endswith("/") and stat.S_ISLNK(st.st_mode):
             try:
@@ -111,7 +112,7 @@ def _iter_dir(rel, path, patterns, excluded, notes, warnings, defer=frozenset(),
             try:
                 st = child.stat(follow_symlinks=False)
             except FileNotFoundError:
-                notes.append("%s vanished before it was read: not saved" % child_rel)
+                notes.append(vanished(child_rel))
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
             if patterns and is_excluded(child_rel + "/" if is_dir else child_rel, patterns):
@@ -134,18 +135,24 @@ def _sorted_listing(path, rel, notes, warnings):
         with os.scandir(path) as it:
             return iter(sorted(it, key=lambda e: e.name))
     except FileNotFoundError:
-        notes.append("%s vanished before it was read: not saved" % rel)
+        notes.append(vanished(rel))
     except OSError as e:
-        warnings.append(walk_warning(rel, e))
+        warnings.append(walk_warning(rel, e, incomplete.UNREADABLE_FOLDER))
     return iter(())
 
 
-def walk_warning(rel, error):
-    """The warning for an entry of the tree that cannot be read."""
+def walk_warning(rel, error, kind=incomplete.UNREADABLE):
+    """The warning for an entry of the tree that cannot be read (an
+    Unread: the archive records that it lacks it)."""
     if error.errno in (errno.EACCES, errno.EPERM):
-        return ("cannot read %s: %s (not saved; a container's private folder: run the "
-                "backup with sudo to include it)" % (rel, error.strerror))
-    return "cannot read %s: %s (not saved)" % (rel, error.strerror or error)
+        what = "private folder" if kind == incomplete.UNREADABLE_FOLDER else "private file"
+        return Unread("cannot read %s: %s (not saved; a container's %s: run the backup with "
+                      "sudo to include it)" % (rel, error.strerror, what), rel, kind)
+    return Unread("cannot read %s: %s (not saved)" % (rel, error.strerror or error), rel, kind)
+
+
+def vanished(rel):
+    return Unread("%s vanished before it was read: not saved" % rel, rel, incomplete.VANISHED)
 
 
 def changed_while_read(before, after):
@@ -191,7 +198,8 @@ def _restat(entry, stats):
         if stat.S_ISLNK(st.st_mode) and stat.S_ISDIR(entry.st.st_mode):
             st = os.stat(entry.path)  # a top-level item the walk followed
     except FileNotFoundError:
-        stats.warnings.append("%s disappeared before it was read" % entry.rel)
+        stats.warnings.append(Unread("%s disappeared before it was read" % entry.rel,
+                                     entry.rel, incomplete.VANISHED))
         return None
     return Entry(entry.rel, entry.path, st)
 
@@ -385,6 +393,15 @@ class ArchiveStats:
         self.notes = []
         self.warnings = []
 
+    @property
+    def unread(self):
+        """[(rel, kind)]: what the archive lacks or holds torn (incomplete.py)."""
+        return incomplete.entries_of(self.warnings + self.notes)
+
+    @property
+    def incomplete_counts(self):
+        return incomplete.counts_of(self.unread)
+
 
 # Small members are gathered and handed on in batches of about this size:
 # one call per member would cost more than the member's own bytes.
@@ -458,7 +475,7 @@ class TarStream:
                     fd = os.open(entry.path,
                                  os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                 except FileNotFoundError:
-                    stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                    stats.notes.append(vanished(entry.rel))
                     continue
                 except OSError as e:
                     stats.warnings.append(walk_warning(entry.rel, e))
@@ -479,8 +496,9 @@ class TarStream:
                         batch_bytes -= size  # already reported
                     batch += bytes(-size % BLOCK)
                     if changed_while_read(st, os.fstat(fd)):
-                        stats.warnings.append("%s changed while it was read: the backup holds "
-                                              "its first %d bytes" % (entry.rel, size))
+                        stats.warnings.append(Unread(
+                            "%s changed while it was read: the backup holds its first %d "
+                            "bytes" % (entry.rel, size), entry.rel, incomplete.CHANGED))
                 finally:
                     os.close(fd)
                 if st.st_nlink > 1:
@@ -495,7 +513,7 @@ class TarStream:
                 try:
                     target = os.fsencode(os.readlink(entry.path))
                 except FileNotFoundError:
-                    stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                    stats.notes.append(vanished(entry.rel))
                     continue
                 batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime,
                                     target)
@@ -562,17 +580,25 @@ class TarStream:
         del self.linked[start[7]:end[7]]
 
     def finish(self, patterns):
-        """The excludes record (when there are patterns) and the end of the archive."""
-        stats, batch = self.stats, self.batch
+        """The excludes record (when there are patterns), the record of what
+        could not be read (when anything), and the end of the archive."""
+        stats = self.stats
         if patterns:
             # What was left out, for restore.py to leave in place.
-            record = iotstack.excludes_record(patterns, stats.excluded)
-            batch += tar_header(os.fsencode(iotstack.EXCLUDES_MEMBER), TYPE_FILE, 0o644,
-                                os.geteuid(), os.getegid(), len(record), int(time.time()))
-            batch += record + bytes(-len(record) % BLOCK)
-            stats.members += 1
-        batch += ZERO_BLOCK * 2
+            self._add_record(iotstack.EXCLUDES_MEMBER,
+                             iotstack.excludes_record(patterns, stats.excluded))
+        unread = stats.unread
+        if unread:
+            # What is missing or torn: restore.py keeps the live copies.
+            self._add_record(incomplete.MEMBER, incomplete.record(unread))
+        self.batch += ZERO_BLOCK * 2
         self.flush()
+
+    def _add_record(self, member, record):
+        self.batch += tar_header(os.fsencode(member), TYPE_FILE, 0o644, os.geteuid(),
+                                 os.getegid(), len(record), int(time.time()))
+        self.batch += record + bytes(-len(record) % BLOCK)
+        self.stats.members += 1
 
 
 def _copy_rest(out, fd, remaining, rel, stats, progress):
@@ -582,7 +608,8 @@ def _copy_rest(out, fd, remaining, rel, stats, progress):
     while remaining:
         chunk = os.read(fd, min(remaining, READ_CHUNK))
         if not chunk:
-            stats.warnings.append("%s shrank while being read: padded with zeros" % rel)
+            stats.warnings.append(Unread("%s shrank while being read: padded with zeros" % rel,
+                                         rel, incomplete.CHANGED))
             out.write(bytes(remaining))
             progress.update(remaining, 0)
             return
@@ -876,6 +903,48 @@ class ArchiveOutput:
             self._verifier.release()
 
 
+def can_read(path, st):
+    """Whether this process may read an entry, without opening it: what
+    the backup's open (a file) or listing (a folder) would find."""
+    if stat.S_ISDIR(st.st_mode):
+        return _access(path, os.R_OK | os.X_OK)
+    if stat.S_ISREG(st.st_mode):
+        return _access(path, os.R_OK)
+    return True
+
+
+def _access(path, mode):
+    effective = os.access in os.supports_effective_ids
+    try:
+        return os.access(path, mode, effective_ids=effective, follow_symlinks=False)
+    except (NotImplementedError, OSError):
+        return os.access(path, mode)
+
+
+def unreadable_files(stack, items, patterns, warnings):
+    """The files of the walk this process may not read (the folders it may
+    not list are already in warnings, from the walk itself): each becomes
+    the warning the real run would give, in warnings.  Opens nothing."""
+    for entry in iter_entries(stack, items, patterns, [], [], warnings):
+        if stat.S_ISREG(entry.st.st_mode) and not can_read(entry.path, entry.st):
+            warnings.append(walk_warning(entry.rel, PermissionError(
+                errno.EACCES, os.strerror(errno.EACCES))))
+        yield entry
+
+
+def first_unreadable(stack, items):
+    """The first entry below the items this process may not read (a
+    container's private file or folder, for a normal user), or None.  Stops
+    there; as root, answers None at once."""
+    if os.geteuid() == 0:
+        return None
+    warnings = []
+    for _entry in unreadable_files(stack, items, (), warnings):
+        if warnings:
+            return warnings[0].rel
+    return warnings[0].rel if warnings else None
+
+
 def tree_totals(stack, items, patterns):
     """(bytes, files) under the items: a quick pass for the progress ETA."""
     total = files = 0
@@ -899,6 +968,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
             verifier = FollowingVerifier(temp)
         sink = FileSink(fd, verifier.advance if verifier else None)
         gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
+        gz.set_extra(incomplete.header_extra())
         try:
             write_tar(ArchiveOutput(gz, sink, verifier), stack, items, args.exclude, progress,
                       stats, segments)
@@ -907,6 +977,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
             gz.abort()
             raise
         sink.close()  # its last report must not follow the verifier's finish
+        incomplete.write_note(fd, stats.incomplete_counts)
         if owner is not None:
             os.fchown(fd, owner.uid, owner.gid)
         os.fchmod(fd, iotstack.ARCHIVE_MODE)

@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 
-from . import archive_writer, children, disk_sync, file_writer, iotstack, tarformat
+from . import archive_writer, children, disk_sync, file_writer, incomplete, iotstack, tarformat
 from .pgzip import GzipError, iter_gunzip
 from .progress import human_size
 from .run import UserError
@@ -135,12 +135,14 @@ def staging_ancestors(unit):
 class Summary:
     def __init__(self):
         self.members = 0
+        self.restored = 0  # the members restored (with --only: those under it)
         self.bytes = 0
         self.items = set()
         self.found_only = set()
         self.skipped = []
         self.warnings = []
         self.excludes = []  # the backup's --exclude patterns
+        self.incomplete = []  # [(rel, kind)]: what the backup could not read
 
 
 def read_archive(path, only, unpack=None, progress=None):
@@ -157,6 +159,10 @@ def read_archive(path, only, unpack=None, progress=None):
                 summary.excludes = iotstack.parse_excludes(
                     b"".join(bytes(piece) for piece in reader.data(member)))
                 continue
+            if rel == incomplete.MEMBER and member.type == "file":
+                summary.incomplete = incomplete.parse_record(
+                    b"".join(bytes(piece) for piece in reader.data(member)))
+                continue
             item = iotstack.item_of(rel)
             if item is None or (only and not restorable(rel, only)):
                 if rel and item is None and len(summary.skipped) < 1000:
@@ -168,6 +174,7 @@ def read_archive(path, only, unpack=None, progress=None):
                 summary.warnings.append("skipped device node %s" % rel)
                 continue
             summary.items.add(item)
+            summary.restored += 1
             for path_ in only:
                 if rel == path_ or rel.startswith(path_ + "/"):
                     summary.found_only.add(path_)
