@@ -942,8 +942,10 @@ def report_failure(argv, facts, code):
             else:
                 log.field("Started At", iotstack.now_local().isoformat(timespec="seconds"))
                 log.field("Current Directory", stack)
-                log.field("Command", " ".join([PROG] + list(argv)))
-                log.line("ERROR: %s (exit code %d)" % (message, code))
+                from . import redact
+                log.field("Command", " ".join([PROG] + [failure_report.masked(word)
+                                                        for word in argv]))
+                log.line("ERROR: %s (exit code %d)" % (redact.text(message), code))
         if not facts.notified:
             facts.code, facts.error = code, run.UserError(message, code)
             notify_once(failure_report.notify_settings(argv, failure_report.read_ini(stack)),

@@ -86,6 +86,15 @@ def notify_settings(argv: Sequence[str], ini_text: Optional[str]) -> argparse.Na
     return found
 
 
+def masked(word: str) -> str:
+    """A word of the command line for the log: URLs and rclone connection
+    strings with their secrets masked (redact.py)."""
+    from . import redact
+    if word.startswith("rclone:"):
+        return "rclone:" + redact.rclone_target(word[len("rclone:"):])
+    return redact.text(word)
+
+
 def already_said(error: str, stack: Optional[str]) -> bool:
     """Whether the run's own error line already says why no log can be
     written (no stack; a backups folder that is no folder or not ours):
