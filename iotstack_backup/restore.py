@@ -133,6 +133,7 @@ class Progress:
         self.archive = None
         self.units = []
         self.leftover = None  # a staging folder that could not be removed
+        self.trash = []  # replaced items an interruption left to delete (journal.empty_trash)
 
 
 # The restore under way in this process (restore_command sets a new one).
@@ -160,6 +161,9 @@ def interrupted_outcome(progress, pending, recover_command):
         said = "nothing was changed"
     if progress.leftover:
         said += "; the staging folder %s could not be removed: delete it" % progress.leftover
+    if progress.trash:
+        said += ("; the replaced items wait in %s, deleted by the next run of backup.py or "
+                 "restore.py" % ", ".join(progress.trash))
     return said
 
 
@@ -301,6 +305,9 @@ def run_restore(stack, archive, args, owner):
             out.write("Log: %s\n" % os.path.relpath(log.path, stack))
             return code
         except (run.Interrupted, KeyboardInterrupt) as e:
+            PROGRESS.trash = [os.path.relpath(path, stack) if path.startswith(stack + "/")
+                              else path for record in journal.trash_records(stack)
+                              for path in journal.trash_folders(record)]
             e.outcome = interrupted_outcome(PROGRESS, pending_state(stack), recover_command(stack))
             log.line("Interrupted (%s): %s" % (str(e) or "Ctrl-C", e.outcome))
             log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))

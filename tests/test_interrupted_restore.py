@@ -109,7 +109,15 @@ class InterruptedRestoreTests(IsolatedCase):
         self.assertEqual(err.count("\n"), 1, err)
         self.assertIn(words, err)
         self.assertEqual(snapshot(self.stack), self.archived if expect_tree == "new" else live)
-        self.assertEqual(self.leftovers(), [])
+        left = self.leftovers()
+        if expect_tree == "new" and left:
+            # The replaced items, deleted once the services run (issue 23): a
+            # cut leaves them to the next run, and the last line names them.
+            self.assertEqual([name for name in left if not name.startswith("restore-old.")], [])
+            self.assertIn("the replaced items wait in .tmp/restore-old.", err)
+            self.assertIn("deleted by the next run", err)
+        else:
+            self.assertEqual(left, [])
         self.project.wait_for({"nodered": "running"})
         self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
         return self.last_log()
