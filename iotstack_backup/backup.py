@@ -318,9 +318,11 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
         # An incomplete archive's rolling name is already one of its own.
         targets = final_targets(plan, verdict, True, os.path.exists)
         if targets != plan.targets:
-            log.line("Rolling File: %s not replaced: this backup did not pass the size guard, "
-                     "and the archive of that name may be the good one; this one is %s"
-                     % (relative_to_backups(plan.rolling), relative_to_backups(targets[0])))
+            log.line("Rolling File: %s not replaced: this backup %s, and the archive of that "
+                     "name may be the good one; this one is %s" % (
+                         relative_to_backups(plan.rolling),
+                         "did not pass the size guard" if not verdict.passed else "is incomplete",
+                         relative_to_backups(targets[0])))
         pairs = []
         for final in targets:
             if final != own:  # a second name, or TYPE 2's dated name in backup/
@@ -501,7 +503,7 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     remove_stale_partials(os.path.join(stack, "backups"), log)
     leftover = docker_compose.restart_left_stopped(stack, log, sys.stdout)
     items = items_to_save(stack, log)
-    guard = SizeGuard(stack, args, log, now)
+    guard = SizeGuard(stack, args, log)
     plan.judge = guard.judge
     early = unreadable_warning(stack, items, log)
     if early:
@@ -565,10 +567,9 @@ class SizeGuard:
     services/ and volumes/ and the last good backup, read before anything
     is written; judge(size) before the archive is named; record() after."""
 
-    def __init__(self, stack, args, log, now):
+    def __init__(self, stack, args, log):
         self.backups = os.path.join(stack, "backups")
         self.accept = bool(getattr(args, "accept_smaller", False))
-        self.now = now
         self.states = good_backups.item_states(stack)
         self.entries, problem = good_backups.load_record(self.backups)
         if problem:
