@@ -194,6 +194,13 @@ class NotifyNeverChangesTheCodeTest(PlainStackTestCase):
                 self.assertEqual(code, 2, err)
                 self.assertIn("--notify-url", err.strip().splitlines()[-1])
                 self.assertEqual(self.written(), [])
+        for url in ("mqtt://-bad/topic", "mqtt://[zz]/topic", "mqtt://h:0/topic",
+                    "mqtt://h:70000/topic", "mqtt://a..b/topic", "http://h/topic"):
+            with self.subTest(url):
+                code, _out, err = self.backup("1", "--notify-mqtt", url)
+                self.assertEqual(code, 2, err)
+                self.assertIn("--notify-mqtt", err.strip().splitlines()[-1])
+                self.assertEqual(self.written(), [])
         with open(os.path.join(self.stack, "backup.ini"), "w") as f:
             f.write("[backup]\nnotify-url = http://127.0.0.1:70000/%s\n" % TOKEN)
         code, _out, err = self.backup("1")
