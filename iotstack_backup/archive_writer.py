@@ -32,7 +32,8 @@ import stat
 import threading
 import time
 
-from . import iotstack
+from . import incomplete, iotstack
+from .incomplete import Unread
 from .iotstack import is_excluded
 from .children import NoProgressError
 from .pgzip import GzipError, ParallelGzipWriter, gunzip_chunks
@@ -85,7 +86,7 @@ class WalkLog:
         self.excluded, self.notes, self.warnings = excluded, notes, warnings
 
     def vanished(self, rel: str) -> None:
-        self.notes.append("%s vanished before it was read: not saved" % rel)
+        self.notes.append(vanished(rel))
 
 
 def iter_entries(stack, items, patterns, excluded, notes, warnings=None, defer=frozenset(),
@@ -279,8 +280,8 @@ def _as_it_is_now(entry: Entry, log: WalkLog):
     if stat.S_ISLNK(st.st_mode):
         log.warnings.append(became_symlink_warning(entry.rel, entry.follow))
     elif stat.S_ISDIR(st.st_mode):
-        log.warnings.append("%s changed while it was listed: its contents are not saved"
-                            % entry.rel)
+        log.warnings.append(Unread("%s changed while it was listed: its contents are not "
+                                   "saved" % entry.rel, entry.rel, incomplete.CHANGED))
     return Entry(entry.rel, st, entry.dir_fd, entry.name)
 
 
@@ -299,16 +300,22 @@ def _sorted_listing(fd: int, rel: str, log: WalkLog):
     except FileNotFoundError:
         log.vanished(rel)
     except OSError as e:
-        log.warnings.append(walk_warning(rel, e))
+        log.warnings.append(walk_warning(rel, e, incomplete.UNREADABLE_FOLDER))
     return iter(())
 
 
-def walk_warning(rel, error):
-    """The warning for an entry of the tree that cannot be read."""
+def walk_warning(rel, error, kind=incomplete.UNREADABLE):
+    """The warning for an entry of the tree that cannot be read (an
+    Unread: the archive records that it lacks it)."""
     if error.errno in (errno.EACCES, errno.EPERM):
-        return ("cannot read %s: %s (not saved; a container's private folder: run the "
-                "backup with sudo to include it)" % (rel, error.strerror))
-    return "cannot read %s: %s (not saved)" % (rel, error.strerror or error)
+        what = "private folder" if kind == incomplete.UNREADABLE_FOLDER else "private file"
+        return Unread("cannot read %s: %s (not saved; a container's %s: run the backup with "
+                      "sudo to include it)" % (rel, error.strerror, what), rel, kind)
+    return Unread("cannot read %s: %s (not saved)" % (rel, error.strerror or error), rel, kind)
+
+
+def vanished(rel):
+    return Unread("%s vanished before it was read: not saved" % rel, rel, incomplete.VANISHED)
 
 
 def changed_while_read(before, after):
@@ -358,7 +365,8 @@ def _relisted(entry: Entry, stats):
                 return Entry(entry.rel, st, entry.dir_fd, entry.name, True)
         st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        stats.warnings.append("%s disappeared before it was read" % entry.rel)
+        stats.warnings.append(Unread("%s disappeared before it was read" % entry.rel,
+                                     entry.rel, incomplete.VANISHED))
         return None
     if stat.S_ISLNK(st.st_mode) and stat.S_ISDIR(entry.st.st_mode):
         stats.warnings.append(became_symlink_warning(entry.rel, entry.follow))
@@ -555,6 +563,15 @@ class ArchiveStats:
         self.notes = []
         self.warnings = []
 
+    @property
+    def unread(self):
+        """[(rel, kind)]: what the archive lacks or holds torn (incomplete.py)."""
+        return incomplete.entries_of(self.warnings + self.notes)
+
+    @property
+    def incomplete_counts(self):
+        return incomplete.counts_of(self.unread)
+
 
 # Small members are gathered and handed on in batches of about this size:
 # one call per member would cost more than the member's own bytes.
@@ -596,7 +613,7 @@ def open_listed_file(entry: Entry, stats):
     try:
         fd = os.open(entry.name, FILE_FLAGS, dir_fd=entry.dir_fd)
     except FileNotFoundError:
-        stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+        stats.notes.append(vanished(entry.rel))
         return None, None
     except OSError as e:
         if e.errno != errno.ELOOP:
@@ -605,7 +622,7 @@ def open_listed_file(entry: Entry, stats):
         try:
             st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+            stats.notes.append(vanished(entry.rel))
             return None, None
         return None, _replaced(entry, st, stats)
     st = os.fstat(fd)
@@ -619,7 +636,8 @@ def _replaced(entry: Entry, st: os.stat_result, stats):
     """A file listed as regular that is something else now: that, as an
     Entry (a folder, which the walk never entered, is not saved)."""
     if stat.S_ISDIR(st.st_mode):
-        stats.warnings.append("%s changed while it was read: not saved" % entry.rel)
+        stats.warnings.append(Unread("%s changed while it was read: not saved" % entry.rel,
+                                     entry.rel, incomplete.CHANGED))
         return None
     stats.notes.append("%s was replaced while the backup ran: saved as it is now, not read"
                        % entry.rel)
@@ -708,8 +726,9 @@ class TarStream:
                             batch_bytes -= size  # already reported
                         batch += bytes(-size % BLOCK)
                         if changed_while_read(st, os.fstat(fd)):
-                            stats.warnings.append("%s changed while it was read: the backup "
-                                                  "holds its first %d bytes" % (entry.rel, size))
+                            stats.warnings.append(Unread(
+                                "%s changed while it was read: the backup holds its first %d "
+                                "bytes" % (entry.rel, size), entry.rel, incomplete.CHANGED))
                     finally:
                         os.close(fd)
                     stats.members += 1
@@ -728,11 +747,12 @@ class TarStream:
                 try:
                     target = os.fsencode(os.readlink(entry.name, dir_fd=entry.dir_fd))
                 except FileNotFoundError:
-                    stats.notes.append("%s vanished before it was read: not saved" % entry.rel)
+                    stats.notes.append(vanished(entry.rel))
                     continue
                 except OSError as e:  # EINVAL: no longer a symlink
-                    stats.warnings.append("%s changed while it was read: not saved (%s)"
-                                          % (entry.rel, e.strerror))
+                    stats.warnings.append(Unread("%s changed while it was read: not saved (%s)"
+                                                 % (entry.rel, e.strerror), entry.rel,
+                                                 incomplete.CHANGED))
                     continue
                 batch += tar_header(name, TYPE_SYMLINK, mode, st.st_uid, st.st_gid, 0, mtime,
                                     target)
@@ -816,17 +836,25 @@ class TarStream:
         self.dead.update(range(start[6] + 1, end[6] + 1))
 
     def finish(self, patterns):
-        """The excludes record (when there are patterns) and the end of the archive."""
-        stats, batch = self.stats, self.batch
+        """The excludes record (when there are patterns), the record of what
+        could not be read (when anything), and the end of the archive."""
+        stats = self.stats
         if patterns:
             # What was left out, for restore.py to leave in place.
-            record = iotstack.excludes_record(patterns, stats.excluded)
-            batch += tar_header(os.fsencode(iotstack.EXCLUDES_MEMBER), TYPE_FILE, 0o644,
-                                os.geteuid(), os.getegid(), len(record), int(time.time()))
-            batch += record + bytes(-len(record) % BLOCK)
-            stats.members += 1
-        batch += ZERO_BLOCK * 2
+            self._add_record(iotstack.EXCLUDES_MEMBER,
+                             iotstack.excludes_record(patterns, stats.excluded))
+        unread = stats.unread
+        if unread:
+            # What is missing or torn: restore.py keeps the live copies.
+            self._add_record(incomplete.MEMBER, incomplete.record(unread))
+        self.batch += ZERO_BLOCK * 2
         self.flush()
+
+    def _add_record(self, member, record):
+        self.batch += tar_header(os.fsencode(member), TYPE_FILE, 0o644, os.geteuid(),
+                                 os.getegid(), len(record), int(time.time()))
+        self.batch += record + bytes(-len(record) % BLOCK)
+        self.stats.members += 1
 
 
 def _copy_rest(out, fd, remaining, rel, stats, progress):
@@ -836,7 +864,8 @@ def _copy_rest(out, fd, remaining, rel, stats, progress):
     while remaining:
         chunk = os.read(fd, min(remaining, READ_CHUNK))
         if not chunk:
-            stats.warnings.append("%s shrank while being read: padded with zeros" % rel)
+            stats.warnings.append(Unread("%s shrank while being read: padded with zeros" % rel,
+                                         rel, incomplete.CHANGED))
             out.write(bytes(remaining))
             progress.update(remaining, 0)
             return
@@ -1130,6 +1159,49 @@ class ArchiveOutput:
             self._verifier.release()
 
 
+def can_read(path, st):
+    """Whether this process may read an entry, without opening it: what
+    the backup's open (a file) or listing (a folder) would find."""
+    if stat.S_ISDIR(st.st_mode):
+        return _access(path, os.R_OK | os.X_OK)
+    if stat.S_ISREG(st.st_mode):
+        return _access(path, os.R_OK)
+    return True
+
+
+def _access(path, mode):
+    effective = os.access in os.supports_effective_ids
+    try:
+        return os.access(path, mode, effective_ids=effective, follow_symlinks=False)
+    except (NotImplementedError, OSError):
+        return os.access(path, mode)
+
+
+def unreadable_files(stack, items, patterns, warnings):
+    """The files of the walk this process may not read (the folders it may
+    not list are already in warnings, from the walk itself): each becomes
+    the warning the real run would give, in warnings.  Opens nothing."""
+    for entry in iter_entries(stack, items, patterns, [], [], warnings):
+        if stat.S_ISREG(entry.st.st_mode) and not can_read(os.path.join(stack, entry.rel),
+                                                           entry.st):
+            warnings.append(walk_warning(entry.rel, PermissionError(
+                errno.EACCES, os.strerror(errno.EACCES))))
+        yield entry
+
+
+def first_unreadable(stack, items):
+    """The first entry below the items this process may not read (a
+    container's private file or folder, for a normal user), or None.  Stops
+    there; as root, answers None at once."""
+    if os.geteuid() == 0:
+        return None
+    warnings = []
+    for _entry in unreadable_files(stack, items, (), warnings):
+        if warnings:
+            return warnings[0].rel
+    return warnings[0].rel if warnings else None
+
+
 def tree_totals(stack, items, patterns):
     """(bytes, files) under the items: a quick pass for the progress ETA."""
     total = files = 0
@@ -1153,6 +1225,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
             verifier = FollowingVerifier(temp)
         sink = FileSink(fd, verifier.advance if verifier else None)
         gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
+        gz.set_extra(incomplete.header_extra())
         try:
             write_tar(ArchiveOutput(gz, sink, verifier), stack, items, args.exclude, progress,
                       stats, segments)
@@ -1161,6 +1234,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
             gz.abort()
             raise
         sink.close()  # its last report must not follow the verifier's finish
+        incomplete.write_note(fd, stats.incomplete_counts)
         if owner is not None:
             os.fchown(fd, owner.uid, owner.gid)
         os.fchmod(fd, iotstack.ARCHIVE_MODE)

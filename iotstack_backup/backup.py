@@ -22,6 +22,8 @@ import time
 from . import (
     archive_writer,
     docker_compose,
+    failure_report,
+    incomplete,
     iotstack,
     journal,
     menu,
@@ -72,8 +74,22 @@ and 3), logs to backups/logs/.
 """
 
 
+class BadArguments(run.UserError):
+    """argparse's error, raised instead of exiting, so that a bad argument
+    from cron is reported like any failure (failure_report)."""
+
+    def __init__(self, message):
+        super().__init__(message, run.EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise BadArguments(message)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Back up the IOTstack directory (compose files, services/, volumes/, "
                     "hooks) to a .tar.gz, the way scripts/backup.sh did, but safely.  Every "
@@ -167,12 +183,21 @@ class Plan:
     def targets(self):
         return [path for path in (self.dated, self.rolling) if path]
 
+    def name_incomplete(self):
+        """An archive that lacks what could not be read is written as
+        NAME.incomplete.tar.gz: it never replaces a complete one."""
+        self.dated = self.dated and iotstack.incomplete_path(self.dated)
+        self.rolling = self.rolling and iotstack.incomplete_path(self.rolling)
+
 
 def plan_backup(backup_kind, now, backups, exists):
     """Names of the archive(s) and log; a second run in a minute gets -2, -3..."""
     stem = iotstack.first_free_stem(
         "backup_" + iotstack.archive_stamp(now),
-        lambda s: exists(iotstack.dated_archive_path(backups, s)) or exists(iotstack.log_path(backups, s)))
+        lambda s: any(exists(path) for path in (
+            iotstack.dated_archive_path(backups, s),
+            iotstack.incomplete_path(iotstack.dated_archive_path(backups, s)),
+            iotstack.log_path(backups, s))))
     dated = iotstack.dated_archive_path(backups, stem) if backup_kind in (1, 3) else None
     rolling = iotstack.rolling_archive_path(backups, now) if backup_kind in (2, 3) else None
     return Plan(stem, dated, rolling, iotstack.log_path(backups, stem))
@@ -224,18 +249,23 @@ def give_second_name(source, final, owner):
 
 
 class Written(collections.namedtuple("Written",
-                                     "size verified rolling_overwritten names verdict")):
+                                     "size verified rolling_overwritten names verdict unread")):
     """A backup that has its final name(s): its size, whether it was read
     back, whether it replaced an older rolling archive, the paths it got
     (the first is the archive; a rolling name withheld by the guard is not
-    among them) and the size guard's good_backups.Verdict."""
+    among them), the size guard's good_backups.Verdict, and the counts of
+    what it lacks (incomplete.py; all zero for a complete one)."""
+
+    @property
+    def complete(self):
+        return not incomplete.total(self.unread)
 
 
 def is_complete(stats) -> bool:
     """Whether the archive holds every file of the items (the good-backup
-    record's `complete`).  Issue 21 decides what makes a backup incomplete
-    (files that could not be read); until then every archive counts."""
-    return True
+    record's `complete`): nothing it could not read, nothing that vanished
+    or changed while read (incomplete.py)."""
+    return not incomplete.total(stats.incomplete_counts)
 
 
 def relative_to_backups(path):
@@ -278,17 +308,26 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
         else:
             log.field("Verified", "OK (read back from disk: gzip CRC, %d tar headers)"
                       % stats.members)
+        unread = stats.incomplete_counts
+        if incomplete.total(unread):
+            plan.name_incomplete()  # NAME.incomplete.tar.gz: never a complete one's name
+            for path in plan.targets:
+                log.field("Incomplete, written as", relative(stack, path))
+        own = plan.targets[0]  # the name the temporary file was written for
         verdict = plan.judge(size) if plan.judge else good_backups.Verdict(good_backups.FIRST)
-        targets = final_targets(plan, verdict, is_complete(stats), os.path.exists)
+        # An incomplete archive's rolling name is already one of its own.
+        targets = final_targets(plan, verdict, True, os.path.exists)
         if targets != plan.targets:
-            log.line("Rolling File: %s not replaced: this backup did not pass the size guard, "
-                     "and the archive of that name may be the good one; this one is %s"
-                     % (relative_to_backups(plan.rolling), relative_to_backups(targets[0])))
+            log.line("Rolling File: %s not replaced: this backup %s, and the archive of that "
+                     "name may be the good one; this one is %s" % (
+                         relative_to_backups(plan.rolling),
+                         "did not pass the size guard" if not verdict.passed else "is incomplete",
+                         relative_to_backups(targets[0])))
         pairs = []
         for final in targets:
-            if final != first:  # a second name, or TYPE 2's dated name in backup/
+            if final != own:  # a second name, or TYPE 2's dated name in backup/
                 temps.append(give_second_name(temps[0], final, owner))
-            pairs.append((temps[0] if final == first else temps[-1], final))
+            pairs.append((temps[0] if final == own else temps[-1], final))
         rolling_overwritten = None
         for temp, final in pairs:
             if final == plan.rolling:
@@ -296,7 +335,9 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
             os.rename(temp, final)
             temps.remove(temp)
             iotstack.fsync_dir(os.path.dirname(final))
-        return Written(size, not args.no_verify, rolling_overwritten, targets, verdict)
+        if plan.rolling in targets and not incomplete.total(unread):
+            drop_superseded(plan.rolling, log)
+        return Written(size, not args.no_verify, rolling_overwritten, targets, verdict, unread)
     finally:
         bar.stop()
         for temp in temps:
@@ -304,6 +345,16 @@ def make_backup(stack, plan, items, args, owner, log, stats, segments=()):
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+
+
+def drop_superseded(rolling, log):
+    """A complete rolling archive supersedes the incomplete one of its
+    weekday (kept beside the complete one of the week before)."""
+    stale = iotstack.incomplete_path(rolling)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stale)
+        log.line("Removed %s: this complete backup replaces it"
+                 % os.path.join("rolling", os.path.basename(stale)))
 
 
 def planned_stops(stack, args, items):
@@ -347,6 +398,10 @@ def dry_run(stack, args):
         count += 1
         if stat.S_ISREG(entry.st.st_mode):
             size += entry.st.st_size
+            # Checked as the real run would find it, opening nothing.
+            if not archive_writer.can_read(entry.path, entry.st):
+                warnings.append(archive_writer.walk_warning(entry.rel, PermissionError(
+                    errno.EACCES, os.strerror(errno.EACCES))))
     out.write("Entries: %d, %s of file data\n" % (count, progress.human_size(size)))
     if excluded:
         out.write("Items Excluded:\n")
@@ -354,6 +409,10 @@ def dry_run(stack, args):
             out.write("  ./%s\n" % rel)
     for note in notes:
         out.write("Note: %s\n" % note)
+    lacked = incomplete.counts_of(incomplete.entries_of(warnings + notes))
+    if incomplete.total(lacked):
+        warnings.append("this backup would be %s: it would be named NAME.incomplete.tar.gz; "
+                        "%s" % (incomplete.describe(lacked), RUN_AS_ROOT))
     for warning in warnings:
         out.write("Warning: %s\n" % warning)
     folder = os.path.join(backups, "backup")
@@ -403,6 +462,8 @@ class Facts:
         self.stack_warnings = []
         self.code = None
         self.notified = False
+        self.logged = False  # the run's own log was opened
+        self.error = None  # the error of a run reported by failure_report
 
     @property
     def warnings(self):
@@ -421,6 +482,7 @@ def run_backup(stack, args, owner, owner_how, facts):
         now = iotstack.now_local()
         facts.plan = plan_backup(args.type, now, backups, os.path.exists)
         log = iotstack.RunLog(facts.plan.log)
+        facts.logged = True
         iotstack.chown_to(facts.plan.log, owner)
         try:
             try:
@@ -441,8 +503,12 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
     remove_stale_partials(os.path.join(stack, "backups"), log)
     leftover = docker_compose.restart_left_stopped(stack, log, sys.stdout)
     items = items_to_save(stack, log)
-    guard = SizeGuard(stack, args, log, now)
+    guard = SizeGuard(stack, args, log)
     plan.judge = guard.judge
+    early = unreadable_warning(stack, items, log)
+    if early:
+        sys.stdout.write(early + "\n")
+        sys.stdout.flush()
     status = iotstack.run_hook(stack, "pre_backup.sh", log)
     if status:
         raise run.UserError("pre_backup.sh failed with status %d; nothing was stopped or "
@@ -463,6 +529,8 @@ def backup_with_log(stack, args, owner, owner_how, log, now, facts):
         finish_log(stack, log, items, facts)
         raise
     facts.stack_warnings += stops.warnings
+    if facts.written is not None and not facts.written.complete:
+        facts.stack_warnings.append(incomplete_warning(stack, facts))
     if error is None:
         error = post_backup_error(stack, log)
     if facts.written is not None:
@@ -499,10 +567,9 @@ class SizeGuard:
     services/ and volumes/ and the last good backup, read before anything
     is written; judge(size) before the archive is named; record() after."""
 
-    def __init__(self, stack, args, log, now):
+    def __init__(self, stack, args, log):
         self.backups = os.path.join(stack, "backups")
         self.accept = bool(getattr(args, "accept_smaller", False))
-        self.now = now
         self.states = good_backups.item_states(stack)
         self.entries, problem = good_backups.load_record(self.backups)
         if problem:
@@ -563,6 +630,31 @@ def write_with_services_stopped(stack, plan, items, args, owner, log, facts, sto
                            stops.segments(groups))
 
 
+RUN_AS_ROOT = "for a complete backup run it as root: sudo python3 backup.py"
+
+
+def unreadable_warning(stack, items, log=None):
+    """Told first: a user who cannot read the containers' files makes an
+    incomplete backup.  The line (also in the log), or None."""
+    first = archive_writer.first_unreadable(stack, items)
+    if first is None:
+        return None
+    line = ("Warning: %s cannot read some of the containers' files (%s, maybe more): this "
+            "backup will be incomplete; %s" % (run.user_name(), first, RUN_AS_ROOT))
+    if log is not None:
+        log.line(line)
+    return line
+
+
+def incomplete_warning(stack, facts):
+    """The line that says a backup is not whole, and what follows from it."""
+    return ("this backup is %s; it is named %s (it replaces no complete backup and prunes "
+            "none), and a restore of it keeps the live copies of what it lacks; run the "
+            "backup as root (sudo) for a complete one" % (
+                incomplete.describe(facts.written.unread),
+                " and ".join(relative(stack, path) for path in facts.written.names)))
+
+
 def failure_of(error):
     """The UserError a failed write ends the run with."""
     if isinstance(error, run.UserError):
@@ -606,13 +698,13 @@ def conclude(stack, log, facts, error):
     if error is not None:
         log.line("ERROR: %s" % error)
         if facts.written is not None:  # a failed copy or hook: the backup itself is there
-            print_summary(stack, facts)
+            print_summary(stack, facts, log.lines)
         if not_started:
             run.say_error(PROG, not_started)
         raise error
     if not_started:
         raise run.UserError("backup complete, but %s" % not_started)
-    print_summary(stack, facts)
+    print_summary(stack, facts, log.lines)
     return run.EXIT_WARNINGS if facts.warnings else run.EXIT_OK
 
 
@@ -752,6 +844,9 @@ def finish_log(stack, log, items, facts):
         log.field("Rolling Overwritten", written.rolling_overwritten)
     if written is not None:
         log.field("Backup Size (bytes)", written.size)
+        log.field("Incomplete", "%d (%s)" % (incomplete.total(written.unread), incomplete.describe(
+            written.unread) + "; listed in the archive's " + incomplete.MEMBER
+            if not written.complete else "complete: every entry was read"))
     if stats is not None:
         log.field("Members", stats.members)
         log.field("Data Size (bytes)", stats.bytes)
@@ -773,11 +868,35 @@ def finish_log(stack, log, items, facts):
         log.line("Warning: %s" % warning)
 
 
-def print_summary(stack, facts):
+def log_outcomes(log_lines):
+    """(copies, pruned): from the log's lines, where each copy went
+    ("rsync:/mnt/usb: backup/x.tar.gz") and how many old backups were
+    removed, here and at the destinations."""
+    copies, pruned = [], 0
+    for line in log_lines:
+        if line.startswith("Copied ") and " to " in line and " under " in line:
+            rel, _, rest = line[len("Copied "):].partition(" to ")
+            copies.append("%s: %s" % (rest.split(" under ", 1)[0], rel))
+        elif line.startswith("Removed old backup"):
+            pruned += 1
+    return copies, pruned
+
+
+def summary_outcome_lines(log_lines):
+    """The log's short form of what happened after the archive was named."""
+    copies, pruned = log_outcomes(log_lines)
+    lines = ["Copied to %s" % copy for copy in copies]
+    if pruned:
+        lines.append("Old backups removed: %d (see the log)" % pruned)
+    return lines
+
+
+def print_summary(stack, facts, log_lines=()):
     plan, written, window = facts.plan, facts.written, facts.window
     verified = "verified" if written.verified else "not verified"
-    lines = ["Backup complete: %s (%s, %d items, %s)" % (
-        relative(stack, written.names[0]), progress.human_size(written.size),
+    state = "complete" if written.complete else "written, " + incomplete.describe(written.unread)
+    lines = ["Backup %s: %s (%s, %d items, %s)" % (
+        state, relative(stack, written.names[0]), progress.human_size(written.size),
         facts.stats.members, verified)]
     for name in written.names[1:]:
         lines.append("Rolling copy: %s" % relative(stack, name))
@@ -788,6 +907,7 @@ def print_summary(stack, facts):
         lines.append("Longest outage: %.1f s (%s)" % (longest[1], longest[0]))
     if window is not None and window.left_alone:
         lines.append("Services left alone: %s" % docker_compose.describe(window.left_alone))
+    lines += summary_outcome_lines(log_lines)
     for warning in facts.warnings:
         lines.append("Warning: %s" % warning)
     lines.append("Log: %s" % relative(stack, plan.log))
@@ -796,12 +916,53 @@ def print_summary(stack, facts):
 
 
 def main(argv=None) -> int:
-    return run.run_command(PROG, build_parser(), backup_command, argv,
-                           "no new backup was written")
-
-
-def backup_command(args):
+    argv = sys.argv[1:] if argv is None else list(argv)
     facts = Facts(time.monotonic())
+    try:
+        code = run.run_command(PROG, build_parser(), lambda args: backup_command(args, facts),
+                               argv, "no new backup was written")
+    except BadArguments as e:
+        run.say_error(PROG, str(e))
+        code = e.code
+    if code not in (run.EXIT_OK, run.EXIT_WARNINGS) and failure_report.is_backup_run(argv):
+        report_failure(argv, facts, code)
+    return code
+
+
+def report_failure(argv, facts, code):
+    """A failed backup that has not logged or notified yet (it failed
+    before its log was open): a log of its own, or a line saying why
+    there is none, and the "failed" notifications that can be read."""
+    if facts.logged and facts.notified:
+        return
+    try:
+        stack = failure_report.stack_of(argv)
+        log = None
+        message = run.last_error() or "exit code %d" % code
+        if not facts.logged:
+            log, why = failure_report.open_log(stack)
+            if log is None:
+                if not failure_report.already_said(message, stack):
+                    sys.stderr.write("%s: no log was written: %s\n" % (PROG, why))
+            else:
+                log.field("Started At", iotstack.now_local().isoformat(timespec="seconds"))
+                log.field("Current Directory", stack)
+                from . import redact
+                log.field("Command", " ".join([PROG] + [failure_report.masked(word)
+                                                        for word in argv]))
+                log.line("ERROR: %s (exit code %d)" % (redact.text(message), code))
+        if not facts.notified:
+            facts.code, facts.error = code, run.UserError(message, code)
+            notify_once(failure_report.notify_settings(argv, failure_report.read_ini(stack)),
+                        facts, ok=False, log=log)
+        if log is not None:
+            log.close()
+    except Exception as e:  # noqa: BLE001 - reporting must never hide the failure
+        sys.stderr.write("%s: the failure could not be reported: %s\n" % (PROG, e))
+
+
+def backup_command(args, facts=None):
+    facts = facts or Facts(time.monotonic())
     stack = iotstack.locate_stack(args.dir)
     if args.install_menu or args.uninstall_menu or args.install_cron or args.uninstall_cron:
         return set_up(stack, args)
@@ -838,7 +999,7 @@ def set_up(stack, args):
     if args.install_menu and args.uninstall_menu or args.install_cron and args.uninstall_cron:
         raise run.UserError("install or uninstall, not both", run.EXIT_USAGE)
     if args.install_menu:
-        menu.install(stack, iotstack.INSTALL_DIR, sys.executable, sys.stdout)
+        menu.install(stack, iotstack.INSTALL_DIR, menu.PYTHON, sys.stdout)
     if args.uninstall_menu:
         menu.uninstall(stack, sys.stdout)
     if args.install_cron:
@@ -848,9 +1009,27 @@ def set_up(stack, args):
             iotstack.lookup_owner(user)
             words.append(user)
         schedule.install(stack, args.install_cron, sys.executable, backup_py, words, sys.stdout)
+        warn_cron_user(stack, sys.stdout)
     if args.uninstall_cron:
         schedule.uninstall(sys.stdout)
     return run.EXIT_OK
+
+
+def warn_cron_user(stack, out):
+    """--install-cron as a user who cannot read the containers' files: its
+    nightly backups would all be incomplete; say so, and the line that
+    installs root's instead."""
+    items, _missing = iotstack.manifest_items(
+        lambda rel: os.path.lexists(os.path.join(stack, rel)))
+    first = archive_writer.first_unreadable(stack, items)
+    if first is None:
+        return
+    out.write("Warning: %s cannot read some of the containers' files (%s, maybe more), so "
+              "every backup from this crontab will be incomplete. For complete backups use "
+              "root's crontab instead:\n  python3 %s --uninstall-cron\n  cd %s && sudo python3 "
+              "%s --install-cron\n" % (run.user_name(), first,
+                                       os.path.join(iotstack.INSTALL_DIR, "backup.py"), stack,
+                                       os.path.join(iotstack.INSTALL_DIR, "backup.py")))
 
 
 def notify_once(args, facts, ok, log=None):
@@ -863,7 +1042,8 @@ def notify_once(args, facts, ok, log=None):
     if not (url_set or mqtt_set) or facts.notified:
         return
     facts.notified = True
-    error = sys.exc_info()[1]  # the run's error, when called while it unwinds
+    # The run's error, when called while it unwinds (or failure_report's).
+    error = sys.exc_info()[1] or facts.error
     messages = []
     if url_set:
         messages.append(notify_url_once(args.notify_url, ok))
@@ -872,6 +1052,9 @@ def notify_once(args, facts, ok, log=None):
     for message in messages:
         if log is not None:
             log.line(message)
+            if message.startswith("Warning:"):
+                # The summary is the log's short form: a failed notification too.
+                sys.stdout.write(message + "\n")
         elif message.startswith("Warning:"):
             sys.stderr.write("%s: %s\n" % (PROG, message))
 

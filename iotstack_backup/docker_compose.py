@@ -348,6 +348,7 @@ class ServiceWindow:
         self.missing = []
         self.start_notes = []  # starts that needed docker start (a compose call failed)
         self._notes_logged = 0
+        self.held = False   # hold(): close() starts nothing
         self._record = {}   # service -> {"containers": [ids], "stopped_at": time}
         self._down = {}     # service -> [monotonic stop begin, start end or None]
         self._containers = {}
@@ -603,9 +604,19 @@ class ServiceWindow:
                 os.unlink(self.marker)
 
     def close(self):
-        """Start everything this run stopped and has not started again."""
+        """Start everything this run stopped and has not started again
+        (unless held)."""
+        if self.held:
+            return
         with run.signals_deferred():
             self.start(self.outstanding)
+
+    def hold(self):
+        """Start nothing on close: the files under the services are not
+        whole (a restore's journal is pending).  The record of what was
+        stopped stays, so the run that finishes the swap (restore.py
+        --recover) starts them."""
+        self.held = True
 
     def adopt(self, record):
         """Take over a killed run's marker: the services whose containers are

@@ -174,10 +174,13 @@ def check_recipients(recipients):
 
 
 def encrypt(recipients, source, output):
-    """Write the encrypted copy of source to output (gpg streams it)."""
+    """Write the encrypted copy of source to output (gpg streams it), with
+    the archive's mode (gpg makes it 0644; the copies keep the mode)."""
+    from .iotstack import ARCHIVE_MODE
     try:
         _run(encrypt_argv(recipients, source, output), CRYPT_TIMEOUT,
              "encrypting %s" % os.path.basename(source))
+        os.chmod(output, ARCHIVE_MODE)
     except BaseException:
         _remove_quietly(output)
         raise

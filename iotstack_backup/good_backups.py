@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 RECORD_NAME = "good-backups.json"
 RECORD_MODE = 0o640
@@ -55,10 +55,10 @@ class BackupRecord:
     ("backup/backup_2026-11-26_0200.tar.gz", "rolling/backup_4.tar.gz");
     held: the watched items it held, None when not known (adopted)."""
 
-    names: tuple
+    names: tuple[str, ...]
     size: int
     finished: str
-    held: Optional[tuple] = None
+    held: Optional[tuple[str, ...]] = None
     verified: bool = True
     complete: bool = True
     guard: str = PASSED
@@ -67,14 +67,14 @@ class BackupRecord:
     def good(self) -> bool:
         return self.complete and self.guard != TRIPPED
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["names"] = list(self.names)
         data["held"] = None if self.held is None else list(self.held)
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "BackupRecord":
+    def from_json(cls, data: dict[str, Any]) -> BackupRecord:
         held = data.get("held")
         return cls(names=tuple(str(n) for n in data["names"]), size=int(data["size"]),
                    finished=str(data.get("finished", "")),
@@ -90,8 +90,8 @@ class Verdict:
     lines (one per thing gone), and whether retention may run after it."""
 
     guard: str
-    warnings: tuple = ()
-    notes: tuple = ()
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -107,7 +107,7 @@ def is_temporary_name(name: str) -> bool:
     return name.startswith(RECORD_NAME + ".") and name.endswith(".new")
 
 
-def parse_record(text: str) -> list:
+def parse_record(text: str) -> list[BackupRecord]:
     """The entries of the record's text, oldest first; ValueError when it
     is not a record."""
     data = json.loads(text)
@@ -119,7 +119,7 @@ def parse_record(text: str) -> list:
         raise ValueError("a bad entry: %s" % e) from None
 
 
-def load_record(backups: str) -> "tuple[list, str | None]":
+def load_record(backups: str) -> tuple[list[BackupRecord], str | None]:
     """(entries oldest first, None) or ([], why the record was set aside)."""
     try:
         with open(record_path(backups), encoding="utf-8") as f:
@@ -130,7 +130,7 @@ def load_record(backups: str) -> "tuple[list, str | None]":
         return [], "%s could not be read (%s); it is started again" % (RECORD_NAME, e)
 
 
-def last_good_backup(entries: list) -> Optional[BackupRecord]:
+def last_good_backup(entries: list[BackupRecord]) -> Optional[BackupRecord]:
     """The newest good backup of the record, or None."""
     for entry in reversed(entries):
         if entry.good:
@@ -138,7 +138,8 @@ def last_good_backup(entries: list) -> Optional[BackupRecord]:
     return None
 
 
-def with_entry(entries: list, entry: BackupRecord, limit: int = HISTORY) -> list:
+def with_entry(entries: list[BackupRecord], entry: BackupRecord,
+               limit: int = HISTORY) -> list[BackupRecord]:
     """The record's entries with entry appended, the oldest dropped beyond
     limit, but never the last good backup (the guard's reference)."""
     entries = list(entries) + [entry]
@@ -149,8 +150,8 @@ def with_entry(entries: list, entry: BackupRecord, limit: int = HISTORY) -> list
     return entries
 
 
-def record_good_backup(backups: str, entries: list, entry: BackupRecord,
-                       owner=None) -> list:
+def record_good_backup(backups: str, entries: list[BackupRecord], entry: BackupRecord,
+                       owner: Any = None) -> list[BackupRecord]:
     """Append entry (good or not: `good` is computed from it) to the record
     and write it atomically; returns the entries written.  OSError when it
     cannot be written."""
@@ -160,8 +161,8 @@ def record_good_backup(backups: str, entries: list, entry: BackupRecord,
     data = json.dumps({"version": 1, "backups": [e.to_json() for e in entries]}, indent=1)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, RECORD_MODE)
     try:
+        # fdopen owns fd from here: closing f closes it, on any error too.
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            fd = None
             f.write(data + "\n")
             f.flush()
             os.fchmod(f.fileno(), RECORD_MODE)
@@ -170,8 +171,6 @@ def record_good_backup(backups: str, entries: list, entry: BackupRecord,
             os.fsync(f.fileno())
         os.rename(temp, path)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
@@ -210,12 +209,12 @@ def item_state(path: str) -> "tuple[str, str | None]":
     return (EMPTY if empty else PRESENT), target
 
 
-def item_states(stack: str) -> dict:
+def item_states(stack: str) -> dict[str, tuple[str, str | None]]:
     """{item: (state, symlink target)} of services/ and volumes/."""
     return {item: item_state(os.path.join(stack, item)) for item in WATCHED_ITEMS}
 
 
-def held_items(states: dict) -> tuple:
+def held_items(states: dict[str, tuple[str, str | None]]) -> tuple[str, ...]:
     return tuple(item for item in WATCHED_ITEMS if states[item][0] == PRESENT)
 
 
@@ -242,7 +241,8 @@ ADVICE = ("The backup is kept; no old backup is removed, here or at the copies, 
           "--accept-smaller once.")
 
 
-def judge_items(states: dict, reference: Optional[BackupRecord]) -> "tuple[list, list]":
+def judge_items(states: dict[str, tuple[str, str | None]],
+                reference: Optional[BackupRecord]) -> tuple[list[str], list[str]]:
     """(warnings, notes) about services/ and volumes/.  A dangling symlink
     is always a warning; missing or empty is a warning when the last good
     backup held the item, else a note as before."""
@@ -251,8 +251,7 @@ def judge_items(states: dict, reference: Optional[BackupRecord]) -> "tuple[list,
         state, target = states[item]
         if state == PRESENT:
             continue
-        held = reference is not None and reference.held is not None and item in reference.held
-        if held:
+        if reference is not None and reference.held is not None and item in reference.held:
             warnings.append(gone_line(item, state, target, reference))
         elif state == DANGLING:
             warnings.append("%s/ is a symlink to %s, which does not exist: is the disk that "
@@ -262,7 +261,8 @@ def judge_items(states: dict, reference: Optional[BackupRecord]) -> "tuple[list,
     return warnings, notes
 
 
-def judge(size: int, states: dict, reference: Optional[BackupRecord],
+def judge(size: int, states: dict[str, tuple[str, str | None]],
+          reference: Optional[BackupRecord],
           accept_smaller: bool = False) -> Verdict:
     """The guard: compare a new backup of `size` bytes and live items
     `states` with the last good backup (reference)."""

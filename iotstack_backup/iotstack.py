@@ -132,7 +132,23 @@ def is_partial_name(name):
     return name.startswith(".backup_") and name.endswith(PARTIAL_SUFFIX)
 
 
-DATED_NAME = re.compile(r"^(backup_(\d{4}-\d{2}-\d{2}_\d{4})(?:-(\d+))?)\.tar\.gz(?:\.gpg)?$")
+DATED_NAME = re.compile(
+    r"^(backup_(\d{4}-\d{2}-\d{2}_\d{4})(?:-(\d+))?)(?:\.incomplete)?\.tar\.gz(?:\.gpg)?$")
+
+
+# An archive that lacks what could not be read (incomplete.py) is named
+# NAME.incomplete.tar.gz: it never takes the name of a complete one.
+INCOMPLETE_TAG = ".incomplete"
+
+
+def incomplete_path(path: str) -> str:
+    """backups/rolling/backup_5.tar.gz -> backups/rolling/backup_5.incomplete.tar.gz"""
+    assert path.endswith(".tar.gz")
+    return path[:-len(".tar.gz")] + INCOMPLETE_TAG + ".tar.gz"
+
+
+def is_incomplete_name(name: str) -> bool:
+    return name.endswith((INCOMPLETE_TAG + ".tar.gz", INCOMPLETE_TAG + ".tar.gz.gpg"))
 
 
 # retention.py's rules and the options (and attributes of args) that set them.
@@ -179,12 +195,17 @@ def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily
     backup is its stem: an archive and its .gpg copy are one backup, and
     both names are returned when it goes.  Other files are never chosen.
     The archive just written counts as the newest backup whatever its name
-    says (a clock set back can make it look old) and is never chosen."""
+    says (a clock set back can make it look old) and is never chosen.
+    Incomplete backups (NAME.incomplete.tar.gz) count for no rule: each
+    goes once a complete backup newer than it is kept."""
     from . import retention
     stems, by_stem = {}, {}
+    unfinished = {}
     for name in names:
         parsed = dated_backup(name)
-        if parsed:
+        if parsed and is_incomplete_name(name):
+            unfinished.setdefault(parsed[0], (parsed[1], parsed[2], []))[2].append(name)
+        elif parsed:
             stems[parsed[0]] = parsed[1:]
             by_stem.setdefault(parsed[0], []).append(name)
     new = dated_backup(just_written) if just_written else None
@@ -194,19 +215,29 @@ def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily
     pairs = sorted(((stem, stamp) for stem, (stamp, _n) in stems.items()),
                    key=lambda pair: (pair[1], stems[pair[0]][1]))
     doomed = retention.backups_to_remove(pairs, keep_last, keep_daily, keep_weekly, keep_monthly)
-    return [name for stem in reversed(doomed) if not (new and stem == new[0])
-            for name in sorted(by_stem.get(stem, []))]
+    kept = [stems[stem] for stem in stems if stem not in doomed]
+    newest_kept = max(kept) if kept else None
+    superseded = sorted((stamp, n, stem) for stem, (stamp, n, _names) in unfinished.items()
+                        if new is None or stem != new[0])
+    doomed_unfinished = [stem for stamp, n, stem in superseded
+                         if newest_kept is not None and (stamp, n) < newest_kept]
+    return ([name for stem in reversed(doomed) if not (new and stem == new[0])
+             for name in sorted(by_stem.get(stem, []))]
+            + [name for stem in reversed(doomed_unfinished)
+               for name in sorted(unfinished[stem][2])])
 
 
 def newest_archive(backups):
-    """(name relative to backups, size) of the newest archive in backup/ and
-    rolling/ (by mtime), or None: what the size guard adopts as the last
-    good backup while good_backups.json holds none."""
+    """(name relative to backups, size) of the newest complete archive in
+    backup/ and rolling/ (by mtime), or None: what the size guard adopts as
+    the last good backup while good_backups.json holds none (an incomplete
+    one, NAME.incomplete.tar.gz, is no measure of what a backup holds)."""
     newest = None
     for folder in ("backup", "rolling"):
         with contextlib.suppress(OSError), os.scandir(os.path.join(backups, folder)) as it:
             for entry in it:
                 if entry.name.endswith(".tar.gz") and not entry.name.startswith(".") \
+                        and not is_incomplete_name(entry.name) \
                         and entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
                     if newest is None or st.st_mtime > newest[0]:

@@ -110,12 +110,14 @@ def journal_entries(stack, journal):
              True, True) for unit in journal["units"]]
 
 
-def swap_in(stack, journal):
+def swap_in(stack, journal, on_entry=None):
     """Rename each entry aside, then each staged copy in; the journal says
     how far.  All the old entries go aside, durably, before any new one
     takes a name: a rename into place must never survive a power cut that
     the rename freeing its name did not (the old entry would be lost), and
-    the journal says committed only once every rename is durable."""
+    the journal says committed only once every rename is durable.
+    on_entry(live path), when given, hears each entry once its new copy is
+    in place (the restore log records them)."""
     write_journal(stack, journal)
     for parent in journal["created_parents"]:
         os.mkdir(os.path.join(stack, parent))
@@ -130,6 +132,8 @@ def swap_in(stack, journal):
     for live, staged, _aside, _old, new in entries:
         if new:
             os.rename(staged, live)
+        if on_entry is not None:
+            on_entry(live)
     keep_parent_times(stack, journal)
     fsync_folders(swap_folders(stack, entries))
     journal["state"] = "committed"

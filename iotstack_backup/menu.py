@@ -30,6 +30,11 @@ from . import run
 from .iotstack import fsync_dir
 
 SCRIPTS = {"backup": "scripts/backup.sh", "restore": "scripts/restore.sh"}
+
+# The Python the wrappers run: python3 as found on the PATH of whoever runs
+# the menu (sudo's secure_path as root), never the interpreter that ran
+# --install-menu (root's own, say under /root/.pyenv, which pi may not run).
+PYTHON = "python3"
 MARK = "# iotstack-backup wrapper"
 STATE_NAME = "iotstack-backup-menu"  # in the checkout's git directory
 

@@ -173,6 +173,10 @@ def parse_mqtt_url(text):
         raise ValueError("MQTT URL has no host: expected mqtt://HOST/TOPIC")
     if any(ch.isspace() for ch in host):
         raise ValueError("MQTT URL: the host %r contains white space" % host)
+    from .settings import host_problem  # here: settings imports this module
+    problem = host_problem(host, hostport.startswith("["))
+    if problem:
+        raise ValueError("MQTT URL %s" % problem)
     port = _port_number(port_text)
     if not slash or not raw_topic:
         raise ValueError("MQTT URL has no topic: expected mqtt://HOST[:PORT]/TOPIC")

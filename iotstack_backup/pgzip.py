@@ -115,16 +115,25 @@ def default_jobs():
         return os.cpu_count() or 1
 
 
-def gzip_header(mtime, level):
-    """Return the 10-byte header of a gzip member without optional fields."""
+FEXTRA = 4  # the header's flag for an extra field (RFC 1952)
+
+
+def gzip_header(mtime, level, extra=b""):
+    """Return the header of a gzip member: 10 bytes, then, when extra (the
+    extra field's subfields) is given, its length and it (FEXTRA).  Every
+    gzip reader skips the extra field; with no header CRC, its bytes may be
+    rewritten in place later."""
     if level >= 9:
         extra_flags = 2  # maximum compression
     elif level < 2:
         extra_flags = 4  # fastest compression
     else:
         extra_flags = 0
-    return struct.pack("<2sBBIBB", GZIP_MAGIC, zlib.DEFLATED, 0,
-                       mtime & 0xFFFFFFFF, extra_flags, OS_UNIX)
+    header = struct.pack("<2sBBIBB", GZIP_MAGIC, zlib.DEFLATED, FEXTRA if extra else 0,
+                         mtime & 0xFFFFFFFF, extra_flags, OS_UNIX)
+    if extra:
+        header += struct.pack("<H", len(extra)) + extra
+    return header
 
 
 def gzip_trailer(crc, size):
@@ -295,7 +304,8 @@ class ParallelGzipWriter:
         self._fileobj = fileobj
         self._level = level
         self._block_size = block_size
-        self._header = gzip_header(int(mtime), level)
+        self._mtime = int(mtime)
+        self._header = gzip_header(self._mtime, level)
         self._header_written = False
         self._buffer = bytearray()
         self._dictionary = b""
@@ -349,6 +359,13 @@ class ParallelGzipWriter:
             raise
         self._state = "closed"
         self._executor.shutdown(wait=True)
+
+    def set_extra(self, extra):
+        """Give the header an extra field (gzip_header's extra): before the
+        first byte goes out."""
+        if self._header_written:
+            raise ValueError("the gzip header is already written")
+        self._header = gzip_header(self._mtime, self._level, extra)
 
     def checkpoint(self):
         """A Checkpoint at the current end of the stream; what is buffered

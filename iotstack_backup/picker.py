@@ -28,13 +28,18 @@ def age(seconds):
 
 
 def menu_lines(entries, now):
-    """The numbered list: one line per backup."""
-    width = max([len(rel) for rel, _s, _m in entries] + [10])
+    """The numbered list: one line per backup.  An entry may carry a fourth
+    element, a note ("incomplete: 10 files could not be read"), shown after
+    its age."""
+    width = max([len(entry[0]) for entry in entries] + [10])
     lines = []
-    for n, (rel, size, mtime) in enumerate(entries, 1):
+    for n, entry in enumerate(entries, 1):
+        rel, size, mtime = entry[:3]
+        note = entry[3] if len(entry) > 3 and entry[3] else ""
         when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
-        lines.append("%3d) %-*s %10s  %s (%s)" % (n, width, rel, progress.human_size(size),
-                                                 when, age(now - mtime)))
+        lines.append("%3d) %-*s %10s  %s (%s)%s" % (n, width, rel, progress.human_size(size),
+                                                   when, age(now - mtime),
+                                                   "  " + note if note else ""))
     return lines
 
 
@@ -52,7 +57,7 @@ def no_terminal_message(entries, where, shown=3):
     """The exit 2 line when no FILENAME was given and nobody can choose."""
     if not entries:
         return "no FILENAME given, and there are no backups in %s" % where
-    names = ", ".join(rel for rel, _s, _m in entries[:shown])
+    names = ", ".join(entry[0] for entry in entries[:shown])
     return ("no FILENAME given and no terminal to choose on; the newest backups in %s: %s; "
             "pass one, e.g. restore.py %s noask" % (where, names, entries[0][0]))
 

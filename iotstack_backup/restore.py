@@ -24,6 +24,7 @@ import time
 from . import (
     disk_sync,
     docker_compose,
+    incomplete,
     iotstack,
     journal,
     pgzip,
@@ -67,10 +68,10 @@ EXIT_CODES = {
     run.EXIT_WARNINGS: "restored with --no-stop: the containers named still hold the old\n"
                        "files until restarted (the command is printed)",
     run.EXIT_BUSY: "another backup or restore of this stack is running",
-    run.EXIT_SIGHUP: "interrupted by SIGHUP (terminal closed): the next run finishes or\n"
-                     "rolls back",
-    run.EXIT_SIGINT: "interrupted by Ctrl-C: the next run finishes or rolls back",
-    run.EXIT_SIGTERM: "interrupted by SIGTERM: the next run finishes or rolls back",
+    run.EXIT_SIGHUP: "interrupted by SIGHUP (terminal closed); the last line says what is\n"
+                     "on disk (nothing changed, rolled back, complete, or what finishes it)",
+    run.EXIT_SIGINT: "interrupted by Ctrl-C; the last line says what is on disk",
+    run.EXIT_SIGTERM: "interrupted by SIGTERM; the last line says what is on disk",
 }
 
 
@@ -122,9 +123,91 @@ def build_parser():
     return p
 
 
+class Progress:
+    """How far a restore got.  An interruption's last line must match what
+    is on disk: nothing changed, rolled back, complete, or pending (then
+    with the command that finishes it)."""
+
+    def __init__(self):
+        self.phase = "nothing"  # nothing, swapping, rolled back, in place, complete
+        self.archive = None
+        self.units = []
+        self.leftover = None  # a staging folder that could not be removed
+        self.trash = []  # replaced items an interruption left to delete (journal.empty_trash)
+
+
+# The restore under way in this process (restore_command sets a new one).
+PROGRESS = Progress()
+
+
+def interrupted_outcome(progress, pending, recover_command):
+    """What an interruption left, in one line.  pending: the state of a
+    journal still on disk ("swapping", "committed", "damaged") or None."""
+    what = os.path.basename(progress.archive or "the backup")
+    if pending == "committed":
+        said = ("%s is in place, but the restore is not finished and its services are left "
+                "stopped: run '%s' to finish it and start them" % (what, recover_command))
+    elif pending is not None:
+        said = ("the swap of %s was cut short and could not be undone; its services are left "
+                "stopped: run '%s' to roll it back and start them" % (what, recover_command))
+    elif progress.phase == "complete":
+        said = "%s had been restored completely (see the log)" % what
+    elif progress.phase == "rolled back":
+        said = "the swap was under way and every item was put back as it was: nothing was changed"
+    elif progress.phase == "in place":
+        said = ("%s may be incomplete now (unpacked in place, without roll back): restore "
+                "them again from %s" % (", ".join(progress.units), what))
+    else:
+        said = "nothing was changed"
+    if progress.leftover:
+        said += "; the staging folder %s could not be removed: delete it" % progress.leftover
+    if progress.trash:
+        said += ("; the replaced items wait in %s, deleted by the next run of backup.py or "
+                 "restore.py" % ", ".join(progress.trash))
+    return said
+
+
+def pending_state(stack):
+    """The state of a journal left on disk, or None."""
+    try:
+        record = journal.read_journal(stack)
+    except (OSError, ValueError):
+        return "damaged"
+    if record is None:
+        return None
+    return record.get("state", "damaged") if isinstance(record, dict) else "damaged"
+
+
+def recover_command(stack):
+    return "cd %s && %spython3 restore.py --recover" % (stack, "" if os.geteuid() == 0
+                                                         else "sudo ")
+
+
 def replaced_units(held_items, only):
     """What is swapped as a whole: the --only paths, else the items held."""
     return sorted(only) if only else sorted(held_items)
+
+
+def archive_note(path):
+    """"incomplete: 10 files could not be read" for a local archive that
+    lacks what its backup could not read (from its first bytes), else ""."""
+    counts = incomplete.read_note(path)
+    if counts is None and iotstack.is_incomplete_name(os.path.basename(path)):
+        return "incomplete (see its log)"
+    return incomplete.describe(counts)
+
+
+def with_notes(entries, backups=None):
+    """The listing's entries with archive_note as a fourth element; at a
+    --from destination (backups None) only the name can tell."""
+    noted = []
+    for rel, size, mtime in entries:
+        if backups is not None:
+            note = archive_note(os.path.join(backups, rel))
+        else:
+            note = "incomplete" if iotstack.is_incomplete_name(os.path.basename(rel)) else ""
+        noted.append((rel, size, mtime, note))
+    return noted
 
 
 def list_backups(backups):
@@ -157,9 +240,13 @@ def resolve_archive(stack, filename):
 
 
 def ask_yes(archive, stack, services=""):
+    lacks = archive_note(archive)
+    if lacks:
+        lacks = ("This backup is %s when it was made: the live copies of those are kept "
+                 "as they are.\n" % lacks)
     try:
-        answer = input("Restore %s into %s, replacing what it holds.\n%sContinue [y/N]? "
-                       % (archive, stack, services + "\n" if services else ""))
+        answer = input("Restore %s into %s, replacing what it holds.\n%s%sContinue [y/N]? "
+                       % (archive, stack, lacks, services + "\n" if services else ""))
     except EOFError:
         return False
     return answer.strip().lower() in ("y", "yes")
@@ -217,9 +304,16 @@ def run_restore(stack, archive, args, owner):
             log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
             out.write("Log: %s\n" % os.path.relpath(log.path, stack))
             return code
+        except (run.Interrupted, KeyboardInterrupt) as e:
+            PROGRESS.trash = [os.path.relpath(path, stack) if path.startswith(stack + "/")
+                              else path for record in journal.trash_records(stack)
+                              for path in journal.trash_folders(record)]
+            e.outcome = interrupted_outcome(PROGRESS, pending_state(stack), recover_command(stack))
+            log.line("Interrupted (%s): %s" % (str(e) or "Ctrl-C", e.outcome))
+            log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
+            raise
         except BaseException as e:
-            log.line("ERROR: %s" % (str(e) or ("interrupted (Ctrl-C)" if isinstance(
-                e, KeyboardInterrupt) else type(e).__name__)))
+            log.line("ERROR: %s" % (str(e) or type(e).__name__))
             log.field("Finished At", iotstack.now_local().isoformat(timespec="seconds"))
             raise
         finally:
@@ -252,12 +346,17 @@ def restore_with_log(stack, archive, args, log, out):
     log_summary(log, summary)
     units, swaps = units_to_replace(stack, args, summary, places, disks, log)
     log.line("Replacing: %s" % ", ".join(units))
-    if not args.in_place:
-        sync_staged(places, disks, log)
-    # 2. Swap, with the services that use the data stopped.
-    window = docker_compose.ServiceWindow(stack, log)
-    hook_status = swap_with_services_stopped(stack, archive, args, summary, units, swaps,
-                                             places, disks, window, log, out)
+    PROGRESS.archive, PROGRESS.units = archive, units
+    try:
+        if not args.in_place:
+            sync_staged(places, disks, log)
+        # 2. Swap, with the services that use the data stopped.
+        window = docker_compose.ServiceWindow(stack, log)
+        hook_status = swap_with_services_stopped(stack, archive, args, summary, units, swaps,
+                                                 places, disks, window, log, out)
+    except BaseException:
+        drop_staging(stack, places, disks)
+        raise
     # 3. Say what happened; delete the replaced items, with the services running again.
     docker_compose.log_fields(log, window)
     journal.empty_trash(stack, log, out)
@@ -265,7 +364,7 @@ def restore_with_log(stack, archive, args, log, out):
         raise run.UserError("restored, but could not start again: %s"
                             % docker_compose.describe_failed(window))
     out.write("Restored %s: %s (%d members, %s)\n" % (
-        os.path.basename(archive), ", ".join(units), summary.members,
+        os.path.basename(archive), ", ".join(units), summary.restored,
         progress.human_size(summary.bytes)))
     print_services(window, out)
     if hook_status:
@@ -348,21 +447,84 @@ def units_to_replace(stack, args, summary, places, disks, log):
     units = replaced_units(summary.items, args.only)
     try:
         if missing:
-            raise run.UserError("the archive holds nothing under %s" % ", ".join(missing))
+            raise run.UserError(only_missing(missing), run.EXIT_USAGE)
         if not units:
             raise run.UserError("the archive holds no IOTstack items (services/, volumes/, "
                                 "docker-compose.yml...)")
         check_units(stack, units, disks.points)
         if args.in_place:
             return units, None
-        keep = live_excluded(stack, units, summary.excludes)
-        for rel in sorted(keep):
-            log.line("Kept as it is (excluded from the backup): %s" % rel)
+        keep = kept_live(stack, units, summary, log)
         return units, disks.swaps(units, keep, places.staging, log)
     except BaseException:
         shutil.rmtree(places.staging, ignore_errors=True)
         disks.drop()
         raise
+
+
+def kept_live(stack, units, summary, log, out=sys.stdout):
+    """The live entries a restore leaves exactly as they are: what the
+    backup excluded, and what it could not read (an incomplete backup lacks
+    them, so their live copies are kept).  Says which, and which of the
+    latter are missing here too (a new Pi): those the restore cannot give."""
+    keep = live_excluded(stack, units, summary.excludes)
+    for rel in sorted(keep):
+        log.line("Kept as it is (excluded from the backup): %s" % rel)
+    lacked, missing = incomplete.lacked_here(stack, units, summary.incomplete)
+    for rel in lacked:
+        log.line("Kept as it is (the backup could not read it): %s" % rel)
+    if lacked:
+        out.write("Kept as they are: %d live entries the backup could not read (listed in "
+                  "the log)\n" % len(lacked))
+    if missing:
+        message = ("This backup lacks %d entries that are not here either (they could not "
+                   "be read when it was made), so they will be missing: %s"
+                   % (len(missing), ", ".join(missing)))
+        log.line("Warning: " + message)
+        out.write("Warning: " + message + "\n")
+    return keep | set(lacked)
+
+
+def only_missing(missing):
+    """The exit-2 line for --only paths the archive holds nothing under
+    (most often a typo: volumes/noderd)."""
+    return ("--only %s: the archive holds nothing under %s; nothing was changed (see what it "
+            "holds with --verify)" % (", ".join(missing), "it" if len(missing) == 1 else "them"))
+
+
+def drop_staging(stack, places, disks):
+    """On the way out of a restore that did not swap (or rolled back): its
+    staging folders go, here and on other disks; one that cannot go is
+    named in the last line (PROGRESS.leftover).  Nothing is removed while a
+    journal is pending: recovery needs the staged copies."""
+    if pending_state(stack) is not None:
+        return
+    shutil.rmtree(places.staging, ignore_errors=True)
+    disks.drop()
+    journal.remove_empty_tree(os.path.join(stack, places.aside_rel))
+    if os.path.lexists(places.staging):
+        PROGRESS.leftover = places.staging_rel
+
+
+@contextlib.contextmanager
+def whole_before_start(stack, window, log, out):
+    """The services start again only over a whole tree, old or new: a swap
+    an interruption left pending is finished (or rolled back) first, with
+    signals held; if that fails, the services stay stopped (window.hold),
+    and the last line says to run --recover."""
+    try:
+        yield
+    finally:
+        state = pending_state(stack)
+        if state is not None:
+            try:
+                with run.signals_deferred():
+                    recover(stack, log, out)
+                    PROGRESS.phase = "complete" if state == "committed" else "rolled back"
+            except Exception as e:  # noqa: BLE001 - whatever it is, nothing may start
+                log.line("ERROR: the swap could not be finished (%s); services left stopped"
+                         % e)
+                window.hold()
 
 
 def swap_with_services_stopped(stack, archive, args, summary, units, swaps, places, disks,
@@ -376,12 +538,14 @@ def swap_with_services_stopped(stack, archive, args, summary, units, swaps, plac
     # Asked now, with the services up: if the swap leaves the compose files
     # as they are, the start needs no compose call of its own to know them.
     in_file = window.engine.services_in_file() if services and window.engine else None
-    with window:
+    with window, whole_before_start(stack, window, log, out):
         if not args.no_stop:
             stop_or_refuse(window, services, places.staging)
         if args.in_place:
-            replace_in_place(stack, archive, args.only, units, os.geteuid() == 0, log,
-                             summary.excludes)
+            keep = kept_live(stack, units, summary, log, out)
+            PROGRESS.phase = "in place"
+            replace_in_place(stack, archive, args.only, units, os.geteuid() == 0, log, keep)
+            PROGRESS.phase = "complete"
         else:
             swap_staged(stack, archive, args, units, swaps, places, disks, log, out)
         if old_compose is not None and compose_bytes(stack) != old_compose:
@@ -424,14 +588,25 @@ def swap_staged(stack, archive, args, units, swaps, places, disks, log, out):
     record = prepare_journal(stack, archive, units, places.staging_rel, places.aside_rel,
                              args.keep_old, swaps, disks.domains)
     record["parent_times"].update(disks.times)
+    PROGRESS.phase = "swapping"
+    log.line("Swap started: %d entries, journal %s" % (len(record["entries"]),
+                                                       iotstack.JOURNAL_NAME))
     try:
-        swap_in(stack, record)
+        swap_in(stack, record, lambda live: log.line(
+            "Swapped in: %s" % os.path.relpath(live, stack)))
     except BaseException:
-        roll_back(stack, record)
-        clean_up(stack, record)
-        log.line("The swap failed; every item was put back as it was")
+        with run.signals_deferred():  # a second Ctrl-C must not cut the roll back short
+            if pending_state(stack) is not None:  # else no rename was made
+                roll_back(stack, record)
+                clean_up(stack, record)
+            PROGRESS.phase = "rolled back"
+            log.line("The swap failed; every item was put back as it was")
         raise
-    if clean_up(stack, record) is not None:
+    PROGRESS.phase = "complete"  # committed: a cut from here on completes it
+    log.line("Swap complete: every item is in place")
+    with run.signals_deferred():
+        moved = clean_up(stack, record)
+    if moved is not None:
         log.line("Replaced items moved aside to %s, deleted once the services run again"
                  % ", ".join([places.aside_rel] + record["foreign"]["aside"]))
     if args.keep_old and any(os.path.lexists(os.path.join(stack, places.aside_rel, unit))
@@ -500,10 +675,10 @@ def checked(archive, only, stager, progress=None, staging=None):
                             % run.describe_os_error(e)) from None
 
 
-def replace_in_place(stack, archive, only, units, as_root, log, excludes=()):
-    """The original's delete-then-extract, after the full check has passed."""
+def replace_in_place(stack, archive, only, units, as_root, log, keep=frozenset()):
+    """The original's delete-then-extract, after the full check has passed;
+    what keep names (kept_live) is neither deleted nor replaced."""
     points = unpack.live_points(stack, units)
-    keep = live_excluded(stack, units, excludes)
     for unit in units:
         unpack.delete_except(stack, unit, points, keep)
     log.line("In place: deleted %s, unpacking over them" % ", ".join(units))
@@ -547,10 +722,12 @@ def print_list(stack, out, source=None, host=None):
         out.write("No backups in %s\n" % where)
         return
     times = {rel: mtime for rel, _size, mtime in entries}
-    for rel, size, mtime in entries:
+    local = os.path.join(stack, "backups") if source is None else None
+    for rel, size, mtime, note in with_notes(entries, local):
         when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
-        out.write("%-44s %10s  %s%s\n" % (rel, progress.human_size(size), when,
-                                         pair_note(rel, times) if source else ""))
+        out.write("%-44s %10s  %s%s%s\n" % (rel, progress.human_size(size), when,
+                                           pair_note(rel, times) if source else "",
+                                           "  " + note if note else ""))
 
 
 def pair_note(rel, times):
@@ -578,19 +755,39 @@ def verify_only(stack, filename, out):
     out.write("%s: OK (%d members, %s of data, items: %s)\n" % (
         filename, summary.members, progress.human_size(summary.bytes),
         ", ".join(sorted(summary.items)) or "none"))
+    write_incomplete(summary, out)
     return run.EXIT_OK
+
+
+def write_incomplete(summary, out):
+    """What an incomplete archive lacks, for --verify and --dry-run."""
+    if not summary.incomplete:
+        return
+    out.write("This backup is %s when it was made:\n"
+              % incomplete.describe(incomplete.counts_of(summary.incomplete)))
+    for rel, kind in summary.incomplete:
+        out.write("  %s (%s)\n" % (rel or "(its record is damaged)", kind))
 
 
 def dry_run(stack, archive, args, out):
     summary = checked(archive, args.only, None)
+    missing = sorted(set(args.only) - summary.found_only)
+    if missing:
+        raise run.UserError(only_missing(missing), run.EXIT_USAGE)
     units = replaced_units(summary.items, args.only)
     out.write("Archive: %s: OK (%d members, %s of data)\n" % (
         archive, summary.members, progress.human_size(summary.bytes)))
+    write_incomplete(summary, out)
     for unit in units:
         state = "replace" if os.path.lexists(os.path.join(stack, unit)) else "create"
         out.write("Would %s: %s\n" % (state, unit))
     for rel in sorted(live_excluded(stack, units, summary.excludes)):
         out.write("Would keep as it is (excluded from the backup): %s\n" % rel)
+    lacked, missing = incomplete.lacked_here(stack, units, summary.incomplete)
+    for rel in lacked:
+        out.write("Would keep as it is (the backup could not read it): %s\n" % rel)
+    for rel in missing:
+        out.write("Would be missing (not in the backup, not here either): %s\n" % rel)
     for point, kind in sorted(unpack.live_points(stack, units).items()):
         out.write("Would keep the %s %s; its data goes back onto that disk\n"
                   % ("mount point" if kind == "mount" else "symlink", point))
@@ -641,7 +838,8 @@ def choose(stack, args, host, out):
     """No FILENAME: the backup picked from a numbered list on a terminal;
     without one, exit 2 naming the newest backups."""
     entries, where = backups_at(stack, args.source, host)
-    entries = picker.newest_first(entries)
+    entries = with_notes(picker.newest_first(entries),
+                         os.path.join(stack, "backups") if args.source is None else None)
     if sys.stdin is None or not sys.stdin.isatty():
         raise run.UserError(picker.no_terminal_message(entries, where), run.EXIT_USAGE)
     return picker.pick(entries, where, time.time(), input, out)
@@ -649,11 +847,23 @@ def choose(stack, args, host, out):
 
 def main(argv=None) -> int:
     return run.run_command(PROG, build_parser(), restore_command, argv,
-                           "the next run of restore.py finishes or rolls back what was "
-                           "under way")
+                           "nothing was changed")
 
 
 def restore_command(args):
+    """restore_steps, with the last line of an interruption before any
+    swap: nothing was changed (run_restore says what one during it left)."""
+    global PROGRESS
+    PROGRESS = Progress()
+    try:
+        return restore_steps(args)
+    except (run.Interrupted, KeyboardInterrupt) as e:
+        if not hasattr(e, "outcome"):
+            e.outcome = interrupted_outcome(PROGRESS, None, "")
+        raise
+
+
+def restore_steps(args):
     out = sys.stdout
     if args.verify:
         stack = iotstack.find_stack_dir(args.dir, os.environ, os.getcwd(), iotstack.INSTALL_DIR)
@@ -673,6 +883,8 @@ def restore_command(args):
     if args.recover:
         with run.signals_raise():
             return run_restore(stack, None, args, owner)
+    if not args.dry_run:
+        refuse_early(stack, args.only)
     if args.filename is None and args.source is None and \
             os.path.isfile(os.path.join(stack, "backups", "backup.tar.gz")):
         args.filename = "backup.tar.gz"  # the original restore.sh's default
@@ -718,6 +930,18 @@ def restore_archive(stack, archive, args, owner, out):
             return run.EXIT_USAGE
     with run.signals_raise():
         return run_restore(stack, archive, args, owner)
+
+
+def refuse_early(stack, only):
+    """As a normal user, before the pick, the question or any unpacking:
+    live items holding another user's files (a container's) cannot be
+    replaced, whatever the archive holds; the same check as check_units,
+    on every item present here (or the --only paths)."""
+    if os.geteuid() == 0:
+        return
+    units = only or [item for item in iotstack.ITEM_NAMES
+                     if os.path.lexists(os.path.join(stack, item))]
+    unpack.check_units(stack, units)
 
 
 def warn(message):

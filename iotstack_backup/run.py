@@ -106,8 +106,19 @@ def _act_on(signum, handler):
 
 
 def say_error(prog, message):
+    global _last_error
+    _last_error = message
     sys.stderr.write("%s: error: %s\n" % (prog, message))
     sys.stderr.flush()
+
+
+# The last error line said, for the report of a run that failed before it
+# had a log of its own (failure_report).
+_last_error = None
+
+
+def last_error():
+    return _last_error
 
 
 # The log file of the run under way, once one is open: where the details of
@@ -177,6 +188,11 @@ def fix_for(path):
             "'sudo chown -R %s: %s', or run this with sudo" % (_user_name(), folder))
 
 
+def user_name():
+    """The running user's name (for messages)."""
+    return _user_name()
+
+
 def _user_name():
     with contextlib.suppress(Exception):
         import pwd
@@ -201,7 +217,9 @@ def run_command(prog, parser, command, argv, after_interrupt):
     """Parse argv, run command(args), and turn however it ends into an exit
     code and at most one line on stderr.  after_interrupt says what a
     signal left behind ("no new backup was written")."""
+    global _last_error
     remember_log(None)
+    _last_error = None
     args = parser.parse_intermixed_args(argv)
     try:
         return command(args)
@@ -209,10 +227,11 @@ def run_command(prog, parser, command, argv, after_interrupt):
         say_error(prog, str(e))
         return e.code
     except Interrupted as e:
-        say_error(prog, "interrupted by %s; %s" % (e, after_interrupt))
+        # A command may say what the signal left (e.outcome): the state on disk.
+        say_error(prog, "interrupted by %s; %s" % (e, getattr(e, "outcome", after_interrupt)))
         return 128 + e.signum
-    except KeyboardInterrupt:
-        say_error(prog, "interrupted; %s" % after_interrupt)
+    except KeyboardInterrupt as e:
+        say_error(prog, "interrupted; %s" % getattr(e, "outcome", after_interrupt))
         return EXIT_SIGINT
     except BrokenPipeError:
         # `backup.py --dry-run | head`: the reader has gone; say nothing more

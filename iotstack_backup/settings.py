@@ -79,6 +79,21 @@ _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 
+def host_problem(host: str, bracketed: bool) -> "str | None":
+    """Why host cannot be a host of a URL (notify-url, notify-mqtt), or None."""
+    if not host:
+        return "has no host"
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            return "has a bad IPv6 address %r" % host
+        return None
+    if not _HOST_NAME.match(host):
+        return "has a bad host name %r" % host
+    return None
+
+
 def notify_url_problem(text: str) -> "str | None":
     """Why text cannot be used as --notify-url, or None."""
     if any(ord(c) <= 32 or ord(c) == 127 for c in text):
@@ -91,15 +106,10 @@ def notify_url_problem(text: str) -> "str | None":
     if parts.scheme not in ("http", "https"):
         return "is not an http:// or https:// URL"
     host = parts.hostname or ""
-    if not host:
-        return "has no host"
-    if ":" in host or "[" in parts.netloc:  # 3.9's urlsplit lets "[zz]" through
-        try:
-            ipaddress.IPv6Address(host.split("%")[0])
-        except ValueError:
-            return "has a bad IPv6 address %r" % host
-    elif not _HOST_NAME.match(host):
-        return "has a bad host name %r" % host
+    # 3.9's urlsplit lets "[zz]" through: a bracketed host must be IPv6.
+    problem = host_problem(host, ":" in host or "[" in parts.netloc)
+    if problem:
+        return problem
     if port is not None and not 0 < port < 65536:
         return "has a bad port %d" % port
     if parts.netloc.endswith(":"):

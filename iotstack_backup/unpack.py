@@ -11,11 +11,13 @@ files may be created by a writer process (file_writer) and a background
 sync keeps the disk busy, but every file is on disk before the swap.
 """
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
+import tempfile
 
-from . import archive_writer, children, disk_sync, file_writer, iotstack, tarformat
+from . import archive_writer, children, disk_sync, file_writer, incomplete, iotstack, tarformat
 from .pgzip import GzipError, iter_gunzip
 from .progress import human_size
 from .run import UserError
@@ -51,6 +53,86 @@ def normalize_member_name(name):
     return "/".join(parts)
 
 
+# Names NameSet keeps in memory before it writes them to a temporary file.
+NAMES_IN_MEMORY = 20000
+
+
+class NameSet:
+    """The names of the regular files read so far, for hard link checks,
+    in flat memory however many there are: each name as a 16-byte keyed
+    digest (the key is random per run, so an archive cannot be made to
+    collide), the first NAMES_IN_MEMORY in a set; after that each add, and
+    each name taken away again (a later member of another type), is a
+    record appended to a temporary file, which a lookup scans (hard links
+    are few): the last record of a name says whether it is there."""
+
+    DIGEST = 16
+    RECORD = DIGEST + 1
+    _ADD, _REMOVE = b"+", b"-"
+
+    def __init__(self, in_memory: int = NAMES_IN_MEMORY) -> None:
+        self._key = os.urandom(16)
+        self._recent: set = set()
+        self._in_memory = in_memory
+        self._spill = None
+        self._count = 0
+
+    def _digest(self, name: str) -> bytes:
+        return hashlib.blake2b(name.encode("utf-8", "surrogateescape"), key=self._key,
+                               digest_size=self.DIGEST).digest()
+
+    def _append(self, op: bytes, digest: bytes) -> None:
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(prefix="iotstack-names-")
+        self._spill.seek(0, os.SEEK_END)
+        self._spill.write(op + digest)
+
+    def add(self, name: str) -> None:
+        digest = self._digest(name)
+        self._count += 1
+        if len(self._recent) < self._in_memory and self._spill is None:
+            self._recent.add(digest)
+        else:
+            self._recent.discard(digest)
+            self._append(self._ADD, digest)
+
+    def discard(self, name: str) -> None:
+        if not self._count:
+            return
+        digest = self._digest(name)
+        self._recent.discard(digest)
+        if self._spill is not None:
+            self._append(self._REMOVE, digest)
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __contains__(self, name: str) -> bool:
+        digest = self._digest(name)
+        if digest in self._recent:
+            return True
+        return self._spill is not None and self._last_op(digest) == self._ADD
+
+    def _last_op(self, digest: bytes):
+        """The op of the last record of digest in the file, or None."""
+        self._spill.seek(0)
+        last = None
+        while True:
+            chunk = self._spill.read(self.RECORD << 16)
+            if not chunk:
+                return last
+            at = chunk.find(digest)
+            while at >= 0:
+                if at % self.RECORD == 1:
+                    last = chunk[at - 1:at]
+                at = chunk.find(digest, at + 1)
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+
 class MemberPolicy:
     """Refuses members that could write outside their place: every check is
     ours, so the result does not depend on tarfile's filters or Python's
@@ -62,7 +144,7 @@ class MemberPolicy:
         # however many files the archive holds.
         self.track_files = track_files
         self.symlinks = set()
-        self.files = set()
+        self.files = NameSet()
         # A folder just found to have no symlink on its path: members come
         # folder by folder, so most need only this comparison.  A new symlink
         # could lie on that path, so adding one forgets it.
@@ -135,12 +217,14 @@ def staging_ancestors(unit):
 class Summary:
     def __init__(self):
         self.members = 0
+        self.restored = 0  # the members restored (with --only: those under it)
         self.bytes = 0
         self.items = set()
         self.found_only = set()
         self.skipped = []
         self.warnings = []
         self.excludes = []  # the backup's --exclude patterns
+        self.incomplete = []  # [(rel, kind)]: what the backup could not read
 
 
 def read_archive(path, only, unpack=None, progress=None):
@@ -148,13 +232,17 @@ def read_archive(path, only, unpack=None, progress=None):
     into unpack (a Stager) when given.  Raises ArchiveError."""
     summary = Summary()
     policy = MemberPolicy(track_files=unpack is None or not unpack.fresh_root)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, contextlib.closing(policy.files):
         reader = tarformat.TarReader(open_archive_chunks(f))
         for member in reader:
             rel = policy.check(member)
             summary.members += 1
             if rel == iotstack.EXCLUDES_MEMBER and member.type == "file":
                 summary.excludes = iotstack.parse_excludes(
+                    b"".join(bytes(piece) for piece in reader.data(member)))
+                continue
+            if rel == incomplete.MEMBER and member.type == "file":
+                summary.incomplete = incomplete.parse_record(
                     b"".join(bytes(piece) for piece in reader.data(member)))
                 continue
             item = iotstack.item_of(rel)
@@ -168,6 +256,7 @@ def read_archive(path, only, unpack=None, progress=None):
                 summary.warnings.append("skipped device node %s" % rel)
                 continue
             summary.items.add(item)
+            summary.restored += 1
             for path_ in only:
                 if rel == path_ or rel.startswith(path_ + "/"):
                     summary.found_only.add(path_)

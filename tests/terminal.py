@@ -29,9 +29,11 @@ def no_docker_env(bin_dir, **extra):
     return env
 
 
-def run_pty(argv, cwd, answers, env, timeout=60):
+def run_pty(argv, cwd, answers, env, timeout=60, settle=0.0):
     """Run argv on a new pseudo-terminal; for each (prompt, reply) wait for
-    the prompt, then type the reply.  (exit status, everything shown)."""
+    the prompt, then (settle seconds later: a Ctrl-C typed while readline
+    is still setting up the terminal can be lost) type the reply.
+    (exit status, everything shown)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the user's terminal session
         try:
@@ -47,6 +49,7 @@ def run_pty(argv, cwd, answers, env, timeout=60):
         while time.monotonic() < deadline:
             if pending and pending[0][0].encode() in seen[pos:]:
                 pos = seen.index(pending[0][0].encode(), pos) + len(pending[0][0])
+                time.sleep(settle)
                 os.write(fd, pending.pop(0)[1].encode())
             ready, _, _ = select.select([fd], [], [], 0.2)
             if ready:

@@ -58,6 +58,18 @@ def manifest_snapshot(root):
     return tree
 
 
+
+def only_failure_logs(backups):
+    """How many logs of failed runs (NAME.failed.log) backups/ holds, after
+    checking it holds nothing else: no archive, no other log."""
+    found = []
+    for folder, _dirs, files in os.walk(backups):
+        found += [os.path.relpath(os.path.join(folder, name), backups) for name in files]
+    assert not [rel for rel in found if rel.endswith(".tar.gz")], found
+    logs = [rel for rel in found if rel.startswith("logs/")]
+    assert all(rel.startswith("logs/backup_") and rel.endswith(".failed.log") for rel in logs), logs
+    return len(logs)
+
 class StackTestCase(IsolatedCase):
     """A fresh tree; with engine = True, its services are a real compose
     project with nodered and mosquitto running (influxdb, grafana stopped)."""
@@ -149,7 +161,7 @@ class NamesTest(StackTestCase):
             code, out, err = self.backup(bad)
             self.assertEqual(code, 2)
             self.assertIn("1, 2 or 3", err)
-        self.assertFalse(os.path.exists(os.path.join(self.backups, "logs")))
+        self.assertEqual(only_failure_logs(self.backups), 3)
 
     def test_same_minute_never_overwrites(self):
         self.assertEqual(self.backup("1", *USER_ARGS)[0], 0)
@@ -373,7 +385,8 @@ class ConcurrencyTest(StackTestCase):
             code, _out, err = self.backup("3", *USER_ARGS)
         self.assertEqual(code, run.EXIT_BUSY)
         self.assertIn("another backup or restore is running", err)
-        self.assertFalse(os.path.exists(os.path.join(self.backups, "logs")))
+        # Only the log of that failure (issue 21: every failure is logged).
+        self.assertEqual(only_failure_logs(self.backups), 1)
         # Nothing stopped: test_stack_control.BackupRefusalTest.
 
     def test_pending_restore_journal_blocks_backup(self):
@@ -410,7 +423,7 @@ class OwnershipTest(StackTestCase):
         code, _out, err = self.backup("3", "no-such-user-xyz")
         self.assertEqual(code, 2)
         self.assertIn("unknown user 'no-such-user-xyz'", err)
-        self.assertFalse(os.path.exists(os.path.join(self.backups, "logs")))
+        self.assertEqual(only_failure_logs(self.backups), 1)
         # Nothing stopped: test_stack_control.BackupRefusalTest.
 
     def test_no_user_from_cron_takes_sudo_user_without_asking(self):

@@ -134,7 +134,7 @@ class FirstHourTests(StackCase):
             code, _out, err = call(restore.main, [archive, "noask", "--dir", self.stack])
         self.assertEqual(code, 130, err)
         text = read(glob.glob(os.path.join(self.stack, "backups/logs/restore_*.log"))[0])
-        self.assertIn("ERROR: interrupted (Ctrl-C)\n", text)
+        self.assertIn("Interrupted (Ctrl-C): nothing was changed\n", text)
         self.assertNotRegex(text, r"ERROR: *\n")
 
     def test_restore_logs_are_written_as_they_go_and_never_truncated(self):

@@ -9,6 +9,7 @@ results are checked on disk and in `git status`.  No docker is used: the
 commands find none on PATH and carry on, as they document."""
 import glob
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from tests.support import IsolatedCase, read, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 ORIGINAL = {
     "scripts/backup.sh": "#!/bin/bash\necho \"old backup.sh $*\" > old-backup-ran\n",
@@ -42,7 +44,7 @@ _BIN = None
 
 def setUpModule():
     global _BIN
-    _BIN = terminal.tools_dir()
+    _BIN = terminal.tools_dir(("python3",))  # the wrappers run python3 from PATH
 
 
 def tearDownModule():
@@ -167,6 +169,46 @@ class InstallTests(MenuCase):
         for rel in ("scripts/backup.sh", "scripts/restore.sh"):
             self.assertEqual(read(os.path.join(self.stack, rel)), ORIGINAL[rel])
         self.assertFalse(os.path.exists(os.path.join(self.stack, ".git", menu.STATE_NAME)))
+
+    def test_the_wrappers_run_python3_of_the_path_as_root_and_as_pi(self):
+        """Issue 21, Must 7: installed as root, whose Python may be private
+        (pyenv's under /root, mode 0700), the menu still works for pi."""
+        self.install()
+        for rel in ("scripts/backup.sh", "scripts/restore.sh"):
+            text = read(os.path.join(self.stack, rel))
+            self.assertIn("exec 'python3' ", text)
+            self.assertNotIn(sys.executable, text)
+        as_root = subprocess.run("./scripts/backup.sh 1", shell=True, cwd=self.stack, env=env(),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertEqual(as_root.returncode, 0, as_root.stdout + as_root.stderr)
+        if os.geteuid() != 0:
+            self.skipTest("the run as pi needs root (runuser)")
+        try:
+            pi = pwd.getpwnam("pi")
+        except KeyError:
+            self.skipTest("needs a user pi (useradd -m pi)")
+        if not os.access("/usr/bin/python3", os.X_OK):
+            self.skipTest("needs a python3 on pi's PATH (/usr/bin/python3)")
+        shutil.rmtree(os.path.join(self.stack, "backups"))
+        for folder, dirs, files in os.walk(self.stack):
+            for name in [folder] + [os.path.join(folder, f) for f in dirs + files]:
+                os.lchown(name, pi.pw_uid, pi.pw_gid)
+        pi_env = dict(env(), PATH="/usr/bin:/bin", HOME=pi.pw_dir)
+        as_pi = subprocess.run([RUNUSER, "-u", "pi", "--", "bash", "-c", "./scripts/backup.sh 1"],
+                               cwd=self.stack, env=pi_env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=120)
+        self.assertEqual(as_pi.returncode, 0, as_pi.stdout + as_pi.stderr)
+        dated = glob.glob(os.path.join(self.stack, "backups/backup/backup_*.tar.gz"))
+        self.assertEqual(len(dated), 1, as_pi.stdout)
+        self.assertEqual(os.stat(dated[0]).st_uid, pi.pw_uid)
+        code, shown = terminal.run_pty(
+            [RUNUSER, "-u", "pi", "--", "bash", "-c",
+             "./scripts/restore.sh %s noask" % os.path.basename(dated[0])],
+            self.stack, [], pi_env)
+        self.assertEqual(code, 0, shown)
+        self.assertIn("Restored", shown)
 
     def test_install_twice_is_the_same_and_works_from_elsewhere(self):
         self.install()

@@ -92,9 +92,16 @@ class NotifyNeverChangesTheCodeTest(PlainStackTestCase):
             return f.read()
 
     def written(self):
-        """Archives and logs under backups/ (the tree holds an unrelated note)."""
-        return [os.path.join(root, n) for root, _dirs, names in os.walk(self.backups)
-                for n in names if n.endswith((".tar.gz", ".log"))]
+        """Archives and logs under backups/ (the tree holds an unrelated note),
+        but the log of a run that failed before it began (issue 21: every
+        failure is logged), which must hold no secret."""
+        found = [os.path.join(root, n) for root, _dirs, names in os.walk(self.backups)
+                 for n in names if n.endswith((".tar.gz", ".log"))]
+        for path in found:
+            if path.endswith(".failed.log"):
+                with open(path, encoding="utf-8") as f:
+                    self.assertNotIn(TOKEN, f.read())
+        return [path for path in found if not path.endswith(".failed.log")]
 
     def url_of(self, server, path="/ping/" + TOKEN):
         return "http://127.0.0.1:%d%s" % (server.server_address[1], path)
@@ -186,6 +193,13 @@ class NotifyNeverChangesTheCodeTest(PlainStackTestCase):
                 code, _out, err = self.backup("1", "--notify-url", url)
                 self.assertEqual(code, 2, err)
                 self.assertIn("--notify-url", err.strip().splitlines()[-1])
+                self.assertEqual(self.written(), [])
+        for url in ("mqtt://-bad/topic", "mqtt://[zz]/topic", "mqtt://h:0/topic",
+                    "mqtt://h:70000/topic", "mqtt://a..b/topic", "http://h/topic"):
+            with self.subTest(url):
+                code, _out, err = self.backup("1", "--notify-mqtt", url)
+                self.assertEqual(code, 2, err)
+                self.assertIn("--notify-mqtt", err.strip().splitlines()[-1])
                 self.assertEqual(self.written(), [])
         with open(os.path.join(self.stack, "backup.ini"), "w") as f:
             f.write("[backup]\nnotify-url = http://127.0.0.1:70000/%s\n" % TOKEN)

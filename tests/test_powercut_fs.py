@@ -166,5 +166,40 @@ class PowerCutFsTest(unittest.TestCase):
         self.assertEqual(every["d/f"][1:5], (0o100600, 1000, 1000, 1234567890123456789))
 
 
+class ModelTest(unittest.TestCase):
+    """The durability model on hand-made records (no FUSE needed)."""
+
+    T = (0, 0)
+
+    def test_durable_at(self):
+        node = {"kind": "file", "mode": 0o100644, "uid": 0, "gid": 0, "atime": 0, "mtime": 0,
+                "rdev": 0, "data": b"", "target": None, "entries": {}, "xattrs": {}}
+        ops = [("create", 0, "f", 1, node, self.T),      # 0: durable at the folder's fsync (5)
+               ("write", 1, 0, b"abc", self.T),           # 1: at the file's fdatasync (3)
+               ("chmod", 1, 0o600),                        # 2: at the file's fsync (6) only
+               ("fsync", 1, True),                         # 3: fdatasync
+               ("rename", 0, "f", 2, "g", 1, self.T, self.T),  # 4: needs 0 and 2 (7)
+               ("fsyncdir", 0),                            # 5
+               ("fsync", 1, False),                        # 6
+               ("fsyncdir", 2),                            # 7
+               ("unlink", 2, "g", 1, self.T),              # 8: at the sync's end (11)
+               ("syncbegin", "t"), ("write", 1, 0, b"x", self.T), ("syncend", "t")]
+        durable = model.durable_at(ops)
+        self.assertEqual(durable[:9], [5, 3, 6, 3, 7, 5, 6, 7, 11])
+        self.assertEqual(durable[10], model.NEVER)  # written after the sync began
+        self.assertEqual(model.kept_strict(ops, durable, 5), {0, 1, 3, 5})
+
+    def test_cut_points(self):
+        ops = [("write", 1, 0, b"", self.T)] * 300 + [("fsync", 1, False)]
+        cuts = model.cut_points(ops, minimum=100, seed=1)
+        self.assertEqual(len(cuts), 100)
+        self.assertEqual((cuts[0], cuts[-1]), (-1, 300))
+        self.assertEqual(cuts, model.cut_points(ops, minimum=100, seed=1))
+        few = model.cut_points(ops[:20], minimum=100)
+        self.assertEqual(few, list(range(-1, 20)))
+        sample = model.cut_points(ops, minimum=100, seed=1, sample=12)
+        self.assertEqual((len(sample), sample[0], sample[-1]), (12, -1, 300))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -915,7 +915,10 @@ class SignalTests(RestoreCase):
                 self.assert_no_leftovers()
                 self.assertFalse(os.path.lexists(os.path.join(self.stack, iotstack.JOURNAL_NAME)))
                 self.assertEqual(self.running_now(), set(RUNNING))
-                self.assertIn("ERROR:", self.restore_log())
+                # The last line and the log say the restore was complete (issue 21).
+                self.assertIn(b"had been restored completely", result.stderr)
+                self.assertIn("Interrupted (%s): " % ("Ctrl-C" if sig == "INT" else "SIG" + sig),
+                              self.restore_log())
                 os.unlink(hook)
                 shutil.rmtree(os.path.join(self.stack, "backups/logs"))
 
@@ -1187,9 +1190,9 @@ class OptionTests(RestoreCase):
         change_tree(self.stack)
         before = whole(self.stack)
         code, out, err = self.restore(archive, "noask", "--only", "volumes/nothere")
-        self.assertEqual(code, 1, out + err)
+        self.assertEqual(code, 2, out + err)  # a typo is a bad argument (issue 21)
         self.assertEqual(err.count("\n"), 1, err)
-        self.assertIn("holds nothing under volumes/nothere", err)
+        self.assertIn("--only volumes/nothere: the archive holds nothing under it", err)
         self.assertEqual(diff_snapshots(before, whole(self.stack)), [])
         self.assert_no_leftovers()
         for path in ("menu.sh", "backups", ".tmp/cache", "../outside", "/etc"):
@@ -1393,9 +1396,9 @@ class StackTests(RestoreCase):
         during = []
         real_swap = journal.swap_in
 
-        def spy(stack, journal):
+        def spy(stack, journal, on_entry=None):
             during.append(self.running_now())
-            return real_swap(stack, journal)
+            return real_swap(stack, journal, on_entry)
 
         with mock.patch.object(restore, "swap_in", spy):
             code, out, err = self.restore(archive, "noask")

@@ -58,7 +58,9 @@ class MemberPolicyTest(unittest.TestCase):
                     policy.check(member("volumes/h", "hardlink", target))
             self.assertEqual(policy.check(member("volumes/h", "hardlink", "volumes/f")),
                              "volumes/h")
-        self.assertEqual(unpack.MemberPolicy(track_files=False).files, set())
+        untracked = unpack.MemberPolicy(track_files=False)
+        untracked.check(member("volumes/f"))
+        self.assertFalse(untracked.files)
 
     def test_restorable_and_units(self):
         self.assertTrue(unpack.restorable("volumes/a", []))
@@ -77,3 +79,52 @@ class MemberPolicyTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class NameSetTest(unittest.TestCase):
+    """The file names a hard link may point to, in flat memory: past the
+    in-memory part they go to a temporary file, and answer the same."""
+
+    def test_in_memory_and_spilled_names_answer_alike(self):
+        names = unpack.NameSet(in_memory=3)
+        self.assertFalse(names)
+        added = ["volumes/f%d" % i for i in range(50)]
+        for name in added:
+            names.add(name)
+        self.assertTrue(names)
+        self.assertEqual(len(names._recent), 3)  # the rest went to the file
+        for name in added:
+            self.assertIn(name, names)
+        for name in ("volumes/f50", "volumes/f", "", "volumes/f1/x", "vølumes/f1"):
+            self.assertNotIn(name, names)
+        names.discard("volumes/f40")  # a later symlink of that name
+        names.discard("volumes/f1")
+        names.discard("never/added")
+        self.assertNotIn("volumes/f40", names)
+        self.assertNotIn("volumes/f1", names)
+        self.assertIn("volumes/f41", names)
+        names.add("volumes/f40")  # a file of that name again
+        self.assertIn("volumes/f40", names)
+        names.close()
+
+    def test_a_digest_found_off_its_boundary_is_no_match(self):
+        names = unpack.NameSet(in_memory=0)
+        for name in ("a", "b", "c"):
+            names.add(name)
+        names._spill.seek(0)
+        data = names._spill.read()
+        record = unpack.NameSet.RECORD
+        # The bytes straddling two records are no digest of theirs.
+        self.assertIsNone(names._last_op(data[9:9 + 16]))
+        self.assertEqual(names._last_op(data[record + 1:2 * record]), b"+")
+        names.close()
+
+    def test_policy_refuses_a_link_to_a_spilled_name_it_never_saw(self):
+        policy = unpack.MemberPolicy()
+        policy.files = unpack.NameSet(in_memory=2)
+        for i in range(10):
+            policy.check(member("volumes/f%d" % i))
+        policy.check(member("volumes/link9", "hardlink", "volumes/f9"))
+        with self.assertRaises(tarformat.ArchiveError):
+            policy.check(member("volumes/bad", "hardlink", "volumes/f10"))
+        policy.files.close()

@@ -25,8 +25,7 @@ import sys
 
 import mfusepy
 
-SYNC_BEGIN = ".powercut-sync-begin-"
-SYNC_END = ".powercut-sync-end-"
+from .harness import SYNC_BEGIN, SYNC_END
 _NO_ID = 0xFFFFFFFF  # chown's "leave as it is", as FUSE passes it
 
 
