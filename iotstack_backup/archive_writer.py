@@ -260,7 +260,7 @@ def _open_listed_dir(entry: Entry, log: WalkLog):
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             return None, _as_it_is_now(entry, log)
-        log.warnings.append(walk_warning(entry.rel, e))
+        log.warnings.append(walk_warning(entry.rel, e, incomplete.UNREADABLE_FOLDER))
         return None, entry
     st = os.fstat(fd)
     if entry.follow and (st.st_dev, st.st_ino) != (entry.st.st_dev, entry.st.st_ino):

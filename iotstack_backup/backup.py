@@ -399,7 +399,7 @@ def dry_run(stack, args):
         if stat.S_ISREG(entry.st.st_mode):
             size += entry.st.st_size
             # Checked as the real run would find it, opening nothing.
-            if not archive_writer.can_read(entry.path, entry.st):
+            if not archive_writer.can_read(os.path.join(stack, entry.rel), entry.st):
                 warnings.append(archive_writer.walk_warning(entry.rel, PermissionError(
                     errno.EACCES, os.strerror(errno.EACCES))))
     out.write("Entries: %d, %s of file data\n" % (count, progress.human_size(size)))
