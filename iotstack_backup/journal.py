@@ -369,7 +369,13 @@ def empty_trash(stack, log, out=None):
             continue
         log.line("Deleted the replaced items: %d entries, %s freed, in %.1f s"
                  % (deleted, human_size(freed), time.monotonic() - started))
+        # The folders' removal durable before the record's: a cut must not
+        # keep a folder that no record names any more.
+        for parent in sorted({os.path.dirname(folder) for folder in folders}):
+            with contextlib.suppress(OSError):
+                iotstack.fsync_dir(parent)
         os.unlink(record)
+        iotstack.fsync_dir(os.path.dirname(record))
 
 
 def foreign_record_path(stack, staging_rel):
