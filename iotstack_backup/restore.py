@@ -589,11 +589,8 @@ def swap_staged(stack, archive, args, units, swaps, places, disks, log, out):
                              args.keep_old, swaps, disks.domains)
     record["parent_times"].update(disks.times)
     PROGRESS.phase = "swapping"
-    log.line("Swap started: %d entries, journal %s" % (len(record["entries"]),
-                                                       iotstack.JOURNAL_NAME))
     try:
-        swap_in(stack, record, lambda live: log.line(
-            "Swapped in: %s" % os.path.relpath(live, stack)))
+        swap_in(stack, record)
     except BaseException:
         with run.signals_deferred():  # a second Ctrl-C must not cut the roll back short
             if pending_state(stack) is not None:  # else no rename was made
@@ -603,9 +600,11 @@ def swap_staged(stack, archive, args, units, swaps, places, disks, log, out):
             log.line("The swap failed; every item was put back as it was")
         raise
     PROGRESS.phase = "complete"  # committed: a cut from here on completes it
-    log.line("Swap complete: every item is in place")
     with run.signals_deferred():
-        moved = clean_up(stack, record)
+        moved = clean_up(stack, record)  # nothing written between the commit and this
+        for entry in record["entries"]:
+            log.line("Swapped in: %s" % entry["rel"])
+        log.line("Swap complete: every item is in place")
     if moved is not None:
         log.line("Replaced items moved aside to %s, deleted once the services run again"
                  % ", ".join([places.aside_rel] + record["foreign"]["aside"]))

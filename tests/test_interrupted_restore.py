@@ -186,13 +186,12 @@ class InterruptedRestoreTests(IsolatedCase):
                 log = self.assert_outcome(signal.SIGTERM, step, tree, words)
                 self.assertIn("Interrupted (SIGTERM): ", log)
                 if name not in ("unpacking", "before the stop", "after the stop"):
-                    self.assertIn("Swap started: 3 entries", log)
-                    self.assertIn("Swapped in: services", log)
+                    self.assertIn("Replacing: docker-compose.yml, services, volumes", log)
                 if tree == "new":
                     self.assertIn("Swapped in: volumes", log)
                     self.assertIn("Swap complete: every item is in place", log)
                 elif name == "in the swap":
-                    self.assertNotIn("Swapped in: volumes", log)
+                    self.assertNotIn("Swapped in: ", log)
                     self.assertIn("The swap failed; every item was put back as it was", log)
                 # Put the archive's tree back for the next step.
                 code, out, err = self.restore()
