@@ -349,16 +349,21 @@ class ParallelGzipWriter:
         if self._state != "open":
             return
         try:
-            self._submit(self._buffer, last=True)
-            self._buffer = bytearray()
-            while self._in_flight:
-                self._emit_block(self._in_flight.popleft().result())
-            self._emit(gzip_trailer(self.crc, self.size))
+            self._finish_member()
         except BaseException as error:
             self._fail(error)
             raise
         self._state = "closed"
         self._executor.shutdown(wait=True)
+
+    def _finish_member(self):
+        """The buffered rest as the member's last block, every block in
+        flight written, then the member's trailer (close and end_member)."""
+        self._submit(self._buffer, last=True)
+        self._buffer = bytearray()
+        while self._in_flight:
+            self._emit_block(self._in_flight.popleft().result())
+        self._emit(gzip_trailer(self.crc, self.size))
 
     def set_extra(self, extra):
         """Give the header an extra field (gzip_header's extra): before the
@@ -391,11 +396,7 @@ class ParallelGzipWriter:
         self._check_open()
         try:
             if self._header_written or self._buffer or self._in_flight or self.size:
-                self._submit(self._buffer, last=True)
-                self._buffer = bytearray()
-                while self._in_flight:
-                    self._emit_block(self._in_flight.popleft().result())
-                self._emit(gzip_trailer(self.crc, self.size))
+                self._finish_member()
         except BaseException as error:
             self._fail(error)
             raise
