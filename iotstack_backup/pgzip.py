@@ -18,6 +18,19 @@ own, with no history before it: a caller may then move or drop the bytes of
 one member without touching the others (moved_to() says where writing goes
 on); every gzip reader reads concatenated members as one stream.
 
+Reusing what was compressed (issue 24): record_blocks() keeps, for each
+block compressed from then on, a digest of the block and of the 32 KiB
+before it, and where its compressed bytes lie in the output.  A block's
+deflate data depends on nothing else (the same bytes, history, level and
+zlib give the same output, byte-aligned by its sync flush), so a second
+pass over the same stretch (reread_from(): the stream goes back to a
+checkpoint, the output keeps the first pass and writes on after it) copies
+the compressed bytes of every block whose digest it finds and compresses
+only the blocks that differ; settle() then moves the second pass down over
+the first.  The CRC and length of the member are always computed from the
+data written, never copied, so a reused block that did not hold what its
+digest promised fails the read-back's CRC check instead of passing.
+
 iter_gunzip decompresses a regular file in a child process, as gzip does for
 tar (other readable objects in this process).  It never reports success for
 data that zlib could not verify: truncation, corruption (including CRC32 and
@@ -26,11 +39,13 @@ GzipError subclass.  Nothing here knows about IOTstack.
 """
 import collections
 import concurrent.futures
+import hashlib
 import io
 import os
 import signal
 import stat
 import struct
+import time
 import zlib
 
 from .children import (
@@ -103,6 +118,12 @@ COMPRESSED_READ_SIZE = 64 * 1024
 
 # How often a blocked background thread looks whether it should stop.
 STOP_POLL_SECONDS = 0.05
+
+
+# A second pass reuses at most this many blocks' worth of what was recorded
+# (16 GiB of data at the default block size): the index costs about 150
+# bytes a block, so memory stays bounded however large a stopped group is.
+MAX_RECORDED_BLOCKS = 1 << 16
 
 
 def default_jobs():
@@ -249,6 +270,85 @@ def next_dictionary(dictionary, block):
     return (dictionary + bytes(block))[-DICTIONARY_SIZE:]
 
 
+_block_hash = None
+
+
+def fastest_block_hash():
+    """The constructor of whichever of sha256 and blake2b this CPU runs
+    faster, chosen once per process: SHA instructions (most x86, a
+    Raspberry Pi 5) make sha256 several times faster, and without them (a
+    Pi 4) blake2b wins.  Both passes of a backup run in one process, so
+    they always agree."""
+    global _block_hash
+    if _block_hash is None:
+        sample = bytes(range(256)) * 256  # 64 KiB
+        timings = []
+        for constructor in (hashlib.sha256, hashlib.blake2b):
+            start = time.perf_counter()
+            for _ in range(4):
+                constructor(sample).digest()
+            timings.append((time.perf_counter() - start, constructor))
+        _block_hash = min(timings, key=lambda pair: pair[0])[1]
+    return _block_hash
+
+
+def block_digest(dictionary, block):
+    """What a block's compressed bytes depend on, as 16 bytes: the data
+    before it that primes the compressor, and the block (their lengths
+    first, so that no other split of the same bytes gives the same digest)."""
+    digest = fastest_block_hash()(struct.pack("<II", len(dictionary), len(block)))
+    digest.update(dictionary)
+    digest.update(block)
+    return digest.digest()[:16]
+
+
+# What a worker hands back for one block: its deflate data, the digest to
+# record it under (None: not recorded), and whether the data was copied from
+# the first pass rather than compressed.
+Encoded = collections.namedtuple("Encoded", "data size digest reused")
+
+
+def encode_plain(block, dictionary, level, last):
+    return Encoded(compress_block(block, dictionary, level, last), len(block), None, False)
+
+
+class BlockReuse:
+    """The blocks of a first pass over a stretch of the stream, for a second
+    pass to reuse (see the module's paragraph): each recorded block's
+    digest and where its compressed bytes lie in the output.  The encode
+    methods run on the worker threads; the rest on the writer's."""
+
+    def __init__(self):
+        self.places = {}   # block_digest -> (offset, length) in the output
+        self.read_back = None  # (offset, length) -> bytes, once reusing
+        self.reused_blocks = self.reused_bytes = 0
+        self.compressed_blocks = self.compressed_bytes = 0
+
+    def encode_recorded(self, block, dictionary, level):
+        return Encoded(compress_block(block, dictionary, level, False), len(block),
+                       block_digest(dictionary, block), False)
+
+    def encode_reusing(self, block, dictionary, level):
+        place = self.places.get(block_digest(dictionary, block))
+        if place is not None:
+            data = self.read_back(*place)
+            if len(data) == place[1]:
+                return Encoded(data, len(block), None, True)
+        return Encoded(compress_block(block, dictionary, level, False), len(block), None, False)
+
+    def emitted(self, encoded, offset):
+        """A block went out at offset (its compressed data)."""
+        if self.read_back is None:
+            if encoded.digest is not None and len(self.places) < MAX_RECORDED_BLOCKS:
+                self.places.setdefault(encoded.digest, (offset, len(encoded.data)))
+        elif encoded.reused:
+            self.reused_blocks += 1
+            self.reused_bytes += encoded.size
+        else:
+            self.compressed_blocks += 1
+            self.compressed_bytes += encoded.size
+
+
 def write_all(fileobj, data):
     """Write data completely, also to raw files that may write partially."""
     view = memoryview(data)
@@ -318,6 +418,8 @@ class ParallelGzipWriter:
             max_workers=jobs, thread_name_prefix="parallel-gzip")
         self._state = "open"
         self._failure = None
+        self._reuse = None        # a BlockReuse while recording or reusing blocks
+        self._second_pass = None  # (base, start) while a second pass is written
 
     @property
     def closed(self):
@@ -409,12 +511,90 @@ class ParallelGzipWriter:
         return self.compressed_size
 
     def moved_to(self, offset):
-        """Right after end_member(): the output was rearranged and writing
-        goes on at offset (the caller has put its file position there)."""
+        """Right after end_member(), or after second_pass() at a block
+        boundary (drain()): the output was rearranged and writing goes on at
+        offset (the caller has put its file position there; a second pass
+        was moved down over its first)."""
         self._check_open()
+        if self._second_pass is not None:
+            if self._buffer or self._in_flight:
+                raise ValueError("moved_to() after a second pass is only valid after drain()")
+            base, start = self._second_pass
+            self._second_pass = None
+            if self._member_offset >= start:
+                self._member_offset -= start - base
+            self.compressed_size = offset
+            return
         if self._header_written or self._buffer or self._in_flight:
             raise ValueError("moved_to() is only valid at the end of a member")
         self.compressed_size = self._member_offset = offset
+
+    def cut_block(self):
+        """End the block under way here (a large file's data begins), so
+        that what follows lines up the same in a second pass even where the
+        data before it grew or shrank."""
+        self._check_open()
+        try:
+            if self._buffer:
+                self._submit(self._buffer, last=False)
+                self._buffer = bytearray()
+        except BaseException as error:
+            self._fail(error)
+            raise
+
+    def drain(self):
+        """Every byte written so far out as compressed output: the block
+        under way cut, every block in flight written.  Returns the output's
+        length."""
+        self.cut_block()
+        try:
+            while self._in_flight:
+                self._emit_block(self._in_flight.popleft().result())
+        except BaseException as error:
+            self._fail(error)
+            raise
+        return self.compressed_size
+
+    def record_blocks(self):
+        """From here on, remember each block compressed (BlockReuse)."""
+        self._check_open()
+        self._reuse = BlockReuse()
+
+    def reuse_blocks(self, read_back):
+        """From here on (a new member, or a second pass), copy the
+        compressed bytes of every block recorded since record_blocks() whose
+        digest comes again, read with read_back(offset, length), instead of
+        compressing it."""
+        if self._reuse is None:
+            raise ValueError("reuse_blocks() without record_blocks()")
+        self.drain()
+        self._reuse.read_back = read_back
+
+    def forget_blocks(self):
+        """Stop recording or reusing; return the BlockReuse (its counts), if any."""
+        reuse, self._reuse = self._reuse, None
+        return reuse
+
+    def second_pass(self, checkpoint, read_back):
+        """Go back to checkpoint to write the stretch after it again, keeping
+        the first pass in the output and reusing its blocks (reuse_blocks):
+        writing goes on after it.  Returns (base, start): the first pass lies
+        at [base, start) and the second begins at start; once drained, the
+        caller moves it down to base and calls moved_to()."""
+        self._check_open()
+        if checkpoint.offset is not None and checkpoint.offset < self._member_offset:
+            raise ValueError("cannot go back to a checkpoint before the member under way")
+        self.reuse_blocks(read_back)
+        start = self.compressed_size
+        self._unplaced.clear()
+        self._blocks_submitted = self._blocks_emitted = checkpoint.blocks
+        self.crc, self.size = checkpoint.crc, checkpoint.size
+        self._dictionary = checkpoint.dictionary
+        self._header_written = checkpoint.offset > self._member_offset
+        if not self._header_written:
+            self._member_offset = start  # the second pass writes the header again
+        self._second_pass = (checkpoint.offset, start)
+        return self._second_pass
 
     def rewind(self, checkpoint):
         """Forget everything written after checkpoint; return the length
@@ -488,8 +668,14 @@ class ParallelGzipWriter:
             block = bytes(block)
         dictionary = self._dictionary
         self._dictionary = next_dictionary(dictionary, block)
-        self._in_flight.append(self._executor.submit(
-            compress_block, block, dictionary, self._level, last))
+        reuse = self._reuse
+        if last or reuse is None:
+            future = self._executor.submit(encode_plain, block, dictionary, self._level, last)
+        elif reuse.read_back is None:
+            future = self._executor.submit(reuse.encode_recorded, block, dictionary, self._level)
+        else:
+            future = self._executor.submit(reuse.encode_reusing, block, dictionary, self._level)
+        self._in_flight.append(future)
         self._blocks_submitted += 1
         self._collect()
 
@@ -499,9 +685,11 @@ class ParallelGzipWriter:
         while in_flight and (len(in_flight) > self._max_in_flight or in_flight[0].done()):
             self._emit_block(in_flight.popleft().result())
 
-    def _emit_block(self, data):
-        self._emit(data)
+    def _emit_block(self, encoded):
+        offset = self._emit(encoded.data)
         self._blocks_emitted += 1
+        if self._reuse is not None:
+            self._reuse.emitted(encoded, offset)
         if self._unplaced:
             self._place_checkpoints()
 
@@ -510,12 +698,16 @@ class ParallelGzipWriter:
             self._unplaced.popleft().offset = self.compressed_size
 
     def _emit(self, data):
+        """Write data (after the member's header, if not written yet);
+        return the offset it begins at."""
         if not self._header_written:
             write_all(self._fileobj, self._header)
             self._header_written = True
             self.compressed_size += len(self._header)
+        offset = self.compressed_size
         write_all(self._fileobj, data)
         self.compressed_size += len(data)
+        return offset
 
     def _fail(self, error):
         if self._state == "open":

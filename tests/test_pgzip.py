@@ -572,6 +572,126 @@ class ShortWrites:
 
 
 @unittest.skipUnless(GZIP and TAR, "GNU gzip and tar are required")
+class BlockReuseTests(unittest.TestCase):
+    """record_blocks(), then a second pass over the same stretch (after a
+    checkpoint, or as a new member) copies the compressed bytes of every
+    block whose data and 32 KiB of history are unchanged, and compresses
+    the rest: the output is the gzip of what the second pass wrote, byte
+    for byte as gzip readers see it (issue 24 Must 4)."""
+
+    DATA = mixed(600_000, seed=24)
+
+    def second_pass(self, before, first, second, jobs=2, damage=bytes):
+        """before, a checkpoint, first (recorded), then second written over
+        first again (64 KiB blocks; a reused block's bytes pass through
+        damage); the second pass moved down as ArchiveOutput.settle()
+        does.  Returns (the whole output, the counts)."""
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=jobs, block_size=65536)
+        gz.write(before)
+        checkpoint = gz.checkpoint()
+        gz.record_blocks()
+        for piece in first:
+            gz.cut_block()
+            gz.write(piece)
+        base, start = gz.second_pass(
+            checkpoint, lambda offset, length: damage(out.getvalue()[offset:offset + length]))
+        for piece in second:
+            gz.cut_block()
+            gz.write(piece)
+        end = gz.drain()
+        whole = out.getvalue()
+        moved = whole[:base] + whole[start:end]
+        out.seek(0)
+        out.truncate()
+        out.write(moved)
+        gz.moved_to(len(moved))
+        reuse = gz.forget_blocks()
+        gz.write(b"after")
+        gz.close()
+        return out.getvalue(), reuse
+
+    def assert_gzip_of(self, data, expected):
+        self.assertEqual(gzip.decompress(data), expected)
+        self.assertEqual(b"".join(pgzip.gunzip_chunks(io.BytesIO(data).read, 65536)), expected)
+        if GZIP:
+            self.assertEqual(run([GZIP, "-dc"], data), expected)
+
+    def test_an_unchanged_stretch_is_copied_whole(self):
+        for jobs in (1, 2, 4):
+            for before in (b"", self.DATA[:100_000]):
+                with self.subTest(jobs=jobs, before=len(before)):
+                    data, reuse = self.second_pass(before, [self.DATA], [self.DATA], jobs)
+                    self.assert_gzip_of(data, before + self.DATA + b"after")
+                    self.assertEqual((reuse.reused_bytes, reuse.compressed_bytes),
+                                     (len(self.DATA), 0))
+
+    def test_only_the_block_that_changed_is_compressed_again(self):
+        # A byte changed early in the fourth 64 KiB block: that block alone
+        # differs; the next one's history (the last 32 KiB) is unchanged.
+        changed = bytearray(self.DATA)
+        changed[3 * 65536 + 1000] ^= 0xFF
+        data, reuse = self.second_pass(b"head", [self.DATA], [bytes(changed)])
+        self.assert_gzip_of(data, b"head" + bytes(changed) + b"after")
+        self.assertEqual(reuse.compressed_bytes, 65536)
+        self.assertEqual(reuse.reused_bytes, len(self.DATA) - 65536)
+        # Changed in its last 32 KiB, it is also the next block's history.
+        changed = bytearray(self.DATA)
+        changed[4 * 65536 - 10] ^= 0xFF
+        data, reuse = self.second_pass(b"head", [self.DATA], [bytes(changed)])
+        self.assert_gzip_of(data, b"head" + bytes(changed) + b"after")
+        self.assertEqual(reuse.compressed_bytes, 2 * 65536)
+
+    def test_a_cut_keeps_a_large_file_aligned_when_what_precedes_it_grew(self):
+        wal, database = self.DATA[:50_000], self.DATA[50_000:]
+        data, reuse = self.second_pass(b"", [wal, database], [wal + b"appended" * 100, database])
+        self.assert_gzip_of(data, wal + b"appended" * 100 + database + b"after")
+        # The grown stretch and the database's first block (its history is
+        # the grown end) are compressed again; the rest is copied.
+        self.assertEqual(reuse.compressed_bytes, len(wal) + 800 + 65536)
+        self.assertEqual(reuse.reused_bytes, len(database) - 65536)
+
+    def test_a_new_member_reuses_the_blocks_of_an_earlier_one(self):
+        # --stop all: a part read again is written as a member after the
+        # others, reusing the blocks of its first read.
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=2, block_size=65536)
+        gz.record_blocks()
+        gz.write(self.DATA)
+        first_end = gz.end_member()
+        gz.reuse_blocks(lambda offset, length: out.getvalue()[offset:offset + length])
+        changed = bytearray(self.DATA)
+        changed[200_000] ^= 1
+        gz.write(bytes(changed))
+        second_end = gz.end_member()
+        reuse = gz.forget_blocks()
+        gz.close()
+        whole = out.getvalue()
+        self.assert_gzip_of(whole[first_end:second_end], bytes(changed))
+        self.assertEqual(reuse.compressed_bytes, 65536 + len(self.DATA) % 65536,
+                         "the changed block and the member's last (final) block")
+        self.assertEqual(reuse.reused_bytes, len(self.DATA) - reuse.compressed_bytes)
+
+    def test_a_reused_block_that_lies_fails_the_crc(self):
+        # The trailer's CRC is always of the data written: a copied block
+        # whose bytes are not what its digest promised is caught by any
+        # gzip reader, never passed off as the data.
+        def damaged(compressed):
+            data = bytearray(compressed)
+            data[len(data) // 2] ^= 0x01
+            return bytes(data)
+        text = text_like(300_000)
+        data, reuse = self.second_pass(b"", [text], [text], damage=damaged)
+        self.assertGreater(reuse.reused_blocks, 0)
+        with self.assertRaises(GzipError):
+            b"".join(pgzip.gunzip_chunks(io.BytesIO(data).read, 65536))
+
+    def test_the_digest_covers_the_split_between_history_and_block(self):
+        self.assertNotEqual(pgzip.block_digest(b"ab", b"c"), pgzip.block_digest(b"a", b"bc"))
+        self.assertEqual(pgzip.block_digest(b"ab", b"c"), pgzip.block_digest(b"ab", b"c"))
+        self.assertEqual(len(pgzip.block_digest(b"", b"")), 16)
+
+
 class ExternalToolTests(unittest.TestCase):
 
     def test_gnu_gzip_reads_output(self):
