@@ -330,15 +330,20 @@ class Segment:
     before() and after().  parts splits the roots into pieces that are
     confirmed, or read again, one by one (by default all roots are one
     part); report(reread), when given, hears the roots of the parts that
-    were read again after before().  The writer knows nothing of what the
+    were read again after before(), and reused (set after construction)
+    how much of them was copied from the live read.  The writer knows nothing of what the
     callbacks do (backup.py stops and starts services with them)."""
 
-    __slots__ = ("roots", "before", "after", "parts", "report")
+    __slots__ = ("roots", "before", "after", "parts", "report", "reused")
 
     def __init__(self, roots, before=None, after=None, parts=None, report=None):
         self.roots, self.before, self.after = frozenset(roots), before, after
         self.parts = (self.roots,) if parts is None else tuple(frozenset(p) for p in parts)
         self.report = report
+        # reused(counts), when given, hears after after() how much of what
+        # was read again reused the live read's compressed blocks
+        # (pgzip.BlockReuse).
+        self.reused = None
 
 
 def iter_part(found, patterns, stats):
@@ -463,14 +468,17 @@ def parts_to_read_again(reads, patterns):
 def write_parts_apart(tar, out, segment, parts, patterns):
     """A segment of several parts, each written as gzip members of its own:
     all read live, then before(), a stat walk, and only the parts that
-    changed are cut out of the file (the members after them move down)
-    and read again, at the end; a part the
-    walk confirms is never read again, whatever its place (issue 24)."""
+    changed are read again, as members after all the others, reusing the
+    compressed blocks of their first read that did not change; after()
+    comes first, then their first reads are cut out of the file (the
+    members after them move down).  A part the walk confirms is never
+    read again, whatever its place (issue 24)."""
     stats = tar.stats
     tar.flush()
     out.hold_verification()  # what follows may be moved or taken back
     reads = []
     start = out.end_member()
+    out.record_blocks()
     for part in parts:
         mark, live = tar.mark(), LiveFingerprint()
         tar.begin_part()
@@ -485,9 +493,7 @@ def write_parts_apart(tar, out, segment, parts, patterns):
     if again:
         for index in reversed(again):
             tar.take_back(reads[index].mark, reads[index].end_mark)
-        out.compact(reads[again[0]].start, [(read.start, read.end) for index, read in
-                                            enumerate(reads) if index > again[0]
-                                            and index not in again])
+        out.reuse_blocks()
         for index in again:
             tar.begin_part()
             tar.write(iter_part(reads[index].part, patterns, stats))
@@ -496,7 +502,18 @@ def write_parts_apart(tar, out, segment, parts, patterns):
         segment.report(reread)
     _call(segment.after)
     tar.flush()
+    if again:
+        kept = [(read.start, read.end) for index, read in enumerate(reads)
+                if index > again[0] and index not in again]
+        out.compact(reads[again[0]].start, kept + [(start, out.end_member())])
+    _reused(segment, out.forget_blocks(), bool(again))
     out.release_verification()
+
+
+def _reused(segment, reuse, reread):
+    """Tell the segment how much of what it read again was copied."""
+    if reread and reuse is not None and segment.reused is not None:
+        segment.reused(reuse)
 
 
 def write_segment(tar, out, segment, parts, patterns, stats):
@@ -525,11 +542,14 @@ def write_segment(tar, out, segment, parts, patterns, stats):
             return
     tar.flush()
     out.hold_verification()  # what follows may be taken back
+    reuses = hasattr(out, "second_pass")
     reads = []
     for part in parts:
         tar.flush()
         live = LiveFingerprint()
         reads.append((part, out.checkpoint(), tar.mark(), live))
+        if reuses and len(reads) == 1:
+            out.record_blocks()
         tar.begin_part()
         tar.write(live.track(iter_part(part, patterns, stats)))
     _call(segment.before)
@@ -538,7 +558,10 @@ def write_segment(tar, out, segment, parts, patterns, stats):
     if changed is not None:
         _part, checkpoint, mark, _live = reads[changed]
         tar.rewind(mark)
-        out.rewind(checkpoint)
+        if reuses:
+            out.second_pass(checkpoint)
+        else:
+            out.rewind(checkpoint)
         for part, _checkpoint, _mark, _live in reads[changed:]:
             tar.begin_part()
             tar.write(iter_part(part, patterns, stats))
@@ -547,6 +570,10 @@ def write_segment(tar, out, segment, parts, patterns, stats):
         segment.report(reread)
     _call(segment.after)
     tar.flush()
+    if reuses:
+        if changed is not None:
+            out.settle()
+        _reused(segment, out.forget_blocks(), changed is not None)
     out.release_verification()
 
 
@@ -671,6 +698,11 @@ class TarStream:
         self.batch = bytearray()
         self.batch_bytes = self.batch_files = 0
         self.files = 0
+        # Where a large file's data begins, a new compressed block begins
+        # (an output that has blocks): a second pass after the stop lines
+        # its blocks up with the first pass's, file by file, however much
+        # the data before them grew or shrank (issue 24).
+        self.cut_block = getattr(out, "cut_block", None) or (lambda: None)
 
     def begin_part(self) -> None:
         """What follows is read in another window than what came before."""
@@ -719,6 +751,7 @@ class TarStream:
                         else:
                             out.write(batch)
                             batch.clear()
+                            self.cut_block()
                             out.write(data)
                             # A large file reports as it goes, so the line keeps moving.
                             progress.update(len(data), 0)
@@ -1129,6 +1162,7 @@ class ArchiveOutput:
     def __init__(self, gz, sink, verifier):
         self._gz, self._sink, self._verifier = gz, sink, verifier
         self.write = gz.write
+        self._second_pass = None
 
     def checkpoint(self):
         return self._gz.checkpoint()
@@ -1148,6 +1182,38 @@ class ArchiveOutput:
         self._gz.moved_to(self._sink.move_down(base, ranges))
         if self._verifier is not None:
             self._verifier.rewind(base)
+
+    def cut_block(self):
+        self._gz.cut_block()
+
+    def record_blocks(self):
+        """Remember the compressed blocks written from here on, for a
+        second pass to reuse (pgzip's BlockReuse)."""
+        self._gz.record_blocks()
+
+    def reuse_blocks(self):
+        """Reuse the recorded blocks in what is written from here on."""
+        self._gz.reuse_blocks(self._read_back)
+
+    def second_pass(self, checkpoint):
+        """Write the stretch after checkpoint again, after the first pass,
+        reusing its blocks; settle() puts it in place."""
+        self._second_pass = self._gz.second_pass(checkpoint, self._read_back)
+
+    def settle(self):
+        """After second_pass(): the second pass moved down over the first,
+        and writing goes on after it."""
+        end = self._gz.drain()
+        (base, start), self._second_pass = self._second_pass, None
+        self.compact(base, [(start, end)])
+
+    def forget_blocks(self):
+        """Stop recording or reusing blocks; the counts of the blocks
+        reused and compressed again (a BlockReuse), if any."""
+        return self._gz.forget_blocks()
+
+    def _read_back(self, offset, length):
+        return os.pread(self._sink.fd, length, offset)
 
     def hold_verification(self):
         if self._verifier is not None:

@@ -33,6 +33,7 @@ import os
 from . import stack_paths
 from .archive_writer import Segment
 from .docker_compose import StackUnavailable
+from .progress import human_size
 
 STOP_MODES = ("each", "all", "none")
 
@@ -346,7 +347,17 @@ class StopWindows:
             self.log.line("Stop window over: %s down %.1f s" % (", ".join(group.services),
                                                                 seconds))
 
-        return Segment(group.roots, before, after, group.parts, report)
+        segment = Segment(group.roots, before, after, group.parts, report)
+        segment.reused = self._log_reused
+        return segment
+
+    def _log_reused(self, reuse):
+        total = reuse.reused_bytes + reuse.compressed_bytes
+        if total:
+            self.log.line("Read again: %s of %s copied from the live read's compressed blocks, "
+                          "%s compressed again" % (human_size(reuse.reused_bytes),
+                                                   human_size(total),
+                                                   human_size(reuse.compressed_bytes)))
 
 
 def longest_outage(downtimes):

@@ -311,6 +311,11 @@ class LiveReadTest(DowntimeTestCase):
                                       r"[^\n]*volumes/flusher")
                 self.assertRegex(log, r"Changed since read, read again stopped: "
                                       r"[^\n]*volumes/writer")
+                # What was read again says how much of it was copied from
+                # the live read's compressed blocks (issue 24 Must 4).
+                self.assertRegex(log, r"Read again: [\d.]+ [KMG]?B of [\d.]+ [KMG]?B copied "
+                                      r"from the live read's compressed blocks, [\d.]+ [KMG]?B "
+                                      r"compressed again")
                 os.unlink(archive)
 
 
