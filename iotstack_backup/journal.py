@@ -14,6 +14,8 @@ the swap is renames only) are listed in a trash record, and empty_trash
 deletes them once the services run again; a run cut before that leaves
 the record, and the next run's recovery empties it.
 """
+from __future__ import annotations
+
 import contextlib
 import json
 import os
@@ -243,6 +245,11 @@ def clean_up(stack, journal):
             shutil.rmtree(path, ignore_errors=True)
     if foreign["staging"]:
         keep_parent_times(stack, journal)  # our folders in them are gone
+        # Their removal durable before the journal's: only the journal (and
+        # the foreign record) names a folder of ours on another disk, and a
+        # cut must not keep one that nothing names (found by
+        # test_powercut_mount).
+        fsync_folders(parents(foreign["staging"] + ([] if committed else foreign["aside"])))
     os.unlink(journal_path(stack))
     iotstack.fsync_dir(os.path.dirname(journal_path(stack)))
     remove_foreign_record(stack, journal)
@@ -393,21 +400,45 @@ def remove_foreign_record(stack, journal):
         os.unlink(foreign_record_path(stack, journal["staging"]))
 
 
-def remove_foreign_folders(record):
+def remove_foreign_folders(record: str) -> None:
     """Staging and aside folders of a run that died before its journal: only
     folders of ours (by name), and an aside one only when it holds nothing."""
     try:
         with open(record, encoding="utf-8") as f:
             folders = json.load(f)
-    except (OSError, ValueError):
-        folders = {}
-    for path in folders.get("staging", []):
-        if os.path.basename(path).startswith(FOREIGN_STAGING):
-            shutil.rmtree(path, ignore_errors=True)
-    for path in folders.get("aside", []):
-        if os.path.basename(path).startswith(FOREIGN_ASIDE):
-            remove_empty_tree(path)
+        staging, aside = folders.get("staging", []), folders.get("aside", [])
+        times = folders.get("times", {})
+    except (OSError, ValueError, AttributeError):
+        staging, aside, times = [], [], {}
+    remove_foreign(staging, aside, times)
     os.unlink(record)
+
+
+def remove_foreign(staging: list[str], aside: list[str], times: object) -> None:
+    """Remove our folders on other disks (staging ones, and aside ones that
+    hold nothing), give the folders holding them back their times (taken
+    before ours were made in them: {path: [atime, mtime]}), and make that
+    durable: the record that names them goes next, and a cut must not keep
+    a folder of ours that nothing names any more, nor the mount point's
+    mtime changed (both found by test_powercut_mount)."""
+    staging = [p for p in staging if isinstance(p, str)
+               and os.path.basename(p).startswith(FOREIGN_STAGING)]
+    aside = [p for p in aside if isinstance(p, str)
+             and os.path.basename(p).startswith(FOREIGN_ASIDE)]
+    for path in staging:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in aside:
+        remove_empty_tree(path)
+    folders = parents(staging + aside)
+    if isinstance(times, dict):
+        for folder in folders:
+            with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+                os.utime(folder, ns=tuple(times[folder]), follow_symlinks=False)
+    fsync_folders(folders)
+
+
+def parents(paths: list[str]) -> list[str]:
+    return sorted({os.path.dirname(path) for path in paths})
 
 
 def recover(stack, log, out, trash=True):
@@ -571,7 +602,8 @@ class OtherDisks:
         self.made.append(point)
         write_foreign_record(self.stack, self.staging_rel, {
             "staging": [self.places[p][1] for p in self.made],
-            "aside": [self.places[p][2] for p in self.made]})
+            "aside": [self.places[p][2] for p in self.made],
+            "times": {self.places[p][0]: self.times[self.places[p][0]] for p in self.made}})
 
     def staging_folders(self):
         """The staging folders made so far on other disks."""
@@ -587,8 +619,10 @@ class OtherDisks:
 
     def drop(self):
         """Remove what was staged on other disks (nothing live changed)."""
-        for point in self.made:
-            shutil.rmtree(self.places[point][1], ignore_errors=True)
+        # On the way out of a failed restore: a disk that fails its fsync
+        # must not hide the error that brought us here.
+        with contextlib.suppress(OSError):
+            remove_foreign([self.places[p][1] for p in self.made], [], self.times)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(foreign_record_path(self.stack, self.staging_rel))
 

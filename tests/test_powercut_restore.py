@@ -34,7 +34,10 @@ NOT_ITEMS = ("backups", ".tmp/cache", ".tmp/iotstack-backup.lock")
 
 
 @unittest.skipIf(MISSING, MISSING)
-class RestorePowerCutTest(StackCutCase):
+class RestoreCutCase(StackCutCase):
+    """A stack changed since its backup; the restores and recoveries of
+    it, recorded, and the invariants checked after each cut."""
+
     def setUp(self):
         super().setUp()
         code, _out, err = self.backup(self.stack, NOW)
@@ -127,6 +130,8 @@ class RestorePowerCutTest(StackCutCase):
                          for p in self.recovered_problems(new, label)]
         return problems
 
+
+class RestorePowerCutTest(RestoreCutCase):
     def test_a_finished_restore_is_durable(self):
         new, record = self.recorded_restore()
         harness.build_strict(record, len(record["ops"]) - 1, self.mount)

@@ -9,8 +9,13 @@ inode created), names, data, modes, owners and times.  fsync, fdatasync
 and fsync of a directory (fsyncdir) are recorded as the durable points
 they are; a lookup of `/.powercut-sync-begin-T` or `/.powercut-sync-end-T`
 (harness.py's hook around sync()/syncfs()) is recorded as a global one.
-On unmount the record is pickled to RECORD: {"initial": the tree as it
-was at mount, "ops": [...]}.
+Each call is stamped with the moment it was done (CLOCK_MONOTONIC, one
+clock for every process of the machine), after it was done on BACKING and
+before the kernel hears it returned: the records of two file systems
+mounted at once (one inside the other) then fall into one order, so that a
+cut after a call is one instant on both (disks.py).  On unmount the record
+is pickled to RECORD: {"initial": the tree as it was at mount, "ops":
+[...], "stamps": [the moment of each call]}.
 
 The backing directory itself is never fsynced: it is thrown away after the
 run, and only the record says what a disk would have kept.
@@ -22,6 +27,7 @@ import os
 import pickle
 import stat
 import sys
+import time
 
 import mfusepy
 
@@ -69,6 +75,18 @@ def inode_of(path: str, st: os.stat_result) -> dict:
     return node
 
 
+class StampedCalls(list):
+    """The recorded calls; `stamps` holds the moment each was appended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list = []
+
+    def append(self, op: tuple) -> None:
+        super().append(op)
+        self.stamps.append(time.monotonic_ns())
+
+
 class RecordingFS(mfusepy.Operations):
     use_ns = True
 
@@ -78,7 +96,7 @@ class RecordingFS(mfusepy.Operations):
         self.initial = initial["inodes"]
         self.ids = initial["ids"]
         self.next_id = len(self.ids)
-        self.ops: list = []
+        self.ops = StampedCalls()
 
     # -- helpers
     def _real(self, path: str) -> str:
@@ -307,7 +325,8 @@ def serve(backing: str, mount: str, record: str) -> None:
     finally:
         temp = record + ".new"
         with open(temp, "wb") as f:
-            pickle.dump({"initial": operations.initial, "ops": operations.ops}, f,
+            pickle.dump({"initial": operations.initial, "ops": list(operations.ops),
+                         "stamps": operations.ops.stamps}, f,
                         protocol=pickle.HIGHEST_PROTOCOL)
         os.rename(temp, record)
 

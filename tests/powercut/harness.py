@@ -54,13 +54,16 @@ def heavy() -> bool:
 
 class Mount:
     """fs.py serving `backing` at `mount` in a child process; stop()
-    unmounts it and returns the record."""
+    unmounts it and returns the record.  The record and the server's log
+    are kept at `files` (a path prefix; default: beside the mount), which
+    must not be on a power-cut fs (a mount inside another one)."""
 
-    def __init__(self, backing: str, mount: str):
+    def __init__(self, backing: str, mount: str, files: str | None = None):
         self.backing, self.mount = backing, mount
-        self.record_path = mount.rstrip("/") + ".powercut-record"
+        files = files or mount.rstrip("/")
+        self.record_path = files + ".powercut-record"
         os.makedirs(mount, exist_ok=True)
-        self.log = open(mount.rstrip("/") + ".powercut-log", "w+b")
+        self.log = open(files + ".powercut-log", "w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.powercut.fs", backing, mount, self.record_path],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
@@ -112,29 +115,49 @@ SYNC_FUNCTIONS = [("os", "sync"), ("iotstack_backup.iotstack", "syncfs"),
 
 
 @contextlib.contextmanager
-def sync_hook(mount: str):
-    """While a command runs on the mount: each sync()/syncfs() it calls is
-    recorded as a global durable point (begin and end)."""
+def sync_hook(mounts):
+    """While a command runs on the mounts (one path, or a list): each
+    sync() it calls is recorded on every mount as a global durable point
+    (begin and end), each syncfs of a path on the mount that holds it."""
+    mounts = [mounts] if isinstance(mounts, str) else list(mounts)
+    devices = {mount: os.stat(mount).st_dev for mount in mounts}
     patches = []
     for module_name, attr in SYNC_FUNCTIONS:
         module = sys.modules.get(module_name)
         if module is None or not callable(getattr(module, attr, None)):
             continue
-        patches.append(mock.patch.object(module, attr, _hooked(getattr(module, attr), mount)))
+        reach = (lambda *args: mounts) if (module_name, attr) == ("os", "sync") else \
+            _mounts_of(devices)
+        patches.append(mock.patch.object(module, attr, _hooked(getattr(module, attr), reach)))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
         yield
 
 
-def _hooked(real, mount: str):
+def _mounts_of(devices: dict):
+    """The mounts a syncfs(path) flushes: the one on path's device (every
+    mount when path cannot be looked at: the call then fails anyway)."""
+    def reach(path="/", *args, **kwargs):
+        try:
+            device = os.stat(path).st_dev
+        except (OSError, TypeError, ValueError):
+            return list(devices)
+        return [mount for mount, dev in devices.items() if dev == device]
+    return reach
+
+
+def _hooked(real, reach):
     def flush(*args, **kwargs):
         token = next(_tokens)
-        os.path.lexists(os.path.join(mount, SYNC_BEGIN + str(token)))
+        mounts = reach(*args, **kwargs)
+        for mount in mounts:
+            os.path.lexists(os.path.join(mount, SYNC_BEGIN + str(token)))
         try:
             return real(*args, **kwargs)
         finally:
-            os.path.lexists(os.path.join(mount, SYNC_END + str(token)))
+            for mount in mounts:
+                os.path.lexists(os.path.join(mount, SYNC_END + str(token)))
     return flush
 
 

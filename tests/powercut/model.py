@@ -263,12 +263,21 @@ def fingerprint(tree: Tree) -> str:
     return digest.hexdigest()
 
 
-def materialize(tree: Tree, dest: str) -> None:
+def materialize(tree: Tree, dest: str, fresh: bool = True) -> None:
     """Write the state into dest (emptied first): names, data, modes,
-    owners, xattrs, hard links; times last, folders after their contents."""
-    if os.path.lexists(dest):
-        shutil.rmtree(dest)
-    os.mkdir(dest)
+    owners, xattrs, hard links; times last, folders after their contents.
+    fresh=False keeps the folder dest itself (a mount point) and empties it."""
+    if fresh:
+        if os.path.lexists(dest):
+            shutil.rmtree(dest)
+        os.mkdir(dest)
+    else:
+        for name in os.listdir(dest):
+            path = os.path.join(dest, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
     first_path: dict = {}
     folders = []
     for rel, ident, node in walk(tree):
