@@ -10,7 +10,8 @@ IOTstack directory, so the backups belong to that user.
 The crontab's new text is decided by pure functions (cron_line, with_line,
 without_line) on bytes, cut at "\n" only: a byte that is not UTF-8, a \r
 or a form feed in someone else's line comes back exactly as it was.
-Reading and writing it is `crontab -l` and `crontab -`.
+Reading and writing it is `crontab -l` and `crontab -`, then a fsync of
+cron's folder, which crontab itself leaves out (see make_durable).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import re
 import shlex
 import subprocess
 
-from . import run
+from . import disk_sync, run
 
 # typing is only read by the type checker (mypy treats this name as True):
 # the annotations are strings, so nothing of it is imported at run time.
@@ -189,6 +190,32 @@ def write_crontab(data: bytes, user: Optional[str] = None) -> None:
     if result.returncode != 0:
         err = result.stderr.decode("utf-8", "replace").strip().splitlines()
         raise run.UserError("crontab - failed: %s" % (err[-1] if err else result.returncode))
+    try:
+        make_durable()
+    except OSError as e:
+        raise run.UserError("the crontab was written, but could not be made durable (a power "
+                            "cut now could bring the old one back): %s" % e) from None
+
+
+def make_durable() -> None:
+    """Debian's crontab fsyncs its new file but renames it into place
+    without fsyncing the folder: a power cut soon after may bring the old
+    crontab back after we said the new one is there (found by
+    test_powercut_cron).  Root fsyncs cron's folder; a user, who may not
+    open it (mode 1730), flushes the file system holding it; where there is
+    no such folder (another cron), the whole machine."""
+    try:
+        fd = os.open(SPOOL_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    except (PermissionError, FileNotFoundError, NotADirectoryError):
+        try:
+            disk_sync.sync_filesystem(os.path.dirname(SPOOL_DIR))
+        except (PermissionError, FileNotFoundError, NotADirectoryError):
+            os.sync()
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def whose() -> str:

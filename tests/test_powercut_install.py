@@ -9,8 +9,8 @@ there and must succeed with both wrappers in place.  (git runs with
 GIT_OPTIONAL_LOCKS=0: git's own index refresh, which git does not fsync,
 is not what is tested.)
 
---install-cron writes through `crontab -`, whose file cron keeps outside
-the stack (/var/spool/cron): not swept here; see the README.
+--install-cron writes through `crontab -` into cron's own folder, outside
+the stack: test_powercut_cron sweeps it.
 """
 import os
 import subprocess

@@ -1,7 +1,7 @@
 """The recording FUSE file system: a passthrough over a backing directory.
 
-Run as `python3 -m tests.powercut.fs BACKING MOUNT RECORD` (harness.py
-does).  Every call that changes something is done on BACKING and appended
+Run as `python3 -m tests.powercut.fs BACKING MOUNT RECORD [allow_other]`
+(harness.py does).  Every call that changes something is done on BACKING and appended
 to the record, in the order this single-threaded server handled it (the
 order the kernel completed them), with what model.py needs to replay it:
 inode ids (our own, stable across renames and hard links, new for each
@@ -314,12 +314,15 @@ class RecordingFS(mfusepy.Operations):
         return 0
 
 
-def serve(backing: str, mount: str, record: str) -> None:
+def serve(backing: str, mount: str, record: str, allow_other: str = "") -> None:
+    """allow_other: "allow_other" lets a process whose ids are not all the
+    mounter's use the fs too (root running a setgid program: crontab)."""
     os.umask(0)  # the kernel applied the caller's umask already
     operations = RecordingFS(backing)
+    extra = {"allow_other": True} if allow_other == "allow_other" else {}
     try:
         mfusepy.FUSE(operations, mount, foreground=True, nothreads=True, use_ino=True,
-                     hard_remove=True,
+                     hard_remove=True, **extra,
                      default_permissions=True, fsname="powercut", attr_timeout=0,
                      entry_timeout=0, negative_timeout=0)
     finally:
@@ -332,4 +335,4 @@ def serve(backing: str, mount: str, record: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(*sys.argv[1:4])
+    serve(*sys.argv[1:5])

@@ -56,16 +56,19 @@ class Mount:
     """fs.py serving `backing` at `mount` in a child process; stop()
     unmounts it and returns the record.  The record and the server's log
     are kept at `files` (a path prefix; default: beside the mount), which
-    must not be on a power-cut fs (a mount inside another one)."""
+    must not be on a power-cut fs (a mount inside another one);
+    allow_other: for a setgid program (see fs.serve)."""
 
-    def __init__(self, backing: str, mount: str, files: str | None = None):
+    def __init__(self, backing: str, mount: str, files: str | None = None,
+                 allow_other: bool = False):
         self.backing, self.mount = backing, mount
         files = files or mount.rstrip("/")
         self.record_path = files + ".powercut-record"
         os.makedirs(mount, exist_ok=True)
         self.log = open(files + ".powercut-log", "w+b")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.powercut.fs", backing, mount, self.record_path],
+            [sys.executable, "-m", "tests.powercut.fs", backing, mount, self.record_path]
+            + (["allow_other"] if allow_other else []),
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.ismount(mount):
