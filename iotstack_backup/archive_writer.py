@@ -29,6 +29,7 @@ import errno
 import hashlib
 import os
 import stat
+import tempfile
 import threading
 import time
 
@@ -1107,6 +1108,8 @@ class FileSink(BackgroundSync):
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
+            if not n:
+                raise NoProgressError("writing the archive")
             view = view[n:]
             # Counted as it goes: a sync reports only what it covers.
             self.reported += n
@@ -1159,10 +1162,11 @@ class ArchiveOutput:
     and the verifier cut back together) and holding the verifier back from
     what may still be taken back."""
 
-    def __init__(self, gz, sink, verifier):
+    def __init__(self, gz, sink, verifier, spool_dir=None):
         self._gz, self._sink, self._verifier = gz, sink, verifier
         self.write = gz.write
         self._second_pass = None
+        self._spool_dir = spool_dir  # beside the archive: the disk it may fill
 
     def checkpoint(self):
         return self._gz.checkpoint()
@@ -1192,13 +1196,14 @@ class ArchiveOutput:
         self._gz.record_blocks()
 
     def reuse_blocks(self):
-        """Reuse the recorded blocks in what is written from here on."""
-        self._gz.reuse_blocks(self._read_back)
+        """Reuse the recorded blocks in what is written from here on; the
+        rest is kept in a spool until end_member() (pgzip.BlockReuse)."""
+        self._gz.reuse_blocks(self)
 
     def second_pass(self, checkpoint):
         """Write the stretch after checkpoint again, after the first pass,
-        reusing its blocks; settle() puts it in place."""
-        self._second_pass = self._gz.second_pass(checkpoint, self._read_back)
+        reusing its blocks; settle() writes it out and puts it in place."""
+        self._second_pass = self._gz.second_pass(checkpoint, self)
 
     def settle(self):
         """After second_pass(): the second pass moved down over the first,
@@ -1212,8 +1217,18 @@ class ArchiveOutput:
         reused and compressed again (a BlockReuse), if any."""
         return self._gz.forget_blocks()
 
-    def _read_back(self, offset, length):
+    def read_back(self, offset, length):
+        """Bytes of the archive as written (for pgzip.BlockReuse)."""
         return os.pread(self._sink.fd, length, offset)
+
+    def spool(self):
+        """A new temporary file, gone once closed, for the data read again
+        that the writer compresses once the services run (pgzip.BlockReuse).
+        Where the file system cannot create it nameless, its name is one
+        the next run removes (iotstack.is_partial_name), should a power cut
+        come before it is unlinked."""
+        return tempfile.TemporaryFile(dir=self._spool_dir, prefix=".backup_spool.",
+                                      suffix=iotstack.PARTIAL_SUFFIX)
 
     def hold_verification(self):
         if self._verifier is not None:
@@ -1293,7 +1308,7 @@ def write_archive(stack, items, args, owner, temp, progress, stats, segments=())
         gz = ParallelGzipWriter(sink, level=args.level, jobs=args.jobs)
         gz.set_extra(incomplete.header_extra())
         try:
-            write_tar(ArchiveOutput(gz, sink, verifier), stack, items, args.exclude, progress,
+            write_tar(ArchiveOutput(gz, sink, verifier, os.path.dirname(temp)), stack, items, args.exclude, progress,
                       stats, segments)
             gz.close()
         except BaseException:

@@ -39,6 +39,7 @@ GzipError subclass.  Nothing here knows about IOTstack.
 """
 import collections
 import concurrent.futures
+import errno
 import hashlib
 import io
 import os
@@ -302,10 +303,16 @@ def block_digest(dictionary, block):
     return digest.digest()[:16]
 
 
-# What a worker hands back for one block: its deflate data, the digest to
-# record it under (None: not recorded), and whether the data was copied from
-# the first pass rather than compressed.
+# What a worker hands back for one block: its deflate data, the length of
+# the block, the digest to record it under (None: not recorded), and whether
+# the data was copied from the first pass rather than compressed.
 Encoded = collections.namedtuple("Encoded", "data size digest reused")
+
+
+# A block of a deferred second pass, looked up but not written yet: where
+# the first pass's compressed bytes for it lie (None: it differs, and then
+# the block and the data before it go to the spool), and its length.
+Planned = collections.namedtuple("Planned", "place size block dictionary")
 
 
 def encode_plain(block, dictionary, level, last):
@@ -315,14 +322,28 @@ def encode_plain(block, dictionary, level, last):
 class BlockReuse:
     """The blocks of a first pass over a stretch of the stream, for a second
     pass to reuse (see the module's paragraph): each recorded block's
-    digest and where its compressed bytes lie in the output.  The encode
-    methods run on the worker threads; the rest on the writer's."""
+    digest and where its compressed bytes lie in the output.
+
+    A second pass is deferred: while it is written (the services it reads
+    are stopped) each block is only looked up, nothing is compressed or
+    written; a block that differs is kept in a spool file with the 32 KiB
+    before it.  end_deferral() then writes the plan out in order, copying
+    and compressing on the workers, once the services run again: they are
+    down for reading their data, not for compressing it.  source gives
+    read_back(offset, length) of the output and spool(), a new temporary
+    file.  Methods named for the workers run there; the rest on the
+    writer's thread."""
 
     def __init__(self):
         self.places = {}   # block_digest -> (offset, length) in the output
-        self.read_back = None  # (offset, length) -> bytes, once reusing
+        self.source = None  # set once reusing
+        self.plan = []      # (place, size, spooled offset) of each deferred block
         self.reused_blocks = self.reused_bytes = 0
         self.compressed_blocks = self.compressed_bytes = 0
+        self._spool = None
+        self._spooled = 0
+
+    # On the workers.
 
     def encode_recorded(self, block, dictionary, level):
         return Encoded(compress_block(block, dictionary, level, False), len(block),
@@ -331,14 +352,54 @@ class BlockReuse:
     def encode_reusing(self, block, dictionary, level):
         place = self.places.get(block_digest(dictionary, block))
         if place is not None:
-            data = self.read_back(*place)
+            data = self.source.read_back(*place)
             if len(data) == place[1]:
                 return Encoded(data, len(block), None, True)
         return Encoded(compress_block(block, dictionary, level, False), len(block), None, False)
 
+    def look_up(self, block, dictionary):
+        place = self.places.get(block_digest(dictionary, block))
+        if place is not None:
+            return Planned(place, len(block), None, None)
+        return Planned(None, len(block), block, dictionary)
+
+    def copy(self, place, size):
+        data = self.source.read_back(*place)
+        if len(data) != place[1]:
+            raise OSError(errno.EIO, "the archive is shorter than what was written")
+        return Encoded(data, size, None, True)
+
+    def compress_spooled(self, spooled, size, level):
+        offset, history = spooled
+        data = os.pread(self._spool.fileno(), history + size, offset)
+        if len(data) != history + size:
+            raise OSError(errno.EIO, "the spool of the blocks read again is short")
+        return Encoded(compress_block(data[history:], data[:history], level, False), size,
+                       None, False)
+
+    # On the writer's thread.
+
+    def plan_block(self, planned):
+        """Note a looked-up block of a deferred second pass, in order."""
+        if planned.place is not None:
+            self.plan.append((planned.place, planned.size, None))
+            return
+        if self._spool is None:
+            self._spool = self.source.spool()
+        fd = self._spool.fileno()
+        write_all_fd(fd, planned.dictionary, "spooling a block read again")
+        write_all_fd(fd, planned.block, "spooling a block read again")
+        self.plan.append((None, planned.size, (self._spooled, len(planned.dictionary))))
+        self._spooled += len(planned.dictionary) + planned.size
+
+    def close_spool(self):
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+
     def emitted(self, encoded, offset):
         """A block went out at offset (its compressed data)."""
-        if self.read_back is None:
+        if self.source is None:
             if encoded.digest is not None and len(self.places) < MAX_RECORDED_BLOCKS:
                 self.places.setdefault(encoded.digest, (offset, len(encoded.data)))
         elif encoded.reused:
@@ -419,6 +480,7 @@ class ParallelGzipWriter:
         self._state = "open"
         self._failure = None
         self._reuse = None        # a BlockReuse while recording or reusing blocks
+        self._deferring = False   # a second pass is only looked up (BlockReuse)
         self._second_pass = None  # (base, start) while a second pass is written
 
     @property
@@ -461,6 +523,7 @@ class ParallelGzipWriter:
     def _finish_member(self):
         """The buffered rest as the member's last block, every block in
         flight written, then the member's trailer (close and end_member)."""
+        self._end_deferral()
         self._submit(self._buffer, last=True)
         self._buffer = bytearray()
         while self._in_flight:
@@ -483,6 +546,7 @@ class ParallelGzipWriter:
             if self._buffer:
                 self._submit(self._buffer, last=False)
                 self._buffer = bytearray()
+            self._end_deferral()
         except BaseException as error:
             self._fail(error)
             raise
@@ -543,11 +607,12 @@ class ParallelGzipWriter:
             raise
 
     def drain(self):
-        """Every byte written so far out as compressed output: the block
-        under way cut, every block in flight written.  Returns the output's
-        length."""
+        """Every byte written so far out as compressed output: a deferred
+        second pass written out, the block under way cut, every block in
+        flight written.  Returns the output's length."""
         self.cut_block()
         try:
+            self._end_deferral()
             while self._in_flight:
                 self._emit_block(self._in_flight.popleft().result())
         except BaseException as error:
@@ -560,22 +625,31 @@ class ParallelGzipWriter:
         self._check_open()
         self._reuse = BlockReuse()
 
-    def reuse_blocks(self, read_back):
+    def reuse_blocks(self, source):
         """From here on (a new member, or a second pass), copy the
         compressed bytes of every block recorded since record_blocks() whose
-        digest comes again, read with read_back(offset, length), instead of
-        compressing it."""
+        digest comes again instead of compressing it, deferred: nothing is
+        compressed or written until drain(), end_member() or close() (see
+        BlockReuse; source gives read_back() and spool())."""
         if self._reuse is None:
             raise ValueError("reuse_blocks() without record_blocks()")
         self.drain()
-        self._reuse.read_back = read_back
+        self._reuse.source = source
+        self._deferring = True
 
     def forget_blocks(self):
-        """Stop recording or reusing; return the BlockReuse (its counts), if any."""
+        """Stop recording or reusing (a deferred pass is written out first);
+        return the BlockReuse (its counts), if any."""
+        self._check_open()
+        try:
+            self._end_deferral()
+        except BaseException as error:
+            self._fail(error)
+            raise
         reuse, self._reuse = self._reuse, None
         return reuse
 
-    def second_pass(self, checkpoint, read_back):
+    def second_pass(self, checkpoint, source):
         """Go back to checkpoint to write the stretch after it again, keeping
         the first pass in the output and reusing its blocks (reuse_blocks):
         writing goes on after it.  Returns (base, start): the first pass lies
@@ -584,7 +658,7 @@ class ParallelGzipWriter:
         self._check_open()
         if checkpoint.offset is not None and checkpoint.offset < self._member_offset:
             raise ValueError("cannot go back to a checkpoint before the member under way")
-        self.reuse_blocks(read_back)
+        self.reuse_blocks(source)
         start = self.compressed_size
         self._unplaced.clear()
         self._blocks_submitted = self._blocks_emitted = checkpoint.blocks
@@ -612,6 +686,10 @@ class ParallelGzipWriter:
         for future in self._in_flight:
             future.cancel()
         self._in_flight.clear()
+        if self._deferring:  # a deferred pass taken back: nothing of it is written
+            self._deferring = False
+            self._reuse.plan = []
+            self._reuse.close_spool()
         self._unplaced.clear()
         self._buffer = bytearray()
         self._blocks_submitted = self._blocks_emitted = checkpoint.blocks
@@ -671,8 +749,10 @@ class ParallelGzipWriter:
         reuse = self._reuse
         if last or reuse is None:
             future = self._executor.submit(encode_plain, block, dictionary, self._level, last)
-        elif reuse.read_back is None:
+        elif reuse.source is None:
             future = self._executor.submit(reuse.encode_recorded, block, dictionary, self._level)
+        elif self._deferring:
+            future = self._executor.submit(reuse.look_up, block, dictionary)
         else:
             future = self._executor.submit(reuse.encode_reusing, block, dictionary, self._level)
         self._in_flight.append(future)
@@ -685,7 +765,33 @@ class ParallelGzipWriter:
         while in_flight and (len(in_flight) > self._max_in_flight or in_flight[0].done()):
             self._emit_block(in_flight.popleft().result())
 
+    def _end_deferral(self):
+        """Write out a deferred second pass: every block looked up so far
+        planned, then the plan in order, copied or compressed on the
+        workers."""
+        if not self._deferring:
+            return
+        while self._in_flight:
+            self._emit_block(self._in_flight.popleft().result())
+        self._deferring = False
+        reuse = self._reuse
+        plan, reuse.plan = reuse.plan, []
+        for place, size, spooled in plan:
+            if place is not None:
+                future = self._executor.submit(reuse.copy, place, size)
+            else:
+                future = self._executor.submit(reuse.compress_spooled, spooled, size,
+                                               self._level)
+            self._in_flight.append(future)
+            self._collect()
+        while self._in_flight:
+            self._emit_block(self._in_flight.popleft().result())
+        reuse.close_spool()
+
     def _emit_block(self, encoded):
+        if isinstance(encoded, Planned):
+            self._reuse.plan_block(encoded)  # a deferred pass: written out later
+            return
         offset = self._emit(encoded.data)
         self._blocks_emitted += 1
         if self._reuse is not None:
@@ -717,6 +823,8 @@ class ParallelGzipWriter:
 
     def _stop_workers(self):
         self._buffer = bytearray()
+        if self._reuse is not None:
+            self._reuse.close_spool()
         for future in self._in_flight:
             future.cancel()
         self._in_flight.clear()

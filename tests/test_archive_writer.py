@@ -69,6 +69,14 @@ class FileSinkTest(unittest.TestCase):
             self.assertEqual(f.read(), b"a" * 1200 + b"b" * 100)
         self.assertEqual(sink.written, 1300)
 
+    def test_a_write_that_moves_nothing_is_an_error_not_a_spin(self):
+        # Issue 24 Must 1: no loop spins on a call that makes no progress.
+        sink = self.sink()
+        with mock.patch.object(archive_writer.os, "write", lambda fd, data: 0):
+            with self.assertRaisesRegex(OSError, "writing the archive made no progress"):
+                sink.write(b"abc")
+        sink.close()
+
     def test_a_sync_error_is_raised_by_the_next_call(self):
         def failing(fd):
             raise OSError(errno.EIO, "Input/output error")
@@ -420,13 +428,13 @@ class LiveSegmentTest(unittest.TestCase):
         # Nothing copied is trusted: the read-back checks the CRC of the
         # data as read after the stop.
         at_stop, _expected = self.database_at_the_stop()
-        real = archive_writer.ArchiveOutput._read_back
+        real = archive_writer.ArchiveOutput.read_back
 
         def damaged(out, offset, length):
             data = bytearray(real(out, offset, length))
             data[-1] ^= 0x40
             return bytes(data)
-        with mock.patch.object(archive_writer.ArchiveOutput, "_read_back", damaged):
+        with mock.patch.object(archive_writer.ArchiveOutput, "read_back", damaged):
             with self.assertRaises(tarformat.ArchiveError):
                 self.write(lambda t: [t.segment("A", ["volumes/a"], at_stop=at_stop)])
 

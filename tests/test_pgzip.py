@@ -572,6 +572,21 @@ class ShortWrites:
 
 
 @unittest.skipUnless(GZIP and TAR, "GNU gzip and tar are required")
+class FirstPass:
+    """A BlockReuse source over a BytesIO output: its bytes (through
+    damage), and spools as temporary files, counted."""
+
+    def __init__(self, out, damage=bytes):
+        self.out, self.damage, self.spools = out, damage, 0
+
+    def read_back(self, offset, length):
+        return self.damage(self.out.getvalue()[offset:offset + length])
+
+    def spool(self):
+        self.spools += 1
+        return tempfile.TemporaryFile()
+
+
 class BlockReuseTests(unittest.TestCase):
     """record_blocks(), then a second pass over the same stretch (after a
     checkpoint, or as a new member) copies the compressed bytes of every
@@ -594,11 +609,12 @@ class BlockReuseTests(unittest.TestCase):
         for piece in first:
             gz.cut_block()
             gz.write(piece)
-        base, start = gz.second_pass(
-            checkpoint, lambda offset, length: damage(out.getvalue()[offset:offset + length]))
+        base, start = gz.second_pass(checkpoint, FirstPass(out, damage))
         for piece in second:
             gz.cut_block()
             gz.write(piece)
+        # Deferred: nothing of the second pass is written before drain().
+        self.assertEqual(len(out.getvalue()), start)
         end = gz.drain()
         whole = out.getvalue()
         moved = whole[:base] + whole[start:end]
@@ -659,7 +675,7 @@ class BlockReuseTests(unittest.TestCase):
         gz.record_blocks()
         gz.write(self.DATA)
         first_end = gz.end_member()
-        gz.reuse_blocks(lambda offset, length: out.getvalue()[offset:offset + length])
+        gz.reuse_blocks(FirstPass(out))
         changed = bytearray(self.DATA)
         changed[200_000] ^= 1
         gz.write(bytes(changed))
@@ -685,6 +701,41 @@ class BlockReuseTests(unittest.TestCase):
         self.assertGreater(reuse.reused_blocks, 0)
         with self.assertRaises(GzipError):
             b"".join(pgzip.gunzip_chunks(io.BytesIO(data).read, 65536))
+
+    def test_nothing_is_compressed_until_the_deferred_pass_is_written_out(self):
+        # The services are down while the second pass is written: it only
+        # looks blocks up and spools those that differ; compressing them
+        # waits for drain(), after the services start again.
+        calls = []
+        real = pgzip.compress_block
+
+        def counting(*args):
+            calls.append(len(args[0]))
+            return real(*args)
+        out = io.BytesIO()
+        gz = ParallelGzipWriter(out, jobs=2, block_size=65536)
+        checkpoint = gz.checkpoint()
+        gz.record_blocks()
+        gz.write(self.DATA)
+        source = FirstPass(out)
+        with mock.patch.object(pgzip, "compress_block", counting):
+            base, start = gz.second_pass(checkpoint, source)
+            changed = bytearray(self.DATA)
+            changed[70_000] ^= 1  # early in the second block: it alone differs
+            calls.clear()
+            gz.write(bytes(changed))
+            gz.cut_block()
+            self.assertEqual(calls, [], "compressed while deferred")
+            self.assertEqual(source.spools, 1)
+            end = gz.drain()
+            self.assertEqual(calls, [65536])
+        whole = out.getvalue()
+        out.seek(0)
+        out.truncate()
+        out.write(whole[:base] + whole[start:end])
+        gz.moved_to(out.tell())
+        gz.close()
+        self.assert_gzip_of(out.getvalue(), bytes(changed))
 
     def test_the_digest_covers_the_split_between_history_and_block(self):
         self.assertNotEqual(pgzip.block_digest(b"ab", b"c"), pgzip.block_digest(b"a", b"bc"))
