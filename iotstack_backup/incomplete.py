@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # The member that lists what the backup lacks or holds torn.
 MEMBER = ".tmp/iotstack-backup-incomplete.json"
@@ -79,7 +79,7 @@ def _plural(n: int, word: str) -> str:
 
 def describe(counts: Optional[Counts]) -> str:
     """"incomplete: 10 files could not be read", or "" for a complete one."""
-    if not total(counts):
+    if counts is None or not total(counts):
         return ""
     unread = [_plural(counts[kind], word) for kind, word in
               ((UNREADABLE, "file"), (UNREADABLE_FOLDER, "folder")) if counts.get(kind)]
@@ -163,11 +163,13 @@ def write_note(fd: int, counts: Counts) -> None:
 
 
 def lacked_here(stack: str, units: Sequence[str], entries: Entries,
-                exists=os.path.lexists) -> Tuple[List[str], List[str]]:
+                exists: Callable[[str], bool] = os.path.lexists,
+                ) -> Tuple[List[str], List[str]]:
     """(kept, missing): the entries the archive lacks that lie in the
     units being replaced, split by whether a live copy exists (a restore
     keeps it as it is) or not (the restore says the archive lacks it)."""
-    kept, missing = [], []
+    kept: List[str] = []
+    missing: List[str] = []
     for rel, kind in entries:
         if kind not in LACKED or not rel:
             continue
