@@ -12,6 +12,9 @@ so that nothing is overwritten except the rolling archive; retention never
 picks the archive just written or a file it did not write; the log is
 opened for appending and never truncated.
 """
+from __future__ import annotations
+
+import argparse
 import contextlib
 import datetime
 import errno
@@ -25,6 +28,8 @@ import socket
 import subprocess
 import sys
 import time
+from typing import (IO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 from .run import EXIT_BUSY, EXIT_USAGE, UserError, fix_for, remember_log
 
@@ -61,12 +66,13 @@ ARCHIVE_MODE = 0o640  # archives hold secrets (.env, password files)
 LOG_MODE = 0o640  # logs are not for every user of the Pi either
 
 
-def is_stack_dir(path):
+def is_stack_dir(path: str) -> bool:
     return (os.path.isfile(os.path.join(path, "docker-compose.yml"))
             or os.path.isfile(os.path.join(path, "menu.sh")))
 
 
-def find_stack_dir(option, environ, cwd, script_dir):
+def find_stack_dir(option: Optional[str], environ: Mapping[str, str], cwd: Optional[str],
+                   script_dir: Optional[str]) -> Optional[str]:
     """The IOTstack directory: --dir, $IOTSTACK, the cwd, then the script's."""
     if option:
         return os.path.abspath(option) if os.path.isdir(option) else None
@@ -83,7 +89,7 @@ def find_stack_dir(option, environ, cwd, script_dir):
 INSTALL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def locate_stack(option):
+def locate_stack(option: Optional[str]) -> str:
     stack = find_stack_dir(option, os.environ, os.getcwd(), INSTALL_DIR)
     if stack is None:
         where = option or os.environ.get("IOTSTACK") or os.getcwd()
@@ -93,16 +99,16 @@ def locate_stack(option):
     return stack
 
 
-def archive_stamp(now):
+def archive_stamp(now: datetime.datetime) -> str:
     return now.strftime("%Y-%m-%d_%H%M")
 
 
-def rolling_weekday(now):
+def rolling_weekday(now: datetime.datetime) -> int:
     """Day of the week with Sunday as 0, as the documentation always said."""
     return now.isoweekday() % 7
 
 
-def first_free_stem(stem, taken):
+def first_free_stem(stem: str, taken: Callable[[str], bool]) -> str:
     """stem, then stem-2, stem-3...: the first for which taken() is false."""
     candidate, n = stem, 1
     while taken(candidate):
@@ -111,24 +117,24 @@ def first_free_stem(stem, taken):
     return candidate
 
 
-def dated_archive_path(backups, stem):
+def dated_archive_path(backups: str, stem: str) -> str:
     return os.path.join(backups, "backup", "%s.tar.gz" % stem)
 
 
-def rolling_archive_path(backups, now):
+def rolling_archive_path(backups: str, now: datetime.datetime) -> str:
     return os.path.join(backups, "rolling", "backup_%d.tar.gz" % rolling_weekday(now))
 
 
-def log_path(backups, stem):
+def log_path(backups: str, stem: str) -> str:
     return os.path.join(backups, "logs", "%s.log" % stem)
 
 
-def partial_path(final):
+def partial_path(final: str) -> str:
     folder, name = os.path.split(final)
     return os.path.join(folder, ".%s.%d%s" % (name, os.getpid(), PARTIAL_SUFFIX))
 
 
-def is_partial_name(name):
+def is_partial_name(name: str) -> bool:
     return name.startswith(".backup_") and name.endswith(PARTIAL_SUFFIX)
 
 
@@ -158,20 +164,20 @@ RETENTION_OPTIONS = (("keep_last", "--keep", "keep"),
                      ("keep_monthly", "--keep-monthly", "keep_monthly"))
 
 
-def retention_policy(args):
+def retention_policy(args: argparse.Namespace) -> Dict[str, int]:
     """{rule: count} of retention.py's rules from --keep, --keep-daily...;
     empty when every rule is off (then nothing is ever removed)."""
     return {rule: getattr(args, attr) for rule, _option, attr in RETENTION_OPTIONS
             if getattr(args, attr, None)}
 
 
-def describe_policy(policy):
+def describe_policy(policy: Mapping[str, int]) -> str:
     """"--keep 3, --keep-daily 7": the options behind a removal, for the log."""
     return ", ".join("%s %d" % (option, policy[rule])
                      for rule, option, _attr in RETENTION_OPTIONS if policy.get(rule))
 
 
-def dated_backup(name):
+def dated_backup(name: str) -> Optional[Tuple[str, datetime.datetime, int]]:
     """(stem, datetime, n) of a dated backup's file name (the archive, or its
     .gpg copy off-site), None for any other name.  n is 1 for the plain name
     and 2, 3... for the -2, -3 of a second run in the same minute."""
@@ -185,8 +191,10 @@ def dated_backup(name):
     return match.group(1), stamp, int(match.group(3) or 1)
 
 
-def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily=None,
-                            keep_weekly=None, keep_monthly=None):
+def dated_backups_to_remove(names: Iterable[str], keep_last: Optional[int] = None,
+                            just_written: Optional[str] = None,
+                            keep_daily: Optional[int] = None, keep_weekly: Optional[int] = None,
+                            keep_monthly: Optional[int] = None) -> List[str]:
     """The names of the dated backups that retention.py's rules (--keep is
     keep_last; daily, weekly, monthly; united) do not keep, newest first.
 
@@ -199,8 +207,9 @@ def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily
     Incomplete backups (NAME.incomplete.tar.gz) count for no rule: each
     goes once a complete backup newer than it is kept."""
     from . import retention
-    stems, by_stem = {}, {}
-    unfinished = {}
+    stems: Dict[str, Tuple[datetime.datetime, float]] = {}  # n, or inf for the one just written
+    by_stem: Dict[str, List[str]] = {}
+    unfinished: Dict[str, Tuple[datetime.datetime, int, List[str]]] = {}
     for name in names:
         parsed = dated_backup(name)
         if parsed and is_incomplete_name(name):
@@ -227,7 +236,7 @@ def dated_backups_to_remove(names, keep_last=None, just_written=None, keep_daily
                for name in sorted(unfinished[stem][2])])
 
 
-def newest_archive(backups):
+def newest_archive(backups: str) -> Optional[Tuple[str, int]]:
     """(name relative to backups, size) of the newest complete archive in
     backup/ and rolling/ (by mtime), or None: what the size guard adopts as
     the last good backup while good_backups.json holds none (an incomplete
@@ -245,14 +254,14 @@ def newest_archive(backups):
     return None if newest is None else newest[1:]
 
 
-def manifest_items(exists):
+def manifest_items(exists: Callable[[str], bool]) -> Tuple[List[str], List[str]]:
     """(items to archive, required items that are missing), in archive order."""
     items = [item for item in MANIFEST_ITEMS if exists(item.rstrip("/"))]
     missing = [item for item in REQUIRED_ITEMS if item not in items]
     return items, missing
 
 
-def is_excluded(rel, patterns):
+def is_excluded(rel: str, patterns: Iterable[str]) -> bool:
     """True when a pattern matches the path relative to the stack, or its name.
 
     A pattern ending in "/" matches directories only: the caller passes
@@ -276,12 +285,12 @@ def is_excluded(rel, patterns):
 EXCLUDES_MEMBER = ".tmp/iotstack-backup-excludes.json"
 
 
-def excludes_record(patterns, excluded):
+def excludes_record(patterns: Iterable[str], excluded: Iterable[str]) -> bytes:
     return (json.dumps({"version": 1, "patterns": list(patterns), "excluded": list(excluded)},
                        indent=1) + "\n").encode()
 
 
-def parse_excludes(data):
+def parse_excludes(data: bytes) -> List[str]:
     """The patterns of an excludes record; [] when it cannot be read."""
     try:
         patterns = json.loads(data.decode("utf-8")).get("patterns", [])
@@ -291,14 +300,14 @@ def parse_excludes(data):
 
 
 # Items by their first path component: item_of runs once per member.
-_ITEMS_BY_TOP = {}
+_ITEMS_BY_TOP: Dict[str, List[str]] = {}
 
 
 for _item in ITEM_NAMES:
     _ITEMS_BY_TOP.setdefault(_item.partition("/")[0], []).append(_item)
 
 
-def item_of(path):
+def item_of(path: str) -> Optional[str]:
     """The manifest item a member path belongs to, or None."""
     for item in _ITEMS_BY_TOP.get(path.partition("/")[0], ()):
         if path == item or path.startswith(item + "/"):
@@ -306,7 +315,7 @@ def item_of(path):
     return None
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -314,7 +323,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def ensure_dir(path, owner):
+def ensure_dir(path: str, owner: Optional[Owner]) -> bool:
     """Create a folder of ours if needed; as root give it to the owner.
 
     Folders left to root by the old script are given back too (IOTstack #254).
@@ -333,7 +342,7 @@ def ensure_dir(path, owner):
     return created
 
 
-def not_a_folder(path, exists, is_link, target):
+def not_a_folder(path: str, exists: bool, is_link: bool, target: Optional[str]) -> Optional[str]:
     """Why a folder we need cannot be made at path (it is not a folder), or
     None: a symlink whose target is missing is most often a USB disk that
     is not mounted, and the backup must not go to the SD card instead."""
@@ -345,20 +354,20 @@ def not_a_folder(path, exists, is_link, target):
     return None
 
 
-def chown_to(path, owner):
+def chown_to(path: str, owner: Optional[Owner]) -> None:
     if owner is not None:
         os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
 
 
 class Owner:
-    def __init__(self, name, uid, gid):
+    def __init__(self, name: str, uid: int, gid: int) -> None:
         self.name, self.uid, self.gid = name, uid, gid
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Owner(%r, %d, %d)" % (self.name, self.uid, self.gid)
 
 
-def lookup_owner(name):
+def lookup_owner(name: str) -> Owner:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -366,7 +375,7 @@ def lookup_owner(name):
     return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def default_owner_name(stack, environ):
+def default_owner_name(stack: str, environ: Mapping[str, str]) -> Tuple[str, str]:
     """$SUDO_USER, else the owner of the IOTstack directory."""
     sudo_user = environ.get("SUDO_USER")
     if sudo_user and sudo_user != "root":
@@ -378,7 +387,9 @@ def default_owner_name(stack, environ):
         return "root", "default"
 
 
-def choose_owner(requested, stack, ask=None):
+def choose_owner(requested: Optional[str], stack: str,
+                 ask: Optional[Callable[[str, str], str]] = None,
+                 ) -> Tuple[Optional[Owner], str]:
     """The user the output belongs to when running as root; None otherwise.
 
     ask(prompt, default), when given, is called only on a terminal with no
@@ -398,7 +409,7 @@ def choose_owner(requested, stack, ask=None):
 
 
 @contextlib.contextmanager
-def stack_lock(stack, owner=None):
+def stack_lock(stack: str, owner: Optional[Owner] = None) -> Iterator[None]:
     """One backup or restore per stack.  flock dies with the process."""
     tmp = os.path.join(stack, ".tmp")
     if not os.path.isdir(tmp):
@@ -427,7 +438,7 @@ def stack_lock(stack, owner=None):
         os.close(fd)
 
 
-def open_lock_file(path):
+def open_lock_file(path: str) -> Tuple[int, bool]:
     """(fd, writable): the lock file opened for writing, else, when another
     user (root, from an earlier run) owns it, for reading: flock works on
     either, so the lock holds whoever created the file."""
@@ -444,7 +455,7 @@ def open_lock_file(path):
                     % (path, error.strerror, fix_for(os.path.dirname(path)))) from None
 
 
-def run_hook(stack, name, log):
+def run_hook(stack: str, name: str, log: RunLog) -> Optional[int]:
     """Run ./name with bash if present; its output goes to the log.
 
     Returns None when there is no hook, else the exit status.
@@ -455,6 +466,7 @@ def run_hook(stack, name, log):
     log.line("Running %s" % name)
     with subprocess.Popen(["bash", "./" + name], cwd=stack, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for raw in proc.stdout:
             log.line("  %s: %s" % (name, raw.decode("utf-8", "replace").rstrip("\n")))
     status = proc.returncode
@@ -462,7 +474,7 @@ def run_hook(stack, name, log):
     return status
 
 
-def write_json_atomically(path, data):
+def write_json_atomically(path: str, data: object) -> None:
     temp = path + ".new"
     with open(temp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
@@ -475,10 +487,10 @@ def write_json_atomically(path, data):
 class RunLog:
     """Lines for the log file; opened in append mode, so never truncated."""
 
-    def __init__(self, path=None):
+    def __init__(self, path: Optional[str] = None) -> None:
         self.path = path
-        self.lines = []
-        self._file = None
+        self.lines: List[str] = []
+        self._file: Optional[IO[str]] = None
         if path is not None:
             # 0640 like the archives: a log names files, services and hosts.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
@@ -488,7 +500,7 @@ class RunLog:
             self._file = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
             remember_log(path)
 
-    def line(self, text):
+    def line(self, text: str) -> None:
         self.lines.append(text)
         if self._file is not None:
             try:
@@ -497,29 +509,29 @@ class RunLog:
             except OSError:
                 pass  # a full disk must not hide the real error
 
-    def field(self, name, value):
+    def field(self, name: str, value: object) -> None:
         self.line("%s: %s" % (name, value))
 
-    def close(self):
+    def close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
 
 
-def host_folder():
+def host_folder() -> str:
     """The per-host folder at a copy's destination, so Pis can share one."""
     return socket.gethostname().split(".")[0] or "localhost"
 
 
-def now_local():
+def now_local() -> datetime.datetime:
     return datetime.datetime.now()
 
 
-def free_bytes(path):
+def free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
 
-def is_disk_full(error):
+def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
