@@ -18,7 +18,7 @@ import argparse
 import configparser
 import contextlib
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from . import iotstack, run, settings
 
@@ -47,7 +47,10 @@ def option_values(argv: Sequence[str], option: str) -> List[str]:
     return values
 
 
-def valid(parse, text: str):
+Value = TypeVar("Value")
+
+
+def valid(parse: Callable[[str], Value], text: str) -> Optional[Value]:
     """parse(text), or None when the value is not valid."""
     try:
         return parse(text)
@@ -55,7 +58,7 @@ def valid(parse, text: str):
         return None
 
 
-def ini_values(text: str) -> dict:
+def ini_values(text: str) -> Dict[str, str]:
     """backup.ini's [backup] keys as text, read as leniently as configparser
     allows (a bad key or value elsewhere does not matter here)."""
     parser = configparser.ConfigParser(interpolation=None, strict=False)
@@ -138,8 +141,9 @@ def open_log(stack: Optional[str]) -> Tuple[Optional[iotstack.RunLog], str]:
         stem = iotstack.first_free_stem(
             "backup_" + iotstack.archive_stamp(now),
             lambda s: os.path.exists(iotstack.log_path(backups, s + ".failed")))
-        log = iotstack.RunLog(iotstack.log_path(backups, stem + ".failed"))
-        iotstack.chown_to(log.path, owner)
+        path = iotstack.log_path(backups, stem + ".failed")
+        log = iotstack.RunLog(path)
+        iotstack.chown_to(path, owner)
         return log, ""
     except (OSError, run.UserError) as e:
         return None, (run.describe_os_error(e) if isinstance(e, OSError) else str(e))
