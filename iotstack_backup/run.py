@@ -9,6 +9,9 @@ included, is one line naming what failed, with the traceback appended to the
 run's log, never shown to the user as a wall of Python.  The exit codes have
 one table, which --help prints.
 """
+from __future__ import annotations
+
+import argparse
 import contextlib
 import errno
 import os
@@ -16,6 +19,12 @@ import signal
 import sys
 import threading
 import traceback
+from types import FrameType
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+# What signal.signal takes and returns: a function (its value is ignored),
+# SIG_DFL or SIG_IGN, or None for a handler not set from Python.
+SignalHandler = Union[Callable[[int, Optional[FrameType]], object], int, signal.Handlers, None]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -30,7 +39,7 @@ EXIT_SIGTERM = 128 + signal.SIGTERM
 class UserError(Exception):
     """A problem the user can fix; printed as one line, then exit `code`."""
 
-    def __init__(self, message, code=EXIT_FAILED):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -38,12 +47,12 @@ class UserError(Exception):
 class Interrupted(BaseException):
     """Raised from a signal handler so that every `finally` still runs."""
 
-    def __init__(self, signum):
+    def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-def exit_code_help(meanings):
+def exit_code_help(meanings: Mapping[int, str]) -> str:
     """The "exit codes:" text of --help: meanings is {code: text}."""
     lines = ["exit codes:"]
     for code in sorted(meanings):
@@ -54,10 +63,10 @@ def exit_code_help(meanings):
 
 
 @contextlib.contextmanager
-def signals_raise():
+def signals_raise() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Interrupted once; later ones are ignored so
     that the clean-up they triggered (restarting services) can finish."""
-    def handler(signum, frame):
+    def handler(signum: int, frame: Optional[FrameType]) -> None:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         raise Interrupted(signum)
@@ -74,7 +83,7 @@ DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def signals_deferred():
+def signals_deferred() -> Iterator[None]:
     """SIGTERM, SIGINT and SIGHUP wait until the block is over, then act as
     they would have: a `docker compose stop` or `start` under way is never
     cut short, and the run still unwinds (and starts its services) after it.
@@ -83,21 +92,21 @@ def signals_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    previous = {}
+    caught: List[int] = []
+    previous: Dict[int, SignalHandler] = {}
     for sig in DEFERRED_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         if caught:
             _act_on(caught[0], previous[caught[0]])
 
 
-def _act_on(signum, handler):
+def _act_on(signum: int, handler: SignalHandler) -> None:
     """What handler would have done with signum."""
     if callable(handler):
         handler(signum, None)
@@ -105,7 +114,7 @@ def _act_on(signum, handler):
         os.kill(os.getpid(), signum)
 
 
-def say_error(prog, message):
+def say_error(prog: str, message: str) -> None:
     global _last_error
     _last_error = message
     sys.stderr.write("%s: error: %s\n" % (prog, message))
@@ -114,24 +123,24 @@ def say_error(prog, message):
 
 # The last error line said, for the report of a run that failed before it
 # had a log of its own (failure_report).
-_last_error = None
+_last_error: Optional[str] = None
 
 
-def last_error():
+def last_error() -> Optional[str]:
     return _last_error
 
 
 # The log file of the run under way, once one is open: where the details of
 # an unexpected error go (RunLog sets it).
-_log_path = None
+_log_path: Optional[str] = None
 
 
-def remember_log(path):
+def remember_log(path: Optional[str]) -> None:
     global _log_path
     _log_path = path
 
 
-def describe_os_error(error):
+def describe_os_error(error: OSError) -> str:
     """One line for an OSError: what failed, on which path, and what to do."""
     path = error.filename
     what = error.strerror or str(error)
@@ -145,14 +154,15 @@ def describe_os_error(error):
     return where
 
 
-def foreign_owned(path, uid, owner_of):
+def foreign_owned(path: str, uid: int, owner_of: Callable[[str], Optional[int]],
+                  ) -> Optional[str]:
     """The folder to give back when `path` may not be written: the highest
     of its existing ancestors (path included) in the unbroken chain owned by
     someone else, stopping below the first one that is ours (so never
     /home or /).  owner_of(path) is the uid or None when it does not exist.
     Returns None when nothing on the way belongs to anybody else."""
     path = os.path.abspath(path)
-    chain = []
+    chain: List[str] = []
     while True:
         owner = owner_of(path)
         if owner is not None:
@@ -169,14 +179,14 @@ def foreign_owned(path, uid, owner_of):
     return chain[-1] if chain else None
 
 
-def _owner_of(path):
+def _owner_of(path: str) -> Optional[int]:
     try:
         return os.lstat(path).st_uid
     except OSError:
         return None
 
 
-def fix_for(path):
+def fix_for(path: str) -> str:
     """What to do when `path` may not be written or read: the chown that
     gives back a folder left to root by an earlier run, or sudo."""
     if os.geteuid() == 0:
@@ -188,19 +198,19 @@ def fix_for(path):
             "'sudo chown -R %s: %s', or run this with sudo" % (_user_name(), folder))
 
 
-def user_name():
+def user_name() -> str:
     """The running user's name (for messages)."""
     return _user_name()
 
 
-def _user_name():
+def _user_name() -> str:
     with contextlib.suppress(Exception):
         import pwd
         return pwd.getpwuid(os.getuid()).pw_name
     return "$USER"
 
 
-def record_details(prog, error):
+def record_details(prog: str, error: BaseException) -> Optional[str]:
     """Append the traceback to the run's log; where it went, or None."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     if _log_path is not None:
@@ -213,7 +223,9 @@ def record_details(prog, error):
     return None
 
 
-def run_command(prog, parser, command, argv, after_interrupt):
+def run_command(prog: str, parser: argparse.ArgumentParser,
+                command: Callable[[argparse.Namespace], int],
+                argv: Optional[Sequence[str]], after_interrupt: str) -> int:
     """Parse argv, run command(args), and turn however it ends into an exit
     code and at most one line on stderr.  after_interrupt says what a
     signal left behind ("no new backup was written")."""
