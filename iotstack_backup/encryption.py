@@ -16,11 +16,14 @@ temporary name that becomes the archive by one rename after an fsync; a
 decryption that fails (wrong key, damaged or tampered file: gpg checks its
 MDC) leaves no file behind.
 """
+from __future__ import annotations
+
 import os
 import re
 import signal
 import subprocess
 import sys
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 from . import run
 
@@ -44,7 +47,7 @@ class EncryptionError(Exception):
 # ---------------------------------------------------------------------------
 # Command lines (pure)
 
-def check_recipient(text):
+def check_recipient(text: str) -> str:
     """A recipient as given to --encrypt-to: a key id, fingerprint or e-mail.
     ValueError for what gpg would take as an option or cannot be one key."""
     recipient = text.strip()
@@ -57,7 +60,7 @@ def check_recipient(text):
     return recipient
 
 
-def _common(batch=True):
+def _common(batch: bool = True) -> List[str]:
     # --no-tty and --batch: never a question on the terminal of a cron job.
     argv = [GPG, "--no-tty", "--yes"]
     if batch:
@@ -65,7 +68,7 @@ def _common(batch=True):
     return argv
 
 
-def encrypt_argv(recipients, source, output):
+def encrypt_argv(recipients: Iterable[str], source: str, output: str) -> List[str]:
     """Encrypt source to every recipient into output.  --trust-model always:
     the user put these public keys in the keyring to be used unattended;
     without it gpg refuses an imported key it has not been told to trust.
@@ -79,13 +82,14 @@ def encrypt_argv(recipients, source, output):
     return argv + ["--output", output, "--", source]
 
 
-def check_argv(recipients):
+def check_argv(recipients: Iterable[str]) -> List[str]:
     """Encrypt nothing (stdin /dev/null) to the recipients, output discarded:
     fails exactly where the encryption of an archive would."""
     return encrypt_argv(recipients, "-", os.devnull)
 
 
-def decrypt_argv(source, output, passphrase_file=None, batch=True):
+def decrypt_argv(source: str, output: str, passphrase_file: Optional[str] = None,
+                 batch: bool = True) -> List[str]:
     """Decrypt source into output.  With a passphrase file, gpg asks no
     agent or pinentry (loopback); without, the agent supplies the key's
     passphrase or asks for it (batch=False on a terminal)."""
@@ -95,11 +99,11 @@ def decrypt_argv(source, output, passphrase_file=None, batch=True):
     return argv + ["--decrypt", "--output", output, "--", source]
 
 
-def encrypted_name(name):
+def encrypted_name(name: str) -> str:
     return name + SUFFIX
 
 
-def plain_name(name):
+def plain_name(name: str) -> str:
     return name[:-len(SUFFIX)] if name.endswith(SUFFIX) else name
 
 
@@ -109,7 +113,7 @@ NOISE_RE = re.compile(r"^(encrypted with |\s+\"|using |WARNING: unsafe |"
                       r"[A-Z0-9]+/[A-F0-9]+ \d{4}-\d\d-\d\d)")
 
 
-def gpg_cause(stderr, returncode):
+def gpg_cause(stderr: str, returncode: int) -> str:
     """The line of gpg's stderr that says what went wrong."""
     lines = [GPG_PREFIX_RE.sub("", line.strip()) for line in stderr.splitlines()]
     lines = [line for line in lines if line and not NOISE_RE.match(line)]
@@ -123,7 +127,7 @@ def gpg_cause(stderr, returncode):
 # ---------------------------------------------------------------------------
 # Running gpg
 
-def _run(argv, timeout, what, interactive=False):
+def _run(argv: Sequence[str], timeout: int, what: str, interactive: bool = False) -> None:
     """Run gpg; EncryptionError (one line) on a failure, a missing gpg, a
     timeout.  interactive: stdin and the terminal stay gpg's, so that
     pinentry can ask for a passphrase."""
@@ -149,7 +153,7 @@ def _run(argv, timeout, what, interactive=False):
             gpg_cause(stderr.decode("utf-8", "replace"), proc.returncode).split())))
 
 
-def _kill(proc, interactive):
+def _kill(proc: subprocess.Popen[bytes], interactive: bool) -> None:
     try:
         if interactive:
             proc.kill()
@@ -160,7 +164,7 @@ def _kill(proc, interactive):
     proc.communicate()
 
 
-def check_recipients(recipients):
+def check_recipients(recipients: Iterable[str]) -> None:
     """UserError (exit 2) unless gpg is there and can encrypt to every
     recipient: called before anything is stopped or written."""
     try:
@@ -173,7 +177,7 @@ def check_recipients(recipients):
         raise run.UserError(message, run.EXIT_USAGE) from None
 
 
-def encrypt(recipients, source, output):
+def encrypt(recipients: Iterable[str], source: str, output: str) -> None:
     """Write the encrypted copy of source to output (gpg streams it), with
     the archive's mode (gpg makes it 0644; the copies keep the mode)."""
     from .iotstack import ARCHIVE_MODE
@@ -186,7 +190,7 @@ def encrypt(recipients, source, output):
         raise
 
 
-def passphrase_file_from(option, environ):
+def passphrase_file_from(option: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
     """--passphrase-file, else $IOTSTACK_GPG_PASSPHRASE_FILE, else None;
     UserError (exit 2) for a file that cannot be read."""
     path = option or environ.get(PASSPHRASE_ENV) or None
@@ -198,7 +202,7 @@ def passphrase_file_from(option, environ):
     return os.path.abspath(path)
 
 
-def decrypt(source, target, passphrase_file=None):
+def decrypt(source: str, target: str, passphrase_file: Optional[str] = None) -> None:
     """Decrypt source into target: into a temporary name beside target,
     fsynced, then renamed; nothing is left behind on failure."""
     from .iotstack import ARCHIVE_MODE, fsync_dir, partial_path
@@ -225,7 +229,7 @@ def decrypt(source, target, passphrase_file=None):
         raise
 
 
-def _remove_quietly(path):
+def _remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
