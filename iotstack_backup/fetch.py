@@ -16,6 +16,7 @@ it after the check: nothing is written under `backups/`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -23,6 +24,7 @@ import errno
 import filecmp
 import os
 import shutil
+from typing import Callable, Mapping, Optional, TextIO, Tuple
 
 from . import encryption, iotstack, offsite, run
 
@@ -38,7 +40,8 @@ class Fetched:
     temporary_dir: "str | None" = None
 
 
-def choose_remote(name: str, listed: dict) -> "tuple[str | None, str | None]":
+def choose_remote(name: str, listed: Mapping[str, Tuple[int, float]],
+                  ) -> "tuple[str | None, str | None]":
     """(the remote name to fetch, a line saying why) from listed, the
     destination's {rel_name: (size, mtime)} for NAME and NAME.gpg.  A
     name given with .gpg is taken as it is.  Both there: the newer (a tie
@@ -62,7 +65,7 @@ def when(mtime: float) -> str:
     return datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
 
 
-def apart_path(local: str, exists) -> str:
+def apart_path(local: str, exists: Callable[[str], bool]) -> str:
     """Where a fetched copy that differs from the local file goes: beside
     it, as STEM.fetched.tar.gz (then -2, -3...)."""
     folder, base = os.path.split(local)
@@ -72,7 +75,8 @@ def apart_path(local: str, exists) -> str:
     return os.path.join(folder, chosen + ".tar.gz")
 
 
-def fetch(stack: str, host: str, name: str, out, options) -> Fetched:
+def fetch(stack: str, host: str, name: str, out: TextIO,
+          options: argparse.Namespace) -> Fetched:
     """Fetch NAME (or NAME.gpg) from options.source for a restore; see the
     module.  options: the restore's args (source, owner, passphrase_file,
     dry_run)."""
@@ -110,7 +114,7 @@ def fetch(stack: str, host: str, name: str, out, options) -> Fetched:
         raise
 
 
-def pick(source, host: str, name: str) -> "tuple[str, str | None]":
+def pick(source: offsite.Destination, host: str, name: str) -> "tuple[str, str | None]":
     """The remote name to fetch (newer of NAME and NAME.gpg), or a UserError."""
     candidates = [name] if name.endswith(encryption.SUFFIX) else \
         [name, encryption.encrypted_name(name)]
@@ -128,7 +132,8 @@ def pick(source, host: str, name: str) -> "tuple[str, str | None]":
     return remote, note
 
 
-def download(source, host: str, remote: str, temp: str, passphrase_file) -> bool:
+def download(source: offsite.Destination, host: str, remote: str, temp: str,
+             passphrase_file: Optional[str]) -> bool:
     """remote into temp, decrypted when it is a .gpg copy (then True)."""
     encrypted = remote.endswith(encryption.SUFFIX)
     target = temp + encryption.SUFFIX if encrypted else temp
@@ -150,7 +155,8 @@ def download(source, host: str, remote: str, temp: str, passphrase_file) -> bool
     return True
 
 
-def place(stack: str, temp: str, local: str, out, owner) -> str:
+def place(stack: str, temp: str, local: str, out: TextIO,
+          owner: Optional[iotstack.Owner]) -> str:
     """Give the fetched temp a name that replaces nothing; the path to restore."""
     shown = os.path.relpath(local, stack)
     if not os.path.lexists(local):
