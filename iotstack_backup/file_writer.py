@@ -33,6 +33,17 @@ import struct
 from . import children
 from .tarformat import ChunkStream
 
+# typing is only read by the type checker (as in children.py): the
+# annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Type
+
+    from .children import Bytes
+
+    # create_file(rel, mode, uid, gid, mtime, pieces); what it returns is unused.
+    CreateFile = Callable[[str, int, int, int, int, Iterable[memoryview]], object]
+
 # op, name length, mode, uid, gid, mtime, size; then the name and the data.
 _RECORD = struct.Struct("<BIIIIqQ")
 _FILE, _WAIT, _END = 1, 2, 3
@@ -45,7 +56,7 @@ _READ_SIZE = 256 * 1024
 _OK = b"ok"
 
 
-def unwritten(buffers: list, written: int) -> list:
+def unwritten(buffers: List[Bytes], written: int) -> List[Bytes]:
     """What is left of buffers once the first `written` bytes have gone:
     whole buffers dropped (empty ones too), the first left one cut."""
     index = 0
@@ -64,16 +75,17 @@ class FileWriterProcess:
     come back as themselves, OSError with its errno, anything else as
     OSError(EIO)."""
 
-    def __init__(self, create_file, raisable=()):
-        self.raisable = {cls.__name__: cls for cls in raisable}
+    def __init__(self, create_file: CreateFile, raisable: Iterable[Type[Exception]] = ()) -> None:
+        self.raisable: Dict[str, Type[Exception]] = {cls.__name__: cls for cls in raisable}
         pid, jobs_write, status_read = children.fork_piped_child(
             lambda jobs, status: _serve(create_file, jobs, status), parent_reads=False)
-        self.pid = pid
+        self.pid: Optional[int] = pid
         self._jobs, self._status = jobs_write, status_read
-        self._batch = []
+        self._batch: List[Bytes] = []
         self._batched = 0
 
-    def send(self, rel, mode, uid, gid, mtime, size, pieces):
+    def send(self, rel: str, mode: int, uid: int, gid: int, mtime: int, size: int,
+             pieces: Iterable[Bytes]) -> None:
         """Queue a file; pieces (buffers totalling size bytes) may be read
         after this returns, until the next send, wait or finish."""
         name = rel.encode("utf-8", "surrogateescape")
@@ -101,7 +113,7 @@ class FileWriterProcess:
         if self._batched >= BATCH_BYTES or len(batch) >= BATCH_BUFFERS:
             self._flush()
 
-    def wait(self):
+    def wait(self) -> None:
         """Return once every file sent so far exists, or raise its error."""
         self._batch.append(_RECORD.pack(_WAIT, 0, 0, 0, 0, 0, 0))
         self._flush()
@@ -109,7 +121,7 @@ class FileWriterProcess:
         if answer != _OK:
             self._raise_status(answer + self._read_status() if answer else answer)
 
-    def finish(self):
+    def finish(self) -> None:
         """Wait for every file, then end the child; raise its error if any."""
         self._batch.append(_RECORD.pack(_END, 0, 0, 0, 0, 0, 0))
         self._flush()
@@ -118,7 +130,7 @@ class FileWriterProcess:
         if status != _OK:
             self._raise_status(status)
 
-    def close(self):
+    def close(self) -> None:
         """Kill and reap the child; nothing it does can follow."""
         if self.pid is None:
             return
@@ -132,13 +144,13 @@ class FileWriterProcess:
         self.pid = None
         self._batch = []
 
-    def __enter__(self):
+    def __enter__(self) -> FileWriterProcess:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _flush(self):
+    def _flush(self) -> None:
         buffers = self._batch
         self._batch = []
         self._batched = 0
@@ -155,10 +167,10 @@ class FileWriterProcess:
             # The child stopped reading: it failed, and says why.
             self._raise_status(self._read_status())
 
-    def _read_status(self):
+    def _read_status(self) -> bytes:
         return children.read_child_status(self._status)
 
-    def _raise_status(self, status):
+    def _raise_status(self, status: bytes) -> NoReturn:
         raise children.child_failure(
             status, self.raisable,
             unknown=lambda message: OSError(errno.EIO, "creating the files failed: %s" % message),
@@ -166,7 +178,7 @@ class FileWriterProcess:
                                                   "without finishing"))
 
 
-def _chunks_from(fd):
+def _chunks_from(fd: int) -> Iterator[bytes]:
     """What the parent sends, as it comes; EOFError if it stops midway."""
     while True:
         more = os.read(fd, _READ_SIZE)
@@ -176,7 +188,7 @@ def _chunks_from(fd):
         yield more
 
 
-def _serve(create_file, jobs, status_out):
+def _serve(create_file: CreateFile, jobs: int, status_out: int) -> None:
     records = ChunkStream(_chunks_from(jobs))
     while True:
         op, name_length, mode, uid, gid, mtime, size = _RECORD.unpack(records.read(_RECORD.size))
