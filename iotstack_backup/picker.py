@@ -7,17 +7,30 @@ is nobody to choose, so the run stops (exit 2) naming the newest backups
 and how to pass one.  Listing, ordering, formatting and reading the typed
 choice are pure functions; pick() is the thin terminal part.
 """
+from __future__ import annotations
+
 import datetime
 
 from . import progress, run
 
+# typing is only read by the type checker (as in children.py): the
+# annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, List, Optional, Sequence, TextIO, Tuple, TypeVar, Union
 
-def newest_first(entries):
+    # A backup offered: (relative name, size, mtime), or with a fourth
+    # element, the note shown after its age ("" for none).
+    Entry = Union[Tuple[str, int, float], Tuple[str, int, float, str]]
+    AnyEntry = TypeVar("AnyEntry", bound=Entry)
+
+
+def newest_first(entries: Sequence[AnyEntry]) -> List[AnyEntry]:
     """(relative name, size, mtime) entries, newest first, name breaking ties."""
     return sorted(entries, key=lambda e: (-e[2], e[0]))
 
 
-def age(seconds):
+def age(seconds: float) -> str:
     """How long ago, in the largest whole unit: "just now", "5 min ago"..."""
     seconds = max(int(seconds), 0)
     for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
@@ -27,7 +40,7 @@ def age(seconds):
     return "just now"
 
 
-def menu_lines(entries, now):
+def menu_lines(entries: Sequence[Entry], now: float) -> List[str]:
     """The numbered list: one line per backup.  An entry may carry a fourth
     element, a note ("incomplete: 10 files could not be read"), shown after
     its age."""
@@ -43,7 +56,7 @@ def menu_lines(entries, now):
     return lines
 
 
-def parse_choice(text, count):
+def parse_choice(text: str, count: int) -> Optional[int]:
     """The index chosen (0-based), None to give up, or ValueError saying why."""
     text = text.strip().lower()
     if text in ("", "q", "quit", "n", "no"):
@@ -53,7 +66,7 @@ def parse_choice(text, count):
     return int(text) - 1
 
 
-def no_terminal_message(entries, where, shown=3):
+def no_terminal_message(entries: Sequence[Entry], where: str, shown: int = 3) -> str:
     """The exit 2 line when no FILENAME was given and nobody can choose."""
     if not entries:
         return "no FILENAME given, and there are no backups in %s" % where
@@ -62,7 +75,8 @@ def no_terminal_message(entries, where, shown=3):
             "pass one, e.g. restore.py %s noask" % (where, names, entries[0][0]))
 
 
-def pick(entries, where, now, ask, out):
+def pick(entries: Sequence[Entry], where: str, now: float, ask: Callable[[str], str],
+         out: TextIO) -> Optional[str]:
     """List entries and read a choice with ask(prompt); the chosen relative
     name, or None when the user gave up (nothing typed, q, end of input)."""
     if not entries:
