@@ -22,12 +22,23 @@ every run of backup.py or restore.py says so, from a marker kept in .git/
 The decisions are pure functions (wrapper_text, is_ours, plan_install,
 plan_uninstall); install and uninstall are the thin I/O around them.
 """
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
 
 from . import run
 from .iotstack import fsync_dir
+
+# typing is only read by the type checker (as in children.py): the
+# annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Literal, Mapping, Optional, TextIO, Tuple
+
+    # What a script of the checkout is, for plan_install and plan_uninstall.
+    State = Literal["ours", "clean", "modified", "untracked"]
 
 SCRIPTS = {"backup": "scripts/backup.sh", "restore": "scripts/restore.sh"}
 
@@ -39,7 +50,7 @@ MARK = "# iotstack-backup wrapper"
 STATE_NAME = "iotstack-backup-menu"  # in the checkout's git directory
 
 
-def wrapper_text(kind, python, tool, other_tool):
+def wrapper_text(kind: str, python: str, tool: str, other_tool: str) -> str:
     """The shell text of scripts/KIND.sh that runs TOOL with the arguments
     IOTstack's own script took, in the IOTstack directory that holds it.
 
@@ -73,17 +84,17 @@ exec {python_q} {tool_q} --dir "$here" "$@"
            scripts=" ".join(SCRIPTS.values()), tool_q=quote(tool), python_q=quote(python))
 
 
-def quote(text):
+def quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def is_ours(text):
+def is_ours(text: Optional[str]) -> bool:
     """True for the text of our wrapper: the mark on its second line."""
     lines = (text or "").split("\n", 2)
     return len(lines) > 1 and lines[1].startswith(MARK)
 
 
-def plan_install(states):
+def plan_install(states: Mapping[str, State]) -> List[str]:
     """states: {path: "ours" | "clean" | "modified" | "untracked"}.  The
     paths to write, or UserError naming what stands in the way."""
     for path, state in sorted(states.items()):
@@ -97,9 +108,10 @@ def plan_install(states):
     return sorted(states)
 
 
-def plan_uninstall(states):
+def plan_uninstall(states: Mapping[str, State]) -> Tuple[List[str], List[str]]:
     """(paths to put back from git, notes about the paths left alone)."""
-    restore, notes = [], []
+    restore: List[str] = []
+    notes: List[str] = []
     for path, state in sorted(states.items()):
         if state == "ours":
             restore.append(path)
@@ -114,10 +126,10 @@ class Git:
     """git in the IOTstack checkout, also when root runs it in a user's
     checkout (safe.directory on the command line)."""
 
-    def __init__(self, stack):
+    def __init__(self, stack: str) -> None:
         self.stack = stack
 
-    def run(self, *args, check=True):
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         try:
             result = subprocess.run(
                 ["git", "-c", "safe.directory=" + self.stack, "-C", self.stack] + list(args),
@@ -131,14 +143,14 @@ class Git:
                 args[0], self.stack, cause[-1] if cause else "status %d" % result.returncode))
         return result
 
-    def is_checkout(self):
+    def is_checkout(self) -> bool:
         result = self.run("rev-parse", "--show-toplevel", check=False)
         if result.returncode != 0:
             return False
         top = result.stdout.decode("utf-8", "replace").strip()
         return os.path.realpath(top) == os.path.realpath(self.stack)
 
-    def state(self, path):
+    def state(self, path: str) -> State:
         if self.run("ls-files", "--error-unmatch", "--", path, check=False).returncode != 0:
             return "untracked"
         if is_ours(read_text(os.path.join(self.stack, path))):
@@ -146,12 +158,12 @@ class Git:
         clean = self.run("diff", "--quiet", "HEAD", "--", path, check=False).returncode == 0
         return "clean" if clean else "modified"
 
-    def state_file(self):
+    def state_file(self) -> str:
         rel = self.run("rev-parse", "--git-path", STATE_NAME).stdout.decode().strip()
         return os.path.join(self.stack, rel)
 
 
-def read_text(path):
+def read_text(path: str) -> Optional[str]:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read(4096)
@@ -159,11 +171,11 @@ def read_text(path):
         return None
 
 
-def tool_paths(install_dir):
+def tool_paths(install_dir: str) -> Tuple[str, str]:
     return (os.path.join(install_dir, "backup.py"), os.path.join(install_dir, "restore.py"))
 
 
-def open_checkout(stack):
+def open_checkout(stack: str) -> Git:
     git = Git(stack)
     if not git.is_checkout():
         raise run.UserError("%s is not an IOTstack git checkout (cloned with git); the menu's "
@@ -171,7 +183,7 @@ def open_checkout(stack):
     return git
 
 
-def install(stack, install_dir, python, out):
+def install(stack: str, install_dir: str, python: str, out: TextIO) -> List[str]:
     git = open_checkout(stack)
     states = {path: git.state(path) for path in SCRIPTS.values()}
     paths = plan_install(states)
@@ -190,7 +202,7 @@ def install(stack, install_dir, python, out):
     return paths
 
 
-def uninstall(stack, out):
+def uninstall(stack: str, out: TextIO) -> List[str]:
     git = open_checkout(stack)
     states = {path: git.state(path) for path in SCRIPTS.values()}
     restore, notes = plan_uninstall(states)
@@ -211,7 +223,7 @@ def uninstall(stack, out):
     return restore
 
 
-def write_like(path, text):
+def write_like(path: str, text: str) -> None:
     """Replace path's content atomically, keeping its mode and owner."""
     st = os.stat(path)
     temp = path + ".iotstack-backup.new"
@@ -228,7 +240,7 @@ def write_like(path, text):
     fsync_dir(os.path.dirname(path))
 
 
-def warn_if_gone(stack, err=None):
+def warn_if_gone(stack: str, err: Optional[TextIO] = None) -> Optional[str]:
     """After --install-menu, a git reset or stash may have put IOTstack's
     own scripts back: say so on every run, until --install-menu or
     --uninstall-menu."""
