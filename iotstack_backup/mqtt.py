@@ -18,6 +18,8 @@ no I/O here and nothing for those who do not want it: the caller decides
 whether to publish the (retained) config messages, and publishing an empty
 retained payload to the same topics removes the sensors again.
 """
+from __future__ import annotations
+
 import dataclasses
 import datetime
 import json
@@ -28,6 +30,21 @@ import struct
 import threading
 import time
 import urllib.parse
+
+# typing is only read by the type checker (as in children.py): the
+# annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
+
+    # One address of getaddrinfo's answer: (family, type, proto, canonname, sockaddr).
+    AddressInfo = Tuple[socket.AddressFamily, socket.SocketKind, int, str,
+                        Union[Tuple[str, int], Tuple[str, int, int, int], Tuple[int, bytes]]]
+
+    class Resolved(TypedDict, total=False):
+        """What the lookup thread leaves: the addresses, or its error."""
+        addresses: List[AddressInfo]
+        error: Exception
 
 DEFAULT_PORT = 1883
 KEEPALIVE_SECONDS = 60  # the whole session lasts `timeout`; any value works
@@ -63,7 +80,7 @@ DISCOVERY_PREFIX = "homeassistant"
 class MqttError(Exception):
     """Publishing failed; the message is one line, fit for a log."""
 
-    def __init__(self, message):
+    def __init__(self, message: object) -> None:
         # Error texts from the OS or a broker may hold newlines; a log line
         # must stay one line.
         super().__init__(" ".join(str(message).split()))
@@ -84,23 +101,23 @@ class MqttTarget:
     password: "str | None" = None
 
     @property
-    def where(self):
+    def where(self) -> str:
         """host:port, for messages."""
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s:%d" % (host, self.port)
 
-    def __str__(self):
+    def __str__(self) -> str:
         user = ""
         if self.username is not None:
             user = urllib.parse.quote(self.username, safe="")
             user += ":***@" if self.password is not None else "@"
         return "mqtt://%s%s/%s" % (user, self.where, urllib.parse.quote(self.topic, safe="/"))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "MqttTarget(%r)" % str(self)
 
 
-def check_topic(topic):
+def check_topic(topic: str) -> None:
     """Raise ValueError unless `topic` is a topic one may publish to (4.7)."""
     if not topic:
         raise ValueError("MQTT topic is empty")
@@ -117,14 +134,14 @@ def check_topic(topic):
         raise ValueError("MQTT topic is longer than %d bytes" % MAX_STRING_BYTES)
 
 
-def _percent_decoded(text, what):
+def _percent_decoded(text: str, what: str) -> str:
     try:
         return urllib.parse.unquote(text, errors="strict")
     except UnicodeDecodeError:
         raise ValueError("MQTT URL: the %s is not UTF-8 after %%-decoding" % what) from None
 
 
-def _host_and_port(hostport):
+def _host_and_port(hostport: str) -> Tuple[str, Optional[str]]:
     """Split HOST[:PORT] or [IPV6][:PORT]; the port is None when not given."""
     if hostport.startswith("["):
         host, bracket, rest = hostport[1:].partition("]")
@@ -137,7 +154,7 @@ def _host_and_port(hostport):
     return host, (port if colon else None)
 
 
-def _port_number(text):
+def _port_number(text: Optional[str]) -> int:
     if text is None:
         return DEFAULT_PORT
     # isdigit() alone would accept "²" and the like; int() would accept " 1".
@@ -146,7 +163,7 @@ def _port_number(text):
     return int(text)
 
 
-def parse_mqtt_url(text):
+def parse_mqtt_url(text: str) -> MqttTarget:
     """MqttTarget from mqtt://[USER[:PASS]@]HOST[:PORT]/TOPIC.
 
     The topic is everything after the first "/" after the host and may hold
@@ -189,7 +206,7 @@ def parse_mqtt_url(text):
 # Packets (pure)
 
 
-def encode_remaining_length(length):
+def encode_remaining_length(length: int) -> bytes:
     """The "Remaining Length" varint: 7 bits a byte, low bits first (2.2.3)."""
     if not 0 <= length <= MAX_REMAINING_LENGTH:
         raise ValueError("MQTT packet too large: %d bytes" % length)
@@ -201,7 +218,7 @@ def encode_remaining_length(length):
             return bytes(out)
 
 
-def decode_remaining_length(data, start=1):
+def decode_remaining_length(data: bytes, start: int = 1) -> Optional[Tuple[int, int]]:
     """(length, index after it) from `data` at `start`; None when more bytes
     are needed.  ValueError when the varint runs past its four bytes."""
     length = 0
@@ -215,7 +232,8 @@ def decode_remaining_length(data, start=1):
     raise ValueError("malformed remaining length (more than 4 bytes)")
 
 
-def split_packet(buffer, limit=MAX_REPLY_BYTES):
+def split_packet(buffer: bytes, limit: int = MAX_REPLY_BYTES,
+                 ) -> Optional[Tuple[bytes, bytes]]:
     """(first whole packet, the bytes after it) from a receive buffer, or
     None while it is incomplete.  ValueError for a malformed length or a
     packet larger than `limit`."""
@@ -231,21 +249,22 @@ def split_packet(buffer, limit=MAX_REPLY_BYTES):
     return bytes(buffer[:end]), bytes(buffer[end:])
 
 
-def _length_prefixed(data):
+def _length_prefixed(data: bytes) -> bytes:
     if len(data) > MAX_STRING_BYTES:
         raise ValueError("MQTT field longer than %d bytes" % MAX_STRING_BYTES)
     return struct.pack("!H", len(data)) + data
 
 
-def _utf8(text):
+def _utf8(text: Union[str, bytes]) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
-def _packet(first_byte, body):
+def _packet(first_byte: int, body: bytes) -> bytes:
     return bytes([first_byte]) + encode_remaining_length(len(body)) + body
 
 
-def connect_packet(client_id, username=None, password=None, keepalive=KEEPALIVE_SECONDS):
+def connect_packet(client_id: str, username: Optional[str] = None,
+                   password: Optional[str] = None, keepalive: int = KEEPALIVE_SECONDS) -> bytes:
     """CONNECT with a clean session and no will (3.1)."""
     if password is not None and username is None:
         # 3.1.2.9: the password flag needs the user name flag.
@@ -264,7 +283,8 @@ def connect_packet(client_id, username=None, password=None, keepalive=KEEPALIVE_
     return _packet(CONNECT << 4, variable_header + payload)
 
 
-def publish_packet(topic, payload, qos=1, retain=True, packet_id=None):
+def publish_packet(topic: str, payload: bytes, qos: int = 1, retain: bool = True,
+                   packet_id: Optional[int] = None) -> bytes:
     """PUBLISH (3.3); `packet_id` (1-65535) only with QoS 1."""
     check_topic(topic)
     if qos not in (0, 1):
@@ -280,16 +300,16 @@ def publish_packet(topic, payload, qos=1, retain=True, packet_id=None):
     return _packet(first_byte, variable_header + bytes(payload))
 
 
-def disconnect_packet():
+def disconnect_packet() -> bytes:
     """DISCONNECT (3.14): tells the broker the session ended on purpose."""
     return _packet(DISCONNECT << 4, b"")
 
 
-def _packet_name(first_byte):
+def _packet_name(first_byte: int) -> str:
     return PACKET_NAMES.get(first_byte >> 4, "packet type %d" % (first_byte >> 4))
 
 
-def _two_byte_reply(packet, kind):
+def _two_byte_reply(packet: bytes, kind: int) -> Tuple[int, int]:
     """The two body bytes of a CONNACK or PUBACK, after checking its header."""
     if not packet:
         raise ValueError("empty packet, expected %s" % PACKET_NAMES[kind])
@@ -300,7 +320,7 @@ def _two_byte_reply(packet, kind):
     return packet[2], packet[3]
 
 
-def parse_connack(packet):
+def parse_connack(packet: bytes) -> Tuple[bool, int]:
     """(session present, return code) from a whole CONNACK packet (3.2)."""
     ack_flags, return_code = _two_byte_reply(packet, CONNACK)
     if ack_flags & 0xFE:
@@ -308,18 +328,18 @@ def parse_connack(packet):
     return bool(ack_flags), return_code
 
 
-def parse_puback(packet):
+def parse_puback(packet: bytes) -> int:
     """The packet id from a whole PUBACK packet (3.4)."""
     high, low = _two_byte_reply(packet, PUBACK)
     return high << 8 | low
 
 
-def connack_refusal(return_code):
+def connack_refusal(return_code: int) -> str:
     """Why a broker refused a connection, from CONNACK's return code."""
     return CONNACK_REFUSALS.get(return_code, "unknown CONNACK return code %d" % return_code)
 
 
-def default_client_id():
+def default_client_id() -> str:
     """A fresh client id: a broker disconnects an older session with the same
     id, so two stacks backing up at once must not share one.  22 letters and
     digits, which every broker must accept (3.1.3.1 guarantees up to 23)."""
@@ -330,7 +350,7 @@ def default_client_id():
 # Messages (pure)
 
 
-def _local_iso(moment):
+def _local_iso(moment: Optional[datetime.datetime]) -> str:
     """ISO 8601 in local time with its UTC offset, to the second.  A naive
     datetime is taken as local time."""
     if moment is None:
@@ -338,12 +358,15 @@ def _local_iso(moment):
     return moment.astimezone().isoformat(timespec="seconds")
 
 
-def _seconds_or_none(value):
+def _seconds_or_none(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(float(value), 1)
 
 
-def status_message(status, host, *, archive=None, size_bytes=None, duration_seconds=None,
-                   downtime_seconds=None, warnings=(), error=None, finished=None):
+def status_message(status: str, host: str, *, archive: Optional[str] = None,
+                   size_bytes: Optional[int] = None, duration_seconds: Optional[float] = None,
+                   downtime_seconds: Optional[float] = None, warnings: Iterable[object] = (),
+                   error: Optional[object] = None,
+                   finished: Optional[datetime.datetime] = None) -> bytes:
     """The JSON report of one backup run, as UTF-8 bytes.
 
     Every key is always present (null when unknown, e.g. no archive after a
@@ -367,7 +390,7 @@ def status_message(status, host, *, archive=None, size_bytes=None, duration_seco
     return json.dumps(report, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def _discovery_id(text):
+def _discovery_id(text: str) -> str:
     """Home Assistant accepts only [a-zA-Z0-9_-] in discovery topic ids."""
     return re.sub(r"[^a-z0-9_-]+", "_", text.lower()).strip("_") or "host"
 
@@ -384,7 +407,8 @@ DISCOVERY_SENSORS = (
 )
 
 
-def discovery_messages(target, host, prefix=DISCOVERY_PREFIX):
+def discovery_messages(target: MqttTarget, host: str, prefix: str = DISCOVERY_PREFIX,
+                       ) -> List[Tuple[str, bytes]]:
     """[(topic, payload bytes)] of Home Assistant MQTT discovery configs for
     the reports published to `target`: one device per backed-up host with a
     status sensor (the whole report as its attributes), the time of the last
@@ -414,29 +438,29 @@ class _Deadline:
     """One clock for the whole session, so a broker that answers slowly, or
     a byte at a time, cannot stretch it past `timeout`."""
 
-    def __init__(self, timeout, where):
+    def __init__(self, timeout: float, where: str) -> None:
         self.timeout, self.where = timeout, where
         self.end = time.monotonic() + timeout
 
-    def left(self, doing):
+    def left(self, doing: str) -> float:
         """Seconds left, or MqttError when none are."""
         left = self.end - time.monotonic()
         if left <= 0:
             raise self.expired(doing)
         return left
 
-    def expired(self, doing):
+    def expired(self, doing: str) -> MqttError:
         return MqttError("MQTT broker %s: timed out after %g s %s"
                          % (self.where, self.timeout, doing))
 
 
-def _resolve(target, deadline):
+def _resolve(target: MqttTarget, deadline: _Deadline) -> List[AddressInfo]:
     """getaddrinfo ignores socket timeouts and can hang for long (an unset
     DNS server, a .local name without mDNS), so it runs in a daemon thread
     that is abandoned if it outlives the deadline."""
-    outcome = {}
+    outcome: Resolved = {}
 
-    def lookup():
+    def lookup() -> None:
         try:
             outcome["addresses"] = socket.getaddrinfo(target.host, target.port,
                                                       type=socket.SOCK_STREAM)
@@ -454,22 +478,23 @@ def _resolve(target, deadline):
     return outcome["addresses"]
 
 
-def _reason(error):
+def _reason(error: BaseException) -> str:
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+    strerror: Optional[str] = getattr(error, "strerror", None)
+    return strerror or str(error) or type(error).__name__
 
 
 class _Session:
     """A connected socket whose every operation is bounded by the deadline."""
 
-    def __init__(self, target, deadline):
+    def __init__(self, target: MqttTarget, deadline: _Deadline) -> None:
         self.deadline, self.where = deadline, deadline.where
         self.buffer = b""
         self.sock = self._connect(_resolve(target, deadline))
 
-    def _connect(self, addresses):
-        last_error = None
+    def _connect(self, addresses: Sequence[AddressInfo]) -> socket.socket:
+        last_error: Optional[OSError] = None
         for family, kind, proto, _name, address in addresses:
             try:
                 # EAFNOSUPPORT: a Pi booted with IPv6 off still resolves
@@ -492,7 +517,7 @@ class _Session:
             raise MqttError("MQTT broker %s: no address to connect to" % self.where)
         raise MqttError("MQTT broker %s: %s" % (self.where, _reason(last_error)))
 
-    def send(self, data, doing):
+    def send(self, data: bytes, doing: str) -> None:
         try:
             self.sock.settimeout(self.deadline.left(doing))
             # Since 3.5 the timeout bounds the whole sendall, not each chunk.
@@ -503,7 +528,7 @@ class _Session:
             raise MqttError("MQTT broker %s: connection lost %s: %s"
                             % (self.where, doing, _reason(e))) from None
 
-    def receive(self, kind):
+    def receive(self, kind: int) -> bytes:
         """The next whole packet from the broker, which must be of `kind`."""
         doing = "waiting for %s" % PACKET_NAMES[kind]
         while True:
@@ -533,11 +558,11 @@ class _Session:
                                 % (self.where, doing))
             self.buffer += chunk
 
-    def garbage(self, error):
+    def garbage(self, error: object) -> MqttError:
         return MqttError("MQTT broker %s: unexpected reply (%s); is it an MQTT broker?"
                          % (self.where, error))
 
-    def say_goodbye(self):
+    def say_goodbye(self) -> None:
         """DISCONNECT, best effort: the message is already delivered, so a
         failure here (or no time left) is not a failure of the publish."""
         left = self.deadline.end - time.monotonic()
@@ -548,11 +573,12 @@ class _Session:
             except OSError:
                 pass
 
-    def close(self):
+    def close(self) -> None:
         self.sock.close()
 
 
-def publish(target, payload, retain=True, qos=1, timeout=5.0, client_id=None):
+def publish(target: MqttTarget, payload: bytes, retain: bool = True, qos: int = 1,
+            timeout: float = 5.0, client_id: Optional[str] = None) -> None:
     """Publish `payload` (bytes) to `target` and return once the broker has
     it: with QoS 1, when its PUBACK arrived.  Everything together takes at
     most `timeout` seconds.  Raises MqttError on any failure, ValueError for
