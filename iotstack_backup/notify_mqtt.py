@@ -8,22 +8,41 @@ backup: everything here together is bounded by BUDGET seconds, every
 failure becomes one warning line for the log (or stderr), and the
 password is never part of any text (MqttTarget hides it).
 """
+from __future__ import annotations
+
 import dataclasses
 import os
 import time
 
 from . import mqtt, run
 
+# typing is only read by the type checker (as in children.py): the
+# annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, TypedDict
+
+    from .backup import Facts
+
+    class ReportFacts(TypedDict):
+        """mqtt.status_message's keyword arguments about the run."""
+        archive: Optional[str]
+        size_bytes: Optional[int]
+        duration_seconds: float
+        downtime_seconds: Optional[float]
+        warnings: List[str]
+        error: Optional[str]
+
 BUDGET = 5.0  # seconds for the whole report, discovery included
 
 
-def status_of(ok, code):
+def status_of(ok: bool, code: Optional[int]) -> str:
     if not ok:
         return "failed"
     return "warning" if code == 3 else "ok"
 
 
-def report_facts(facts, error):
+def report_facts(facts: Facts, error: Optional[BaseException]) -> ReportFacts:
     """The keyword arguments of mqtt.status_message from what the run found
     (backup.Facts; nothing yet when it failed early)."""
     archive = size = downtime = None
@@ -45,7 +64,7 @@ def report_facts(facts, error):
     }
 
 
-def describe(error):
+def describe(error: Optional[BaseException]) -> Optional[str]:
     """The run's error as one line, as the user saw it on stderr."""
     if error is None:
         return None
@@ -60,13 +79,14 @@ def describe(error):
     return "unexpected error: %s: %s" % (type(error).__name__, error)
 
 
-def _one_line(error):
+def _one_line(error: BaseException) -> str:
     if isinstance(error, (mqtt.MqttError, ValueError)):
         return " ".join(str(error).split())
     return "%s: %s" % (type(error).__name__, " ".join(str(error).split()))
 
 
-def publish_report(target, status, host, run_facts, discovery=True, budget=BUDGET):
+def publish_report(target: mqtt.MqttTarget, status: str, host: str, run_facts: ReportFacts,
+                   discovery: bool = True, budget: float = BUDGET) -> str:
     """Publish the report (and the discovery configs); return one line for
     the log: what was published, or "Warning: ..." saying what failed."""
     deadline = time.monotonic() + budget
