@@ -15,17 +15,26 @@ import ipaddress
 import os
 import re
 import urllib.parse
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, TextIO, Tuple
 
 from . import pgzip, run
 
+if TYPE_CHECKING:
+    from .mqtt import MqttTarget
+    from .offsite import Destination
 
-def backup_type(text):
+# A key of backup.ini: (attribute of args, parse one value, repeatable,
+# default); what parse returns differs from key to key.
+Setting = Tuple[str, Callable[[str], object], bool, object]
+
+
+def backup_type(text: str) -> int:
     if text not in ("1", "2", "3"):
         raise argparse.ArgumentTypeError("TYPE can only be 1, 2 or 3, not %r" % text)
     return int(text)
 
 
-def whole_number(text, least, most=None):
+def whole_number(text: str, least: int, most: Optional[int] = None) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -36,19 +45,19 @@ def whole_number(text, least, most=None):
     return value
 
 
-def jobs_count(text):
+def jobs_count(text: str) -> int:
     return whole_number(text, 1)
 
 
-def keep_count(text):
+def keep_count(text: str) -> int:
     return whole_number(text, 1)
 
 
-def gzip_level(text):
+def gzip_level(text: str) -> int:
     return whole_number(text, 0, 9)
 
 
-def destination(text):
+def destination(text: str) -> Destination:
     from . import offsite
     try:
         return offsite.parse_destination(text)
@@ -56,7 +65,7 @@ def destination(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def recipient(text):
+def recipient(text: str) -> str:
     from . import encryption
     try:
         return encryption.check_recipient(text)
@@ -64,7 +73,7 @@ def recipient(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def notify_url(text):
+def notify_url(text: str) -> str:
     """An http(s) URL that urllib can call: scheme, host and port checked
     here, so that a URL that cannot work is exit 2 before anything
     happens, not a notification that fails after the backup."""
@@ -117,7 +126,7 @@ def notify_url_problem(text: str) -> "str | None":
     return None
 
 
-def mqtt_url(text):
+def mqtt_url(text: str) -> MqttTarget:
     from . import mqtt
     try:
         return mqtt.parse_mqtt_url(text)
@@ -125,13 +134,13 @@ def mqtt_url(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def stop_mode(text):
+def stop_mode(text: str) -> str:
     if text not in ("each", "all", "none"):
         raise argparse.ArgumentTypeError("%r is not each, all or none" % text)
     return text
 
 
-def boolean(text):
+def boolean(text: str) -> bool:
     value = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}.get(text.strip().lower())
     if value is None:
@@ -141,7 +150,7 @@ def boolean(text):
 
 # Keys of backup.ini: the long options' names without dashes.  Each is
 # (attribute, parse one value, repeatable, default).
-SETTINGS = {
+SETTINGS: Dict[str, Setting] = {
     "type": ("type", backup_type, False, 3),
     "user": ("user", str, False, None),
     "exclude": ("exclude", str, True, []),
@@ -159,21 +168,22 @@ SETTINGS = {
     "notify-mqtt": ("notify_mqtt", mqtt_url, False, None),
     "no-mqtt-discovery": ("no_mqtt_discovery", boolean, False, False),
     "level": ("level", gzip_level, False, 6),
-    "jobs": ("jobs", jobs_count, False, pgzip.default_jobs()),
+    # pgzip.py is not annotated yet (and not this change's to edit).
+    "jobs": ("jobs", jobs_count, False, pgzip.default_jobs()),  # type: ignore[no-untyped-call]
 }
 
 
 CONFIG_NAME = "backup.ini"
 
 
-def parse_config(text, path):
+def parse_config(text: str, path: str) -> Dict[str, object]:
     """{key: value} from backup.ini's text; UserError naming key and file."""
     parser = configparser.ConfigParser(interpolation=None, strict=True)
     try:
         parser.read_string(text, source=path)
     except configparser.Error as e:
         raise run.UserError("%s: %s" % (path, " ".join(str(e).split())), run.EXIT_USAGE) from None
-    values = {}
+    values: Dict[str, object] = {}
     for section in parser.sections():
         if section != "backup":
             raise run.UserError("%s: unknown section [%s]; only [backup] is read"
@@ -197,10 +207,10 @@ def parse_config(text, path):
     return values
 
 
-def merge_settings(args, config):
+def merge_settings(args: argparse.Namespace, config: Mapping[str, object]) -> Dict[str, str]:
     """Apply the settings in force to args; return {key: source}.  The
     command line wins over backup.ini, which wins over the defaults."""
-    sources = {}
+    sources: Dict[str, str] = {}
     for key, (attr, _parse, _repeatable, default) in SETTINGS.items():
         given = getattr(args, attr)
         if given is not None:
@@ -214,9 +224,9 @@ def merge_settings(args, config):
     return sources
 
 
-def load_settings(stack, args):
+def load_settings(stack: str, args: argparse.Namespace) -> Dict[str, str]:
     path = os.path.join(stack, CONFIG_NAME)
-    config = {}
+    config: Dict[str, object] = {}
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -227,7 +237,7 @@ def load_settings(stack, args):
     return resolve_no_stop(args, merge_settings(args, config))
 
 
-def resolve_no_stop(args, sources):
+def resolve_no_stop(args: argparse.Namespace, sources: Dict[str, str]) -> Dict[str, str]:
     """no-stop is the older spelling of stop = none: it applies unless stop
     itself was set (--no-stop on the command line already set stop)."""
     if args.no_stop and sources["stop"] == "default":
@@ -236,13 +246,14 @@ def resolve_no_stop(args, sources):
     return sources
 
 
-def print_config(args, sources, out, stack=None):
+def print_config(args: argparse.Namespace, sources: Mapping[str, str], out: TextIO,
+                 stack: Optional[str] = None) -> None:
     """The settings in force and where each came from; with stack, first
     the backup.ini that was read (or that none is there), and the user
     the output would belong to when USER is not given."""
     width = max(len(key) for key in SETTINGS)
 
-    def show(key, value, source):
+    def show(key: str, value: str, source: str) -> None:
         out.write("%-*s = %-40s (%s)\n" % (width, key, value, source))
 
     if stack is not None:
@@ -260,7 +271,9 @@ def print_config(args, sources, out, stack=None):
         show(key, shown_value(key, value, repeatable), sources[key])
 
 
-def shown_value(key: str, value, repeatable: bool) -> str:
+# value is Any: an attribute of args, a list for a repeatable key, else
+# whatever that key's parse returned (or None, or a bool).
+def shown_value(key: str, value: Any, repeatable: bool) -> str:
     """A setting as --print-config shows it: secrets of URLs masked
     (str() of a destination or an MQTT target masks its own)."""
     if repeatable:
