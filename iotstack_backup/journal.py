@@ -21,11 +21,62 @@ import json
 import os
 import shutil
 import time
+from typing import TYPE_CHECKING, cast
 
 from . import iotstack
 from .progress import human_size
 from .run import EXIT_BUSY, UserError, describe_os_error
 from .unpack import live_points, staging_ancestors
+
+if TYPE_CHECKING:
+    from typing import (Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set,
+                        TextIO, Tuple, TypedDict)
+
+    from .unpack import Stager
+
+    # What swap_in renames: (live, staged, aside, old, new), the paths
+    # absolute, old and new whether that side exists.
+    Entry = Tuple[str, str, str, bool, bool]
+    # (live folder, staging folder, aside folder) of a point on another disk.
+    Place = Tuple[str, str, str]
+    # {folder: [atime_ns, mtime_ns]}, as the journal's JSON keeps them.
+    Times = Dict[str, List[int]]
+
+    class JournalEntry(TypedDict):
+        rel: str
+        live: str
+        staged: str
+        aside: str
+        old: bool
+        new: bool
+
+    class Foreign(TypedDict):
+        staging: List[str]
+        aside: List[str]
+
+    class ForeignRecord(Foreign):
+        times: Times
+
+    class Journal(TypedDict, total=False):
+        """The journal in .tmp/; a version 1 journal (one staging and one
+        aside folder) has no entries, foreign or parent_times."""
+        version: int
+        state: str
+        archive: str
+        staging: str
+        aside: str
+        units: List[str]
+        entries: List[JournalEntry]
+        foreign: Foreign
+        created_parents: List[str]
+        keep_old: bool
+        parent_times: Times
+
+    class StagerOptions(TypedDict):
+        """The keyword arguments of unpack.Stager for the points."""
+        redirect: Dict[str, str]
+        link_points: List[str]
+        on_new_point: Callable[[str], None]
 
 STAGING_PREFIX = "restore-staging."
 
@@ -37,18 +88,19 @@ ASIDE_PREFIX = "restore-old."
 ROLLED_BACK = "rolled back"
 
 
-def journal_path(stack):
+def journal_path(stack: str) -> str:
     return os.path.join(stack, iotstack.JOURNAL_NAME)
 
 
-def write_journal(stack, journal):
+def write_journal(stack: str, journal: Journal) -> None:
     iotstack.write_json_atomically(journal_path(stack), journal)
 
 
-def read_journal(stack):
+def read_journal(stack: str) -> Optional[Journal]:
     try:
         with open(journal_path(stack), encoding="utf-8") as f:
-            return json.load(f)
+            journal: Journal = json.load(f)
+            return journal
     except FileNotFoundError:
         return None
 
@@ -70,7 +122,8 @@ FOREIGN_RECORD = "restore-foreign."
 TRASH_RECORD = "restore-trash."
 
 
-def split_units(units, points, keep, children):
+def split_units(units: Iterable[str], points: Collection[str], keep: Collection[str],
+                children: Callable[[str], Iterable[str]]) -> List[Tuple[str, str]]:
     """The swaps that restore `units` and leave in place what must stay:
     the points (mount points and symlinks to other disks: the folder stays,
     its contents are swapped on that disk) and `keep` (live entries the
@@ -80,9 +133,9 @@ def split_units(units, points, keep, children):
     Returns [(rel, domain)], domain the innermost point holding rel ("" for
     the stack itself)."""
     inner = set(points) | set(keep)
-    swaps = []
+    swaps: List[Tuple[str, str]] = []
 
-    def visit(rel, domain):
+    def visit(rel: str, domain: str) -> None:
         if rel in keep:
             return
         if rel in points:
@@ -100,7 +153,7 @@ def split_units(units, points, keep, children):
     return swaps
 
 
-def journal_entries(stack, journal):
+def journal_entries(stack: str, journal: Journal) -> List[Entry]:
     """[(live, staged, aside, old, new)] absolute paths: what swap_in renames.
     A version 1 journal (one staging and aside folder) says it per unit."""
     if "entries" in journal:
@@ -112,7 +165,8 @@ def journal_entries(stack, journal):
              True, True) for unit in journal["units"]]
 
 
-def swap_in(stack, journal, on_entry=None):
+def swap_in(stack: str, journal: Journal,
+            on_entry: Optional[Callable[[str], object]] = None) -> None:
     """Rename each entry aside, then each staged copy in; the journal says
     how far.  All the old entries go aside, durably, before any new one
     takes a name: a rename into place must never survive a power cut that
@@ -142,11 +196,11 @@ def swap_in(stack, journal, on_entry=None):
     write_journal(stack, journal)
 
 
-def aside_folders(entries):
+def aside_folders(entries: Iterable[Entry]) -> List[str]:
     """The folders the old entries are renamed into, and those above them
     up to the one in .tmp/ (or on the other disk) and the folder holding
     it: fsynced, their names are durable."""
-    folders = set()
+    folders: Set[str] = set()
     for _live, _staged, aside, _old, _new in entries:
         folder = os.path.dirname(aside)
         while folder != os.path.dirname(folder):
@@ -159,7 +213,7 @@ def aside_folders(entries):
     return sorted(folders)
 
 
-def swap_folders(stack, entries):
+def swap_folders(stack: str, entries: Sequence[Entry]) -> List[str]:
     """The folders whose fsync makes a swap's renames durable: both sides
     of each rename, with the aside folders."""
     folders = {stack}.union(aside_folders(entries))
@@ -168,13 +222,13 @@ def swap_folders(stack, entries):
     return sorted(folders)
 
 
-def fsync_folders(folders):
+def fsync_folders(folders: Iterable[str]) -> None:
     for folder in folders:
         if os.path.isdir(folder):
             iotstack.fsync_dir(folder)
 
 
-def roll_back(stack, journal):
+def roll_back(stack: str, journal: Journal) -> None:
     """Undo swap_in from any point: an entry whose staged copy is gone was
     swapped in, so it goes back to staging; once all of those are back,
     durably, the old ones return.  (In one pass, a power cut could keep an
@@ -206,10 +260,10 @@ def roll_back(stack, journal):
     write_journal(stack, journal)
 
 
-def parent_times(stack, units):
+def parent_times(stack: str, units: Iterable[str]) -> Times:
     """Times of the folders above --only units (volumes/ for volumes/nodered):
     the renames and mkdirs of a swap must not change their mtime."""
-    times = {}
+    times: Times = {}
     for unit in units:
         for parent in staging_ancestors(unit):
             path = os.path.join(stack, parent)
@@ -219,20 +273,23 @@ def parent_times(stack, units):
     return times
 
 
-def keep_parent_times(stack, journal):
+def keep_parent_times(stack: str, journal: Journal) -> None:
     for parent, times in journal.get("parent_times", {}).items():
         with contextlib.suppress(OSError):
-            os.utime(os.path.join(stack, parent), ns=tuple(times), follow_symlinks=False)
+            # Two numbers, as parent_times wrote them.
+            os.utime(os.path.join(stack, parent), ns=cast("Tuple[int, int]", tuple(times)),
+                     follow_symlinks=False)
 
 
-def clean_up(stack, journal):
+def clean_up(stack: str, journal: Journal) -> Optional[str]:
     """After commit or roll back: drop staging on every disk; after a roll
     back the aside folders too (empty by then).  After commit, unless kept,
     the aside folders go into a trash record (see empty_trash) instead of
     being deleted now.  Returns the trash record's path, or None."""
     committed = journal["state"] == "committed"
     keep = journal.get("keep_old") and committed
-    foreign = journal.get("foreign", {"staging": [], "aside": []})
+    none_foreign: Foreign = {"staging": [], "aside": []}
+    foreign = journal.get("foreign", none_foreign)
     asides = [os.path.join(stack, journal["aside"])] + foreign["aside"]
     trash = None
     if committed and not keep:
@@ -256,12 +313,12 @@ def clean_up(stack, journal):
     return trash
 
 
-def trash_record_path(stack, staging_rel):
+def trash_record_path(stack: str, staging_rel: str) -> str:
     token = os.path.basename(staging_rel)[len(STAGING_PREFIX):]
     return os.path.join(stack, ".tmp", TRASH_RECORD + token + ".json")
 
 
-def trash_records(stack):
+def trash_records(stack: str) -> List[str]:
     """The trash records in .tmp/, oldest name first."""
     tmp = os.path.join(stack, ".tmp")
     try:
@@ -272,7 +329,7 @@ def trash_records(stack):
             if name.startswith(TRASH_RECORD) and name.endswith(".json")]
 
 
-def trash_folders(record):
+def trash_folders(record: str) -> List[str]:
     """The folders a trash record lists that are ours to delete (by name:
     a damaged record never makes us delete anything else)."""
     try:
@@ -284,7 +341,7 @@ def trash_folders(record):
             and os.path.basename(path).startswith((ASIDE_PREFIX, FOREIGN_ASIDE))]
 
 
-def delete_tree(path):
+def delete_tree(path: str) -> Tuple[int, int, int]:
     """Delete path, never following a link.  Returns (entries deleted,
     bytes freed, entries left): what could not be deleted stays, and the
     caller keeps its record so that the next run tries again.  A loop, not
@@ -293,7 +350,7 @@ def delete_tree(path):
     try:
         if not os.path.isdir(path) or os.path.islink(path):
             _unlink_counted(path, os.lstat(path), counts)
-            return tuple(counts)
+            return cast("Tuple[int, int, int]", tuple(counts))
     except FileNotFoundError:
         return 0, 0, 0
     pending = [(path, False)]
@@ -314,10 +371,10 @@ def delete_tree(path):
             else:
                 with contextlib.suppress(FileNotFoundError):
                     _unlink_counted(entry.path, entry.stat(follow_symlinks=False), counts)
-    return tuple(counts)
+    return cast("Tuple[int, int, int]", tuple(counts))  # three counts
 
 
-def _unlink_counted(path, st, counts):
+def _unlink_counted(path: str, st: os.stat_result, counts: List[int]) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -330,7 +387,7 @@ def _unlink_counted(path, st, counts):
         counts[1] += st.st_blocks * 512
 
 
-def _rmdir_counted(folder, counts):
+def _rmdir_counted(folder: str, counts: List[int]) -> None:
     try:
         os.rmdir(folder)
         counts[0] += 1
@@ -340,11 +397,11 @@ def _rmdir_counted(folder, counts):
         counts[2] += 1
 
 
-def delete_in_place(folder):
+def delete_in_place(folder: str) -> Tuple[int, int, int]:
     """delete_tree(folder); a folder of ours inside a mount point or a
     linked folder on another disk leaves that folder's times as they were."""
     parent = os.path.dirname(folder)
-    times = None
+    times: Optional[Tuple[int, int]] = None
     if os.path.basename(folder).startswith(FOREIGN_ASIDE):
         with contextlib.suppress(OSError):
             st = os.stat(parent)
@@ -356,7 +413,7 @@ def delete_in_place(folder):
     return counts
 
 
-def empty_trash(stack, log, out=None):
+def empty_trash(stack: str, log: iotstack.RunLog, out: Optional[TextIO] = None) -> None:
     """Delete the replaced items every trash record lists, saying in the log
     where the space went; a record goes only once its folders are gone."""
     for record in trash_records(stack):
@@ -385,17 +442,17 @@ def empty_trash(stack, log, out=None):
         iotstack.fsync_dir(os.path.dirname(record))
 
 
-def foreign_record_path(stack, staging_rel):
+def foreign_record_path(stack: str, staging_rel: str) -> str:
     token = os.path.basename(staging_rel)[len(STAGING_PREFIX):]
     return os.path.join(stack, ".tmp", FOREIGN_RECORD + token + ".json")
 
 
-def write_foreign_record(stack, staging_rel, folders):
+def write_foreign_record(stack: str, staging_rel: str, folders: ForeignRecord) -> None:
     """Before a folder of ours is made on another disk: where it will be."""
     iotstack.write_json_atomically(foreign_record_path(stack, staging_rel), folders)
 
 
-def remove_foreign_record(stack, journal):
+def remove_foreign_record(stack: str, journal: Journal) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(foreign_record_path(stack, journal["staging"]))
 
@@ -441,13 +498,13 @@ def parents(paths: list[str]) -> list[str]:
     return sorted({os.path.dirname(path) for path in paths})
 
 
-def recover(stack, log, out, trash=True):
+def recover(stack: str, log: iotstack.RunLog, out: TextIO, trash: bool = True) -> bool:
     """Finish what an interrupted run left: roll back or complete; with
     trash, also delete the replaced items a restore left to delete (a
     restore does that itself once it has started what a cut run stopped)."""
     journal = read_journal(stack)
     tmp = os.path.join(stack, ".tmp")
-    with_journal = set()
+    with_journal: Set[str] = set()
     if journal is not None:
         with_journal = {journal["staging"], journal["aside"]}
         if journal["state"] == "committed":
@@ -484,7 +541,7 @@ def recover(stack, log, out, trash=True):
     return journal is not None
 
 
-def pending(stack):
+def pending(stack: str) -> bool:
     """Whether an interrupted restore left a journal, a staging folder or
     replaced items to delete."""
     if os.path.lexists(journal_path(stack)):
@@ -495,7 +552,8 @@ def pending(stack):
     return False
 
 
-def recover_first(stack, out, warn, owner=None):
+def recover_first(stack: Optional[str], out: TextIO, warn: Callable[[str], object],
+                  owner: Optional[iotstack.Owner] = None) -> None:
     """What every run does first, --list, --verify and --dry-run included:
     finish or roll back an interrupted restore, saying which on out; when
     this user may not (files of root), warn(line) says how to finish it.
@@ -519,7 +577,7 @@ def recover_first(stack, out, warn, owner=None):
          "'sudo python3 restore.py --recover' in %s" % (stack, error, stack))
 
 
-def remove_empty_tree(path):
+def remove_empty_tree(path: str) -> None:
     for folder, _dirs, files in os.walk(path, topdown=False):
         if not files:
             try:
@@ -528,8 +586,10 @@ def remove_empty_tree(path):
                 pass
 
 
-def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swaps=None,
-                    domains=None):
+def prepare_journal(stack: str, archive: str, units: List[str], staging_rel: str,
+                    aside_rel: str, keep_old: bool,
+                    swaps: Optional[Sequence[Tuple[str, str]]] = None,
+                    domains: Optional[Dict[str, Place]] = None) -> Journal:
     """The journal of a swap.  swaps: split_units' answer (default: each
     unit whole); domains: {point: (live folder, staging folder, aside
     folder)} for the points on other disks."""
@@ -537,10 +597,10 @@ def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swa
     staging = os.path.join(stack, staging_rel)
     if swaps is None:
         swaps = [(unit, "") for unit in units]
-    places = {"": (stack, staging, aside)}
+    places: Dict[str, Place] = {"": (stack, staging, aside)}
     places.update(domains or {})
-    created = []
-    entries = []
+    created: List[str] = []
+    entries: List[JournalEntry] = []
     for rel, domain in swaps:
         live_root, staging_root, aside_root = places[domain]
         inner = rel[len(domain) + 1:] if domain else rel
@@ -563,7 +623,7 @@ def prepare_journal(stack, archive, units, staging_rel, aside_rel, keep_old, swa
             st = os.stat(folder)
             times[folder] = [st.st_atime_ns, st.st_mtime_ns]
     os.makedirs(aside, exist_ok=True)
-    foreign = {"staging": [place[1] for point, place in sorted((domains or {}).items())],
+    foreign: Foreign = {"staging": [place[1] for point, place in sorted((domains or {}).items())],
                "aside": [place[2] for point, place in sorted((domains or {}).items())]}
     return {"version": 2, "state": "swapping", "archive": archive, "staging": staging_rel,
             "aside": aside_rel, "units": units, "entries": entries, "foreign": foreign,
@@ -577,39 +637,40 @@ class OtherDisks:
     the data goes back onto its disk and no rename crosses disks.  A point
     the archive holds nothing for is left as it is."""
 
-    def __init__(self, stack, only, token, staging_rel):
+    def __init__(self, stack: str, only: Optional[List[str]], token: str,
+                 staging_rel: str) -> None:
         self.stack, self.staging_rel = stack, staging_rel
         self.found = live_points(stack, only or list(iotstack.ITEM_NAMES))
-        self.places = {}
-        self.times = {}  # of the points' folders, before ours are made in them
+        self.places: Dict[str, Place] = {}
+        self.times: Times = {}  # of the points' folders, before ours are made in them
         for point in self.found:
             real = os.path.realpath(os.path.join(stack, point))
             st = os.stat(real)
             self.times[real] = [st.st_atime_ns, st.st_mtime_ns]
             self.places[point] = (real, os.path.join(real, FOREIGN_STAGING + token),
                                   os.path.join(real, FOREIGN_ASIDE + token))
-        self.made = []
-        self.points = {}    # the points whose data is restored
-        self.untouched = []  # the points the archive holds nothing for
-        self.domains = {}
+        self.made: List[str] = []
+        self.points: Dict[str, str] = {}    # the points whose data is restored
+        self.untouched: List[str] = []  # the points the archive holds nothing for
+        self.domains: Dict[str, Place] = {}
 
-    def stager_options(self):
+    def stager_options(self) -> StagerOptions:
         return {"redirect": {point: place[1] for point, place in self.places.items()},
                 "link_points": [p for p, kind in self.found.items() if kind == "link"],
                 "on_new_point": self._new_point}
 
-    def _new_point(self, point):
+    def _new_point(self, point: str) -> None:
         self.made.append(point)
         write_foreign_record(self.stack, self.staging_rel, {
             "staging": [self.places[p][1] for p in self.made],
             "aside": [self.places[p][2] for p in self.made],
             "times": {self.places[p][0]: self.times[self.places[p][0]] for p in self.made}})
 
-    def staging_folders(self):
+    def staging_folders(self) -> List[str]:
         """The staging folders made so far on other disks."""
         return [self.places[point][1] for point in self.made]
 
-    def staged(self, stager):
+    def staged(self, stager: Stager) -> None:
         for point, kind in self.found.items():
             if point in stager.redirect and point in stager.made_points:
                 self.points[point] = kind
@@ -617,7 +678,7 @@ class OtherDisks:
             elif point in stager.redirect:
                 self.untouched.append(point)
 
-    def drop(self):
+    def drop(self) -> None:
         """Remove what was staged on other disks (nothing live changed)."""
         # On the way out of a failed restore: a disk that fails its fsync
         # must not hide the error that brought us here.
@@ -626,7 +687,8 @@ class OtherDisks:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(foreign_record_path(self.stack, self.staging_rel))
 
-    def swaps(self, units, keep, staging, log):
+    def swaps(self, units: Iterable[str], keep: Iterable[str], staging: str,
+              log: iotstack.RunLog) -> Optional[List[Tuple[str, str]]]:
         for point in self.untouched:
             log.line("Kept as it is: %s (a %s the backup holds nothing for)"
                      % (point, "mount point" if self.found[point] == "mount" else
@@ -637,7 +699,7 @@ class OtherDisks:
         if not self.points and not keep and not self.untouched:
             return None
 
-        def where(rel):
+        def where(rel: str) -> Tuple[str, str]:
             above = [p for p in self.points if rel == p or rel.startswith(p + "/")]
             if not above:
                 return os.path.join(self.stack, rel), os.path.join(staging, rel)
@@ -645,8 +707,8 @@ class OtherDisks:
             live, staged, _aside = self.places[point]
             return live + rel[len(point):], staged + rel[len(point):]
 
-        def children(rel):
-            names = set()
+        def children(rel: str) -> List[str]:
+            names: Set[str] = set()
             for path in where(rel):
                 if os.path.isdir(path) and (not os.path.islink(path) or rel in self.points):
                     names.update(os.listdir(path))

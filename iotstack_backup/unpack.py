@@ -23,6 +23,11 @@ from .progress import human_size
 from .run import UserError
 from .tarformat import ArchiveError
 
+# typing is only read by the type checker (as in children.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable
+
 
 def open_archive_chunks(fileobj):
     """Decompressed chunks of a .tar.gz, with gzip problems as ArchiveError."""
@@ -208,7 +213,7 @@ def restorable(rel, only):
     return not only or any(rel == path or rel.startswith(path + "/") for path in only)
 
 
-def staging_ancestors(unit):
+def staging_ancestors(unit: str) -> "list[str]":
     """Ancestors of a unit below the stack directory, outermost first."""
     parts = unit.split("/")[:-1]
     return ["/".join(parts[:i + 1]) for i in range(len(parts))]
@@ -612,7 +617,7 @@ class UnitTracker:
         return complete, [unit for unit in self.units if unit not in complete]
 
 
-def live_points(stack, tops):
+def live_points(stack: str, tops: "Iterable[str]") -> "dict[str, str]":
     """{rel: "mount" | "link"}: the folders at, above or below the tops
     (items, or --only paths) that hold data on another disk: mount points,
     and symlinks to folders outside the stack.  A restore keeps them where
