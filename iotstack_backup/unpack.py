@@ -10,6 +10,8 @@ after every header, every member and the gzip CRC have passed; regular
 files may be created by a writer process (file_writer) and a background
 sync keeps the disk busy, but every file is on disk before the swap.
 """
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import os
@@ -26,13 +28,19 @@ from .tarformat import ArchiveError
 # typing is only read by the type checker (as in children.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Iterable
+    from typing import (IO, BinaryIO, Callable, Collection, Dict, Iterable, Iterator, List,
+                        Mapping, Optional, Sequence, Set, Tuple)
+
+    from .children import Bytes
+    from .progress import Progress
+    from .tarformat import TarMember, TarReader
 
 
-def open_archive_chunks(fileobj):
+def open_archive_chunks(fileobj: BinaryIO) -> Iterator[bytes]:
     """Decompressed chunks of a .tar.gz, with gzip problems as ArchiveError."""
     try:
-        yield from iter_gunzip(fileobj)
+        # pgzip.py is not annotated yet (and not this change's to edit).
+        yield from iter_gunzip(fileobj)  # type: ignore[no-untyped-call]
     except GzipError as e:
         raise ArchiveError(str(e)) from None
 
@@ -46,7 +54,7 @@ SENT_LIMIT = 4096
 WRITEBACK_STEP = 16 << 20
 
 
-def normalize_member_name(name):
+def normalize_member_name(name: str) -> str:
     """The member's path relative to the stack, or ArchiveError if unsafe."""
     if not name or "\0" in name:
         raise tarformat.ArchiveError("unsafe member %r: empty name or NUL byte" % name)
@@ -77,9 +85,9 @@ class NameSet:
 
     def __init__(self, in_memory: int = NAMES_IN_MEMORY) -> None:
         self._key = os.urandom(16)
-        self._recent: set = set()
+        self._recent: Set[bytes] = set()
         self._in_memory = in_memory
-        self._spill = None
+        self._spill: Optional[IO[bytes]] = None
         self._count = 0
 
     def _digest(self, name: str) -> bytes:
@@ -118,8 +126,9 @@ class NameSet:
             return True
         return self._spill is not None and self._last_op(digest) == self._ADD
 
-    def _last_op(self, digest: bytes):
+    def _last_op(self, digest: bytes) -> Optional[bytes]:
         """The op of the last record of digest in the file, or None."""
+        assert self._spill is not None  # asked only once names were spilled
         self._spill.seek(0)
         last = None
         while True:
@@ -143,19 +152,19 @@ class MemberPolicy:
     ours, so the result does not depend on tarfile's filters or Python's
     version."""
 
-    def __init__(self, track_files=True):
+    def __init__(self, track_files: bool = True) -> None:
         # Unpacking into a fresh staging folder, a hard link's target can be
         # checked on disk (the Stager does), and memory then stays flat
         # however many files the archive holds.
         self.track_files = track_files
-        self.symlinks = set()
+        self.symlinks: Set[str] = set()
         self.files = NameSet()
         # A folder just found to have no symlink on its path: members come
         # folder by folder, so most need only this comparison.  A new symlink
         # could lie on that path, so adding one forgets it.
-        self.clear_folder = None
+        self.clear_folder: Optional[str] = None
 
-    def check(self, member):
+    def check(self, member: TarMember) -> str:
         rel = normalize_member_name(member.name)
         if rel == "" and member.type != "dir":
             raise tarformat.ArchiveError("unsafe member %r: not a directory" % member.name)
@@ -173,7 +182,7 @@ class MemberPolicy:
             self.files.discard(rel)
         return rel
 
-    def _refuse_symlink_on_path(self, rel, member):
+    def _refuse_symlink_on_path(self, rel: str, member: TarMember) -> None:
         folder = rel.rpartition("/")[0]
         if folder == self.clear_folder:
             return
@@ -185,7 +194,7 @@ class MemberPolicy:
                                        % (member.name, parent))
         self.clear_folder = folder
 
-    def _check_link_target(self, member):
+    def _check_link_target(self, member: TarMember) -> None:
         """A hard link's target is checked like a member's own path, always;
         whether it is an earlier file is checked here or, when files are not
         tracked, on disk by the Stager."""
@@ -205,7 +214,7 @@ class MemberPolicy:
             raise refusal
 
 
-def restorable(rel, only):
+def restorable(rel: str, only: Sequence[str]) -> bool:
     """Whether a member path is restored: inside a backup item, and inside
     one of the --only subtrees when there are any."""
     if iotstack.item_of(rel) is None:
@@ -213,26 +222,27 @@ def restorable(rel, only):
     return not only or any(rel == path or rel.startswith(path + "/") for path in only)
 
 
-def staging_ancestors(unit: str) -> "list[str]":
+def staging_ancestors(unit: str) -> List[str]:
     """Ancestors of a unit below the stack directory, outermost first."""
     parts = unit.split("/")[:-1]
     return ["/".join(parts[:i + 1]) for i in range(len(parts))]
 
 
 class Summary:
-    def __init__(self):
+    def __init__(self) -> None:
         self.members = 0
         self.restored = 0  # the members restored (with --only: those under it)
         self.bytes = 0
-        self.items = set()
-        self.found_only = set()
-        self.skipped = []
-        self.warnings = []
-        self.excludes = []  # the backup's --exclude patterns
-        self.incomplete = []  # [(rel, kind)]: what the backup could not read
+        self.items: Set[str] = set()
+        self.found_only: Set[str] = set()
+        self.skipped: List[str] = []
+        self.warnings: List[str] = []
+        self.excludes: List[str] = []  # the backup's --exclude patterns
+        self.incomplete: incomplete.Entries = []  # [(rel, kind)]: what the backup could not read
 
 
-def read_archive(path, only, unpack=None, progress=None):
+def read_archive(path: str, only: Sequence[str], unpack: Optional[Stager] = None,
+                 progress: Optional[Progress] = None) -> Summary:
     """Read the whole archive with every check; unpack what is restorable
     into unpack (a Stager) when given.  Raises ArchiveError."""
     summary = Summary()
@@ -278,7 +288,7 @@ def read_archive(path, only, unpack=None, progress=None):
     return summary
 
 
-def refuse_link_out_of_only(member, only) -> None:
+def refuse_link_out_of_only(member: TarMember, only: Sequence[str]) -> None:
     """A hard link whose target --only leaves out cannot be made (its data
     was never staged): one clear line, before anything changes.  A backup
     writes a name linked across stop groups as a link to its later name."""
@@ -303,9 +313,11 @@ class EarlyWriteback(archive_writer.BackgroundSync):
 
     thread_name = "early-writeback"
 
-    def __init__(self, folders, step=None):
-        super().__init__(WRITEBACK_STEP if step is None else step,
-                         lambda done: disk_sync.sync_filesystems(folders()))
+    def __init__(self, folders: Callable[[], Iterable[str]], step: Optional[int] = None) -> None:
+        # archive_writer.py is not annotated yet (and not this change's to edit).
+        super().__init__(  # type: ignore[no-untyped-call]
+            WRITEBACK_STEP if step is None else step,
+            lambda done: disk_sync.sync_filesystems(folders()))
 
 
 class Stager:
@@ -318,8 +330,11 @@ class Stager:
     whenever a member touches a path it may not have written yet, so that
     members take effect in archive order either way."""
 
-    def __init__(self, root, as_root, fresh_root=False, writeback=None, writer=False,
-                 redirect=None, link_points=None, on_new_point=None):
+    def __init__(self, root: str, as_root: bool, fresh_root: bool = False,
+                 writeback: Optional[EarlyWriteback] = None, writer: bool = False,
+                 redirect: Optional[Mapping[str, str]] = None,
+                 link_points: Optional[Iterable[str]] = None,
+                 on_new_point: Optional[Callable[[str], object]] = None) -> None:
         self.root = root
         self.writeback = writeback  # an EarlyWriteback, told each file's size
         self.as_root = as_root
@@ -327,33 +342,33 @@ class Stager:
         # then comes from earlier members.
         self.fresh_root = fresh_root
         self.made = {""}
-        self.dirs = []
+        self.dirs: List[Tuple[int, str, TarMember]] = []
         # A new file has the mode it was opened with less the umask, and our
         # ids, unless a set-group-ID folder gives it that folder's group:
         # only a fresh root without that bit (whose new folders then lack it
         # too) lets chown be skipped for members owned like us.
         self.umask = os.umask(0o077)
         os.umask(self.umask)
-        self.ids = None
+        self.ids: Optional[Tuple[int, int]] = None
         if fresh_root and not os.stat(root).st_mode & stat.S_ISGID:
             self.ids = (os.geteuid(), os.getegid())
         # Regular files are created by a writer process when asked (and
         # fork exists); sent holds those sent since it last caught up.
-        self.sent = set()
+        self.sent: Set[str] = set()
         # {point: its staging folder on the other disk} (see restore's
         # points): members below a point are staged there, the folder made
         # when the first one comes; a point that the archive holds as a
         # symlink or file is an ordinary member.
         self.redirect = dict(redirect or {})
         self.link_points = set(link_points or ())
-        self.made_points = set()
+        self.made_points: Set[str] = set()
         self.on_new_point = on_new_point
-        self.writer = None
+        self.writer: Optional[file_writer.FileWriterProcess] = None
         if writer and hasattr(os, "fork"):
             self.writer = file_writer.FileWriterProcess(self.create_file,
                                                         raisable=(tarformat.ArchiveError,))
 
-    def place(self, rel):
+    def place(self, rel: str) -> str:
         """Where a member is staged: below root, or in a point's folder."""
         if self.redirect:
             point = rel
@@ -372,16 +387,17 @@ class Stager:
                 point = point.rpartition("/")[0]
         return os.path.join(self.root, rel)
 
-    def _wait_for_writer(self):
+    def _wait_for_writer(self) -> None:
+        assert self.writer is not None  # called only once files were sent to it
         self.writer.wait()
         self.sent.clear()
 
-    def close(self):
+    def close(self) -> None:
         """Stops the writer, if any: nothing is written after this."""
         if self.writer is not None:
             self.writer.close()
 
-    def _prepare(self, rel):
+    def _prepare(self, rel: str) -> str:
         parent = rel.rpartition("/")[0]
         if parent not in self.made:
             if self.sent and any(folder in self.sent
@@ -400,13 +416,13 @@ class Stager:
         return self.place(rel)
 
     @staticmethod
-    def _clear(path, rel):
+    def _clear(path: str, rel: str) -> None:
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             raise tarformat.ArchiveError("member %r would replace a directory" % rel)
         os.unlink(path)
 
-    def _meta(self, member, path):
+    def _meta(self, member: TarMember, path: str) -> None:
         mtime = member.mtime * 1_000_000_000
         if self.as_root:
             os.chown(path, member.uid, member.gid, follow_symlinks=False)
@@ -414,7 +430,8 @@ class Stager:
             os.chmod(path, member.mode)
         os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
 
-    def create_file(self, rel, mode, uid, gid, mtime, pieces):
+    def create_file(self, rel: str, mode: int, uid: int, gid: int, mtime: int,
+                    pieces: Iterable[Bytes]) -> None:
         """Runs in the writer process when there is one."""
         path = self.place(rel)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -437,7 +454,7 @@ class Stager:
         finally:
             os.close(fd)
 
-    def add(self, member, rel, reader):
+    def add(self, member: TarMember, rel: str, reader: TarReader) -> None:
         if rel == "":
             return
         kind = member.type
@@ -465,7 +482,8 @@ class Stager:
                 self.create_file(rel, member.mode, member.uid, member.gid, member.mtime,
                                  reader.data(member))
             if self.writeback is not None:
-                self.writeback.wrote(member.size)
+                # archive_writer.py is not annotated yet (not this change's to edit).
+                self.writeback.wrote(member.size)  # type: ignore[no-untyped-call]
             return
         if rel in self.sent:
             # The writer may not have created that file yet: what replaces
@@ -516,7 +534,7 @@ class Stager:
                 os.mkfifo(path, 0o600)
             self._meta(member, path)
 
-    def finish(self):
+    def finish(self) -> None:
         # Deepest first, after their contents: a read-only directory must not
         # stop its children from being written, and writing them changes mtimes.
         if self.writer is not None:
@@ -533,12 +551,12 @@ class Stager:
 MEMBER_OVERHEAD = 4096
 
 
-def room_needed(summary):
+def room_needed(summary: Summary) -> int:
     """Bytes the restored members may take on disk, at most."""
     return summary.bytes + summary.members * MEMBER_OVERHEAD
 
 
-def used_bytes(path, device):
+def used_bytes(path: str, device: int) -> int:
     """Bytes that deleting path frees on `device` (not what lies on other
     disks mounted below it)."""
     total = 0
@@ -558,12 +576,12 @@ def used_bytes(path, device):
     return total
 
 
-def in_place_shortfall(needed, free, freed):
+def in_place_shortfall(needed: int, free: int, freed: int) -> int:
     """How many bytes --in-place would lack (0 when it fits)."""
     return max(0, needed - free - freed)
 
 
-def check_room_in_place(stack, summary, units):
+def check_room_in_place(stack: str, summary: Summary, units: Sequence[str]) -> None:
     """Before --in-place deletes anything: the archive must fit in the free
     space plus what deleting the items frees."""
     device = os.stat(stack).st_dev
@@ -579,7 +597,8 @@ def check_room_in_place(stack, summary, units):
                ", ".join(units), human_size(short)))
 
 
-def delete_except(stack, rel, points, keep):
+def delete_except(stack: str, rel: str, points: Mapping[str, str],
+                  keep: Collection[str]) -> None:
     """Delete rel for --in-place, but never a mount point or a symlink to
     another disk (only what is in it) nor what the backup excluded."""
     path = os.path.join(stack, rel)
@@ -600,32 +619,32 @@ class UnitTracker:
     """Which units an unpacking in place reached, in archive order: when it
     fails, the last one is incomplete and those after it are missing."""
 
-    def __init__(self, units):
+    def __init__(self, units: Iterable[str]) -> None:
         self.units = list(units)
-        self.seen = []
+        self.seen: List[str] = []
 
-    def saw(self, rel):
+    def saw(self, rel: str) -> None:
         for unit in self.units:
             if rel == unit or rel.startswith(unit + "/"):
                 if not self.seen or self.seen[-1] != unit:
                     self.seen.append(unit)
                 return
 
-    def outcome(self):
+    def outcome(self) -> Tuple[List[str], List[str]]:
         """(complete, incomplete) units after a failure."""
         complete = self.seen[:-1]
         return complete, [unit for unit in self.units if unit not in complete]
 
 
-def live_points(stack: str, tops: "Iterable[str]") -> "dict[str, str]":
+def live_points(stack: str, tops: Iterable[str]) -> Dict[str, str]:
     """{rel: "mount" | "link"}: the folders at, above or below the tops
     (items, or --only paths) that hold data on another disk: mount points,
     and symlinks to folders outside the stack.  A restore keeps them where
     they are and puts their data back onto that disk."""
     real_stack = os.path.realpath(stack)
-    points = {}
+    points: Dict[str, str] = {}
 
-    def kind_of(rel, parent_dev):
+    def kind_of(rel: str, parent_dev: Optional[int]) -> Tuple[Optional[str], Optional[int]]:
         """("mount" | "link" | "dir" | None, device) of a live entry."""
         path = os.path.join(stack, rel)
         try:
@@ -643,8 +662,8 @@ def live_points(stack: str, tops: "Iterable[str]") -> "dict[str, str]":
         return None, None
 
     for top in tops:
-        dev = os.stat(stack).st_dev
-        kind = "dir"
+        dev: Optional[int] = os.stat(stack).st_dev
+        kind: Optional[str] = "dir"
         for rel in staging_ancestors(top) + [top]:
             kind, dev = kind_of(rel, dev)
             if kind is None:
@@ -675,13 +694,13 @@ def live_points(stack: str, tops: "Iterable[str]") -> "dict[str, str]":
     return points
 
 
-def live_excluded(stack, units, patterns):
+def live_excluded(stack: str, units: Iterable[str], patterns: Sequence[str]) -> Set[str]:
     """The live entries of the units that the backup's exclude patterns
     match (checked as the backup checks them): a restore leaves them as
     they are.  A folder matched is kept whole."""
     if not patterns:
         return set()
-    keep = set()
+    keep: Set[str] = set()
     for unit in units:
         path = os.path.join(stack, unit)
         if not os.path.lexists(path):
@@ -708,7 +727,7 @@ def live_excluded(stack, units, patterns):
     return keep
 
 
-def not_ours(stack, units, uid):
+def not_ours(stack: str, units: Iterable[str], uid: int) -> Optional[Tuple[str, str]]:
     """(unit, path) of the first live entry of the units that belongs to
     another user (or a folder that cannot be read), or None: a restore
     without root could neither remove it nor give its replacement the
@@ -733,7 +752,7 @@ def not_ours(stack, units, uid):
     return None
 
 
-def check_units(stack, units, points=()):
+def check_units(stack: str, units: Iterable[str], points: Collection[str] = ()) -> None:
     """Refuse units whose place on disk lies behind a symlink, and, when not
     root, units holding what another user owns."""
     if os.geteuid() != 0:
