@@ -1,4 +1,5 @@
-"""Helpers every test file shares: running a command's main() in-process."""
+"""Helpers every test file shares: the repository's paths, and running a
+command's main() in-process."""
 import contextlib
 import io
 import os
@@ -8,6 +9,12 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import tarformat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKUP_PY = os.path.join(REPO, "backup.py")
+RESTORE_PY = os.path.join(REPO, "restore.py")
+# backup.py's user argument for a run as root: the owner of what it writes.
+USER_ARGS = ["root"] if os.geteuid() == 0 else []
 
 
 def call(main, argv):

@@ -1,5 +1,6 @@
 """The writer process: files created in order, errors carried back, no
-process or descriptor left behind."""
+process or descriptor left behind; a restore of many empty files through
+it (issue 24)."""
 import contextlib
 import errno
 import os
@@ -11,10 +12,10 @@ import time
 import unittest
 from unittest import mock
 
-from iotstack_backup import children, file_writer
-from tests.support import IsolatedCase
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from iotstack_backup import children, file_writer, pgzip, restore
+from tests.restore_case import RestoreCase, items
+from tests.stacktree import diff_snapshots
+from tests.support import REPO, IsolatedCase, call
 
 
 class Refused(Exception):
@@ -286,6 +287,44 @@ class FileWriterTests(IsolatedCase):
         while exists(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertFalse(exists(pid))
+
+
+class EmptyFilesTests(RestoreCase):
+    """Issue 24: an archive holding many empty files beside one-byte ones
+    hung the restore at 100% CPU (1 in 15 to 1 in 30 runs with 172 empty
+    files), when an empty file's piece ended a batch of the writer process.
+    Here one file in three is empty, so that many batches end on one."""
+
+    def add_empty_files(self):
+        folder = os.path.join(self.stack, "volumes", "sparse")
+        os.mkdir(folder)
+        expected = {}
+        for i in range(3000):
+            data = b"" if i % 3 == 2 else b"%d" % (i % 10)
+            with open(os.path.join(folder, "f%04d" % i), "wb") as f:
+                f.write(data)
+            expected["volumes/sparse/f%04d" % i] = data
+        return expected
+
+    def test_many_empty_files_restore_whole(self):
+        expected_data = self.add_empty_files()
+        archive = self.make_backup()
+        expected = items(self.stack)
+        self.assertGreater(pgzip.default_jobs(), 1, "restore uses the writer process "
+                                                     "only with more than one core")
+        for attempt in range(2):
+            with self.subTest(attempt=attempt):
+                fresh = os.path.join(self.tmp, "fresh%d" % attempt)
+                os.mkdir(fresh)
+                with deadline(60):
+                    code, out, err = call(restore.main, [archive, "noask", "--dir", fresh])
+                self.assertEqual((code, err), (0, ""), out)
+                self.assertEqual(diff_snapshots(expected, items(fresh)), [])
+                for rel, data in expected_data.items():
+                    with open(os.path.join(fresh, rel), "rb") as f:
+                        self.assertEqual(f.read(), data, rel)
+                self.assertEqual(sum(1 for data in expected_data.values() if not data), 1000)
+                self.assert_no_leftovers(fresh)
 
 
 if __name__ == "__main__":
