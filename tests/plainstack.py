@@ -5,11 +5,10 @@ import os
 from unittest import mock
 
 from iotstack_backup import backup, iotstack, restore
-from tests.stacktree import IS_ROOT, build_stack
-from tests.support import IsolatedCase, run_main
+from tests.stacktree import build_stack
+from tests.support import USER_ARGS, IsolatedCase, run_main
 
 NOW = datetime.datetime(2026, 11, 26, 2, 0)  # a Thursday: rolling backup_4
-USER_ARGS = ["root"] if IS_ROOT else []
 
 
 class PlainStackTestCase(IsolatedCase):

@@ -29,12 +29,9 @@ from iotstack_backup import (
 )
 from tests import real_stack
 from tests.stacktree import IS_ROOT, build_stack, diff_snapshots, snapshot
-from tests.support import IsolatedCase, run_main
+from tests.support import BACKUP_PY, REPO, USER_ARGS, IsolatedCase, run_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_SCRIPT = os.path.join(REPO, "backup.py")
 NOW = datetime.datetime(2026, 11, 26, 2, 0)  # a Thursday: rolling backup_4
-USER_ARGS = ["root"] if IS_ROOT else []
 
 
 def archive_names(path):
@@ -56,7 +53,6 @@ def manifest_snapshot(root):
     for rel, entry in snapshot(dumps).items():
         tree[".tmp/databases_backup/" + rel] = entry
     return tree
-
 
 
 def only_failure_logs(backups):
@@ -496,7 +492,7 @@ class NormalUserTest(StackTestCase):
         # nobody may not reach this checkout or pyenv's Python under /root.
         code = os.path.join(self.tmp, "code")
         os.mkdir(code)
-        shutil.copy(os.path.join(REPO, "backup.py"), code)
+        shutil.copy(BACKUP_PY, code)
         shutil.copytree(os.path.join(REPO, "iotstack_backup"), os.path.join(code, "iotstack_backup"),
                         ignore=shutil.ignore_patterns("__pycache__"))
         python = next((exe for exe in (sys.executable, "/usr/bin/python3")
@@ -566,7 +562,7 @@ class KillTest(StackTestCase):
 
     def run_script(self, strace_args, *args):
         cmd = ["strace", "-f", "--detach-on=execve", "-qq", "-o", "/dev/null"] + strace_args + [
-            sys.executable, BACKUP_SCRIPT] + list(args) + ["--dir", self.stack] + USER_ARGS
+            sys.executable, BACKUP_PY] + list(args) + ["--dir", self.stack] + USER_ARGS
         return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=real_stack.script_env(), timeout=300)
 

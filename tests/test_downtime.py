@@ -28,11 +28,7 @@ from unittest import mock
 
 from iotstack_backup import archive_writer, backup, docker_compose, tarformat
 from tests import engine as E
-from tests.support import IsolatedCase
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_SCRIPT = os.path.join(REPO, "backup.py")
-USER_ARGS = ["root"] if os.geteuid() == 0 else []
+from tests.support import BACKUP_PY, USER_ARGS, IsolatedCase
 
 SERVICES = [
     {"name": "writer", "writer": True},
@@ -83,7 +79,7 @@ class DowntimeTestCase(IsolatedCase):
         return dict(os.environ, DOCKER_HOST=E.engine().docker_host)
 
     def backup(self, *args):
-        return subprocess.run([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack]
+        return subprocess.run([sys.executable, BACKUP_PY, "1", "--dir", self.stack]
                               + list(args) + USER_ARGS, env=self.env(), stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=300)
@@ -100,7 +96,7 @@ class DowntimeTestCase(IsolatedCase):
         """Run a backup and SIGTERM it `delay` s after the marker first names
         service (any, when None): while that stop is under way or done.
         Returns (exit code, stderr)."""
-        proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack,
+        proc = subprocess.Popen([sys.executable, BACKUP_PY, "1", "--dir", self.stack,
                                  "--stop", mode] + USER_ARGS, env=self.env(),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
@@ -205,7 +201,7 @@ class EachModeTest(DowntimeTestCase):
         self.assertEqual(glob.glob(os.path.join(self.stack, "backups", "*", ".*.partial")), [])
 
     def test_kill_9_while_a_group_is_down_then_the_next_run_starts_it(self):
-        proc = subprocess.Popen([sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack]
+        proc = subprocess.Popen([sys.executable, BACKUP_PY, "1", "--dir", self.stack]
                                 + USER_ARGS, env=self.env(), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(proc.wait)
@@ -332,7 +328,7 @@ class LiveReadTest(DowntimeTestCase):
             return subprocess.run(
                 ["strace", "-f", "--detach-on=execve", "-qq", "-o", "/dev/null",
                  "-e", "trace=ftruncate", "-e", "inject=ftruncate:signal=%s:when=2" % sig,
-                 sys.executable, BACKUP_SCRIPT, "1", "--dir", self.stack] + USER_ARGS,
+                 sys.executable, BACKUP_PY, "1", "--dir", self.stack] + USER_ARGS,
                 env=self.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
         partials = os.path.join(self.stack, "backups", "*", ".*.partial")

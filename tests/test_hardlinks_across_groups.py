@@ -23,9 +23,7 @@ from unittest import mock
 from iotstack_backup import archive_writer, progress, restore, run
 from tests import engine as E
 from tests import real_stack
-from tests.support import IsolatedCase, call, read_bytes, write
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import BACKUP_PY, IsolatedCase, call, read_bytes, write
 
 
 def last_members(archive):
@@ -168,7 +166,7 @@ class EngineGroupsTest(IsolatedCase, RestoreCheck):
         self.project.wait_for({"a": "running", "b": "running"})
 
     def test_the_later_group_stop_is_what_both_names_get(self):
-        result = subprocess.run([sys.executable, os.path.join(REPO, "backup.py"), "1", "--dir",
+        result = subprocess.run([sys.executable, BACKUP_PY, "1", "--dir",
                                  self.stack, "--stop", "each"]
                                 + (["root"] if os.geteuid() == 0 else []),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -17,10 +17,9 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import archive_writer, iotstack, journal, offsite, run
-from tests.support import IsolatedCase, write
+from tests.support import BACKUP_PY, REPO, IsolatedCase, write
 from tests.support import read_bytes as read
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
 TOOLS = ("bash", "sh", "rclone", "rsync", "tar", "gzip", "cat", "sha256sum")
 
@@ -214,7 +213,7 @@ class BackupsFolderTest(StackCase):
             with self.subTest(user=user):
                 proc = subprocess.Popen(
                     [sys.executable if user == "root" or not IS_ROOT else python_for_pi(),
-                     os.path.join(REPO, "backup.py"), "--dir", self.stack, "--dry-run",
+                     BACKUP_PY, "--dir", self.stack, "--dry-run",
                      "--no-stop"],
                     preexec_fn=demote_to(self.pi) if user == "pi" and IS_ROOT else None,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,

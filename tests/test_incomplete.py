@@ -21,11 +21,8 @@ import unittest
 
 from iotstack_backup import archive_writer, incomplete, iotstack, picker, unpack
 from tests import terminal
-from tests.support import IsolatedCase, read, read_bytes, write
+from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, read, read_bytes, write
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_PY = os.path.join(REPO, "backup.py")
-RESTORE_PY = os.path.join(REPO, "restore.py")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 # A Python another user may run (pyenv's live under /root, mode 0700).
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -8,20 +8,21 @@ import sys
 import tempfile
 import unittest
 
+from tests.support import REPO
+
 
 class InstallTest(unittest.TestCase):
     def test_the_files_the_readme_says_to_copy_are_all_it_needs(self):
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
             line = re.search(r"^cp -r (.*) ~/IOTstack/$", f.read(), re.M)
         listed = line.group(1).split()
-        top = sorted(os.path.basename(path) for path in glob.glob(os.path.join(repo, "*.py")))
+        top = sorted(os.path.basename(path) for path in glob.glob(os.path.join(REPO, "*.py")))
         self.assertEqual(sorted(listed), sorted(top + ["iotstack_backup"]))
         package = sorted(os.path.basename(path)[:-3] for path in
-                         glob.glob(os.path.join(repo, "iotstack_backup", "*.py")))
+                         glob.glob(os.path.join(REPO, "iotstack_backup", "*.py")))
         with tempfile.TemporaryDirectory() as tmp:
             for name in listed:
-                source = os.path.join(repo, name)
+                source = os.path.join(REPO, name)
                 if os.path.isdir(source):
                     shutil.copytree(source, os.path.join(tmp, name),
                                     ignore=shutil.ignore_patterns("__pycache__"))

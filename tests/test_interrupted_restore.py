@@ -20,10 +20,8 @@ from unittest import mock
 
 from iotstack_backup import backup, docker_compose, iotstack, journal, restore, run, unpack
 from tests import real_stack, terminal
-from tests.support import IsolatedCase, call, read, write
+from tests.support import RESTORE_PY, IsolatedCase, call, read, write
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESTORE_PY = os.path.join(REPO, "restore.py")
 USER = ["root"] if os.geteuid() == 0 else []
 
 

@@ -17,10 +17,8 @@ import unittest
 
 from iotstack_backup import menu, run
 from tests import terminal
-from tests.support import IsolatedCase, read, write
+from tests.support import BACKUP_PY, IsolatedCase, read, write
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_PY = os.path.join(REPO, "backup.py")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 ORIGINAL = {

@@ -8,9 +8,9 @@ import sys
 import unittest
 
 from iotstack_backup import run, unpack
+from tests.support import RESTORE_PY
 from tests.test_hostile import (
     IS_ROOT,
-    REPO,
     StackCase,
     chown_tree,
     one_error_line,
@@ -262,7 +262,7 @@ class OtherDiskTest(MountCase):
                 result = subprocess.run(
                     [shutil.which("strace"), "-qq", "-o", "/dev/null", "-e", "trace=rename,renameat,renameat2",
                      "-e", "inject=rename,renameat,renameat2:signal=KILL:when=%d" % n,
-                     sys.executable, os.path.join(REPO, "restore.py"), "--dir", self.stack,
+                     sys.executable, RESTORE_PY, "--dir", self.stack,
                      "--no-stop", "--yes", archive],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                     env={"PATH": self.bin, "IOTSTACK_NO_DOCKER": "1"}, timeout=120)

@@ -27,8 +27,8 @@ from unittest import mock
 from iotstack_backup import archive_writer, docker_compose, run
 from tests import engine as E
 from tests import real_stack
-from tests.test_hostile import IS_ROOT, REPO, StackCase, chown_tree, demote_to, python_for_pi
-from tests.support import write
+from tests.support import BACKUP_PY, write
+from tests.test_hostile import IS_ROOT, StackCase, chown_tree, demote_to, python_for_pi
 
 SECRET = b"root-only secret 7f3a\n"
 
@@ -236,7 +236,7 @@ class EngineRaceTest(SwapCase):
         helper = threading.Thread(target=self.swap_when_stopped, args=("a", "volumes/b", done))
         helper.start()
         env = dict(os.environ, PATH=os.environ.get("PATH", ""))
-        result = subprocess.run([sys.executable, os.path.join(REPO, "backup.py"), "1", "--dir",
+        result = subprocess.run([sys.executable, BACKUP_PY, "1", "--dir",
                                  self.stack, "--stop", "each", "pi"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, universal_newlines=True, timeout=300)

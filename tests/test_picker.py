@@ -14,11 +14,8 @@ import unittest
 
 from iotstack_backup import picker, run
 from tests import terminal
-from tests.support import IsolatedCase, read, write
+from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, read, write
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_PY = os.path.join(REPO, "backup.py")
-RESTORE_PY = os.path.join(REPO, "restore.py")
 _BIN = None
 
 

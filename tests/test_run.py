@@ -11,9 +11,7 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import run
-from tests.support import call
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO, call
 
 
 def parser():

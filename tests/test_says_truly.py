@@ -20,11 +20,8 @@ import unittest
 
 from iotstack_backup import failure_report
 from tests import mosquitto_broker, terminal
-from tests.support import IsolatedCase, read, write
+from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, read, write
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_PY = os.path.join(REPO, "backup.py")
-RESTORE_PY = os.path.join(REPO, "restore.py")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 SYSTEM_PYTHON = "/usr/bin/python3"
 

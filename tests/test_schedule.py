@@ -14,10 +14,8 @@ import sys
 import unittest
 
 from iotstack_backup import schedule
-from tests.support import IsolatedCase
+from tests.support import BACKUP_PY, IsolatedCase
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_PY = os.path.join(REPO, "backup.py")
 IS_ROOT = os.geteuid() == 0
 CRONTAB = shutil.which("crontab")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"

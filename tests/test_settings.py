@@ -10,7 +10,8 @@ import unittest
 
 from iotstack_backup import iotstack, restore, run
 from tests.stacktree import diff_snapshots, snapshot
-from tests.test_backup import USER_ARGS, StackTestCase, read_log, run_main
+from tests.support import USER_ARGS
+from tests.test_backup import StackTestCase, read_log, run_main
 
 
 class RetentionDecisionTest(unittest.TestCase):

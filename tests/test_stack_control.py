@@ -24,13 +24,9 @@ from unittest import mock
 from iotstack_backup import backup, docker_compose, restore
 from tests import engine as E
 from tests import real_stack
-from tests.support import IsolatedCase
+from tests.support import BACKUP_PY, RESTORE_PY, USER_ARGS, IsolatedCase
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKUP_PY = os.path.join(REPO, "backup.py")
-RESTORE_PY = os.path.join(REPO, "restore.py")
 IS_ROOT = os.geteuid() == 0
-USER_ARGS = ["root"] if IS_ROOT else []
 GRACE = 2  # seconds `slow` takes to stop
 SLOW = {"slow": {"trap": False, "stop_grace_period": "%ds" % GRACE}, "fast": {}}
 

@@ -26,9 +26,8 @@ import unittest
 from iotstack_backup import run
 from tests import engine as E
 from tests import real_stack
-from tests.support import IsolatedCase, write
+from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, write
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -77,7 +76,7 @@ class SymlinkedStackCase(IsolatedCase):
 
     def backup(self, stack, *args, user="root"):
         """backup.py 1 --dir stack as root, or as pi with the docker group."""
-        argv = [os.path.join(REPO, "backup.py"), "1", "--dir", stack] + list(args)
+        argv = [BACKUP_PY, "1", "--dir", stack] + list(args)
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         env.pop("SUDO_USER", None)
         kwargs = {}
@@ -163,7 +162,7 @@ class SymlinkTest(SymlinkedStackCase):
         for stack in (self.real, self.link):
             with self.subTest(stack=stack):
                 out = subprocess.run(
-                    [sys.executable, os.path.join(REPO, "restore.py"), archive, "--dir", stack,
+                    [sys.executable, RESTORE_PY, archive, "--dir", stack,
                      "--only", "volumes/other", "--dry-run"], stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                     timeout=120)
