@@ -39,6 +39,8 @@ What it exposes for the log and the summary: `running`, `left_alone`
 `missing` [(service, what to do)], `outstanding` (stopped, not started),
 `downtime()` {service: seconds from the stop's start to the start's end}.
 """
+from __future__ import annotations
+
 import contextlib
 import datetime
 import json
@@ -48,10 +50,28 @@ import shutil
 import subprocess
 import tempfile
 import time
+from typing import TYPE_CHECKING, cast
 
 from . import run
 from .iotstack import write_json_atomically
 from .stack_paths import same_folder
+
+if TYPE_CHECKING:
+    from typing import (Any, Collection, Dict, Iterable, List, Literal, Mapping, Optional,
+                        Sequence, Set, TextIO, Tuple, TypedDict)
+
+    from .iotstack import RunLog
+
+    # Any: docker's JSON (inspect, volume inspect) and a marker read back
+    # from disk, whose fields are read with .get and checked where used.
+    Json = Dict[str, Any]
+    # A named volume: (driver, options, mountpoint), as docker says.
+    VolumeInfo = Tuple[Optional[str], Optional[Dict[str, str]], str]
+
+    class StoppedEntry(TypedDict, total=False):
+        """A service in the marker: the containers stopped, and when."""
+        containers: List[str]
+        stopped_at: Optional[float]
 
 STOPPED_MARKER = ".tmp/iotstack-stopped-services.json"
 PROJECT_LABEL = "com.docker.compose.project"
@@ -75,20 +95,20 @@ class StackUnavailable(Exception):
     """docker or its daemon cannot be used: the message says why."""
 
 
-def _last_line(text):
+def _last_line(text: str) -> str:
     """The last line that says something: where docker puts the cause."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
 
 
-def _daemon_error(text):
+def _daemon_error(text: str) -> str:
     """Why docker failed: the daemon's own words when it gave them (`docker
     start` ends with a line that only names the container)."""
     said = [line.strip() for line in text.splitlines() if "Error response from daemon" in line]
     return said[0] if said else _last_line(text)
 
 
-def find_program(name, path=None):
+def find_program(name: str, path: Optional[str] = None) -> Optional[str]:
     """The program on PATH, else in the usual places, else None; always
     None with IOTSTACK_NO_DOCKER=1 (a stack without Docker, or a test that
     must not touch one, though the machine has it)."""
@@ -100,7 +120,8 @@ def find_program(name, path=None):
     return shutil.which(name, path=os.pathsep.join(USUAL_DIRS))
 
 
-def _run(argv, cwd=None, timeout=QUERY_TIMEOUT):
+def _run(argv: List[str], cwd: Optional[str] = None,
+         timeout: float = QUERY_TIMEOUT) -> Tuple[int, str, str]:
     """(returncode, stdout, stderr) as text.  In a session of its own, so
     that Ctrl-C or a closed terminal never interrupts docker half-way, and
     writing to files rather than pipes: if this process is killed (kill -9)
@@ -121,14 +142,14 @@ def _run(argv, cwd=None, timeout=QUERY_TIMEOUT):
         raise StackUnavailable("%s: %s" % (" ".join(argv[:2]), e)) from None
 
 
-def installed(environ=None):
+def installed(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Whether a docker command exists (on PATH or in the usual places)."""
     environ = os.environ if environ is None else environ
     return bool(find_program("docker", environ.get("PATH"))
                 or find_program("docker-compose", environ.get("PATH")))
 
 
-def compose_command(docker):
+def compose_command(docker: Optional[str]) -> List[str]:
     """["<docker>", "compose"] (v2) or ["<docker-compose>"] (v1), or StackUnavailable."""
     if docker:
         with contextlib.suppress(StackUnavailable):
@@ -140,7 +161,7 @@ def compose_command(docker):
     raise StackUnavailable("neither 'docker compose' nor 'docker-compose' was found")
 
 
-def dotenv_value(stack, key):
+def dotenv_value(stack: str, key: str) -> Optional[str]:
     """KEY's value in the stack's .env, as compose reads it, or None."""
     try:
         with open(os.path.join(stack, ".env"), encoding="utf-8", errors="replace") as f:
@@ -155,7 +176,7 @@ def dotenv_value(stack, key):
     return value
 
 
-def project_name_by_rules(stack, environ, v1=False):
+def project_name_by_rules(stack: str, environ: Mapping[str, str], v1: bool = False) -> str:
     """Compose's rules: COMPOSE_PROJECT_NAME (environment, then .env), else
     the folder's name, lowercased with what compose drops dropped."""
     name = (environ.get("COMPOSE_PROJECT_NAME") or dotenv_value(stack, "COMPOSE_PROJECT_NAME")
@@ -164,7 +185,7 @@ def project_name_by_rules(stack, environ, v1=False):
     return name if v1 else name.lstrip("-_")
 
 
-def docker_time(text):
+def docker_time(text: Optional[str]) -> Optional[float]:
     """Seconds since the epoch of docker's "2026-12-01T15:31:11.715982374Z"."""
     match = re.match(r"(\d+)-(\d+)-(\d+)T(\d+):(\d+):(\d+)(?:\.(\d+))?", text or "")
     if not match:
@@ -173,30 +194,32 @@ def docker_time(text):
     fraction = float("0." + match.group(7)) if match.group(7) else 0.0
     if parts[0] < 1970:
         return 0.0  # "0001-01-01T00:00:00Z": never
-    moment = datetime.datetime(*parts, tzinfo=datetime.timezone.utc)
+    # Six numbers (the regex's first six groups), which mypy cannot count in a list.
+    utc = datetime.timezone.utc
+    moment = datetime.datetime(*parts, tzinfo=utc)  # type: ignore[misc, arg-type]
     return moment.timestamp() + fraction
 
 
 class Container:
     """One container of the project, as `docker inspect` describes it."""
 
-    def __init__(self, info):
+    def __init__(self, info: Json) -> None:
         labels = info.get("Config", {}).get("Labels") or {}
         state = info.get("State") or {}
-        self.id = info.get("Id", "")
-        self.name = info.get("Name", "").lstrip("/")
-        self.service = labels.get(SERVICE_LABEL, "")
-        self.oneoff = labels.get(ONEOFF_LABEL, "").lower() == "true"
-        self.working_dir = labels.get(WORKDIR_LABEL)
-        self.made_by_v1 = labels.get(VERSION_LABEL, "").startswith("1.")
-        self.state = state.get("Status", "unknown")
+        self.id: str = info.get("Id", "")
+        self.name: str = info.get("Name", "").lstrip("/")
+        self.service: str = labels.get(SERVICE_LABEL, "")
+        self.oneoff: bool = labels.get(ONEOFF_LABEL, "").lower() == "true"
+        self.working_dir: Optional[str] = labels.get(WORKDIR_LABEL)
+        self.made_by_v1: bool = labels.get(VERSION_LABEL, "").startswith("1.")
+        self.state: str = state.get("Status", "unknown")
         self.started_at = docker_time(state.get("StartedAt"))
-        self.project = labels.get(PROJECT_LABEL, "")
+        self.project: str = labels.get(PROJECT_LABEL, "")
         # What it may keep in the stack (bind mounts, named volumes) and whom
         # it needs (compose v2's label; None from v1, which writes none).
         self.mounts = [Mount(m) for m in info.get("Mounts") or ()
                        if m.get("Type") in ("bind", "volume")]
-        self.depends_on = labels.get(DEPENDS_LABEL)
+        self.depends_on: Optional[str] = labels.get(DEPENDS_LABEL)
 
 
 class Mount:
@@ -206,13 +229,13 @@ class Mount:
 
     __slots__ = ("kind", "source", "writable", "volume")
 
-    def __init__(self, info):
-        self.kind = info.get("Type")
-        self.source = info.get("Source") or ""
-        self.writable = info.get("RW", True) is not False
-        self.volume = info.get("Name") if self.kind == "volume" else None
+    def __init__(self, info: Json) -> None:
+        self.kind: Optional[str] = info.get("Type")
+        self.source: str = info.get("Source") or ""
+        self.writable: bool = info.get("RW", True) is not False
+        self.volume: Optional[str] = info.get("Name") if self.kind == "volume" else None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Mount(%s %s%s)" % (self.kind, self.volume or self.source,
                                    "" if self.writable else " ro")
 
@@ -220,41 +243,42 @@ class Mount:
 class Engine:
     """The docker CLI, the compose command and the project of one stack."""
 
-    def __init__(self, stack, environ=None):
+    def __init__(self, stack: str, environ: Optional[Mapping[str, str]] = None) -> None:
         environ = os.environ if environ is None else environ
         self.stack = stack
-        self.docker = find_program("docker", environ.get("PATH"))
-        self.compose = compose_command(self.docker)
+        docker = find_program("docker", environ.get("PATH"))
+        self.compose = compose_command(docker)
         self.v1 = len(self.compose) == 1
-        if not self.docker:
+        if not docker:
             raise StackUnavailable("no docker command (looked on PATH and in %s)"
                                    % ", ".join(USUAL_DIRS))
+        self.docker = docker
         self.project = self._project_name(environ)
 
     @property
-    def compose_words(self):
+    def compose_words(self) -> str:
         """How a user types our compose command: "docker compose" or "docker-compose"."""
         return "docker-compose" if self.v1 else "docker compose"
 
-    def follow_creator(self, containers):
+    def follow_creator(self, containers: Sequence[Container]) -> None:
         """Use compose v1 for containers v1 made, when it is here: v1 and v2
         name and find containers differently."""
         v1 = find_program("docker-compose", os.environ.get("PATH"))
         if v1 and not self.v1 and containers and all(c.made_by_v1 for c in containers):
             self.compose, self.v1 = [v1], True
 
-    def _project_name(self, environ):
+    def _project_name(self, environ: Mapping[str, str]) -> str:
         if not self.v1:
             # v2 knows its rules best (a `name:` in the file included).
             code, out, _err = _run(self.compose + ["config", "--format", "json"], cwd=self.stack)
             if code == 0:
                 with contextlib.suppress(ValueError, AttributeError):
-                    name = json.loads(out).get("name")
+                    name: Optional[str] = json.loads(out).get("name")
                     if name:
                         return name
         return project_name_by_rules(self.stack, environ, self.v1)
 
-    def containers(self, ids=None):
+    def containers(self, ids: Optional[Sequence[str]] = None) -> List[Container]:
         """The project's containers (one-off `run` ones aside), or those of ids
         that still exist.  StackUnavailable when the daemon does not answer."""
         if ids is None:
@@ -266,6 +290,7 @@ class Engine:
         if not ids:
             return []
         code, out, err = _run([self.docker, "inspect", "--type", "container"] + list(ids))
+        found: Optional[List[Container]]
         try:
             found = [Container(info) for info in json.loads(out or "[]")]
         except (ValueError, AttributeError):
@@ -274,7 +299,7 @@ class Engine:
             raise StackUnavailable(_last_line(err))
         return [c for c in found if not c.oneoff and c.service]
 
-    def volumes(self, names):
+    def volumes(self, names: Collection[str]) -> Dict[str, VolumeInfo]:
         """{name: (driver, options, mountpoint)} of named volumes, as `docker
         volume inspect` says; a volume it cannot describe is left out."""
         if not names:
@@ -284,10 +309,10 @@ class Engine:
             found = json.loads(out or "[]")
         except ValueError:
             return {}
-        return {v.get("Name"): (v.get("Driver"), v.get("Options"), v.get("Mountpoint") or "")
+        return {v["Name"]: (v.get("Driver"), v.get("Options"), v.get("Mountpoint") or "")
                 for v in found if isinstance(v, dict) and v.get("Name")}
 
-    def containers_by_folder(self, stack):
+    def containers_by_folder(self, stack: str) -> List[Container]:
         """Compose's containers (any project) made from this folder, by
         whatever path compose was run from: found when the project name of
         the rules finds none (compose started through a symlink whose name
@@ -299,17 +324,18 @@ class Engine:
         found = self.containers(out.split())
         return [c for c in found if c.working_dir and same_folder(c.working_dir, stack)]
 
-    def compose_run(self, *args, timeout=None):
+    def compose_run(self, *args: str, timeout: Optional[float] = None) -> Tuple[int, str, str]:
         return _run(self.compose + ["-p", self.project] + list(args), cwd=self.stack,
                     timeout=ACTION_TIMEOUT if timeout is None else timeout)
 
-    def services_in_file(self):
+    def services_in_file(self) -> Optional[Set[str]]:
         """The services the compose file names now, or None when compose cannot read it."""
         code, out, _err = self.compose_run("config", "--services", timeout=QUERY_TIMEOUT)
         return set(out.split()) if code == 0 else None
 
 
-def split_by_folder(containers, stack):
+def split_by_folder(containers: Sequence[Container], stack: str,
+                    ) -> Tuple[List[Container], List[Container]]:
     """(ours, foreign): containers compose made from this folder, by any
     path to it (or that do not say where from), and those made from another
     one."""
@@ -317,15 +343,15 @@ def split_by_folder(containers, stack):
     return ours, [c for c in containers if c not in ours]
 
 
-def by_service(containers):
+def by_service(containers: Iterable[Container]) -> Dict[str, List[Container]]:
     """{service: [Container]}."""
-    grouped = {}
+    grouped: Dict[str, List[Container]] = {}
     for container in containers:
         grouped.setdefault(container.service, []).append(container)
     return grouped
 
 
-def service_state(containers):
+def service_state(containers: Iterable[Container]) -> str:
     """"running" when one of the service's containers runs, else their states."""
     states = sorted({c.state for c in containers})
     return "running" if "running" in states else "/".join(states)
@@ -335,29 +361,33 @@ class ServiceWindow:
     """The services of one run: which ran, which this run stopped, and getting
     every one of those running again.  See the module's docstring."""
 
-    def __init__(self, stack, log, environ=None):
+    def __init__(self, stack: str, log: RunLog,
+                 environ: Optional[Mapping[str, str]] = None) -> None:
         self.stack = stack
         self.log = log
         self.marker = os.path.join(stack, STOPPED_MARKER)
-        self.unavailable = None
-        self.running = []
-        self.left_alone = []
-        self.stopped = []
-        self.started = []
-        self.failed = []
-        self.missing = []
-        self.start_notes = []  # starts that needed docker start (a compose call failed)
+        self.unavailable: Optional[str] = None
+        self.running: List[str] = []
+        self.left_alone: List[Tuple[str, str]] = []
+        self.stopped: List[str] = []
+        self.started: List[str] = []
+        self.failed: List[Tuple[str, str]] = []
+        self.missing: List[Tuple[str, str]] = []
+        self.start_notes: List[str] = []  # starts that needed docker start (a compose call failed)
         self._notes_logged = 0
         self.held = False   # hold(): close() starts nothing
-        self._record = {}   # service -> {"containers": [ids], "stopped_at": time}
-        self._down = {}     # service -> [monotonic stop begin, start end or None]
-        self._containers = {}
-        self._inherited = {}  # a killed run's entries not (yet) taken over
+        # service -> {"containers": [ids], "stopped_at": time}
+        self._record: Dict[str, StoppedEntry] = {}
+        # service -> [monotonic stop begin, start end or None]
+        self._down: Dict[str, List[Optional[float]]] = {}
+        self._containers: Dict[str, List[Container]] = {}
+        # A killed run's entries not (yet) taken over.
+        self._inherited: Dict[str, StoppedEntry] = {}
         # The services the compose file names, when the caller knows that
         # answer is still current (a restore that left the compose files
         # as they were): start() then need not ask compose while they are down.
-        self.compose_services = None
-        self.engine = None
+        self.compose_services: Optional[Collection[str]] = None
+        self.engine: Optional[Engine] = None
         if not installed(environ):
             # No docker command anywhere: no container can run from here.
             log.line("Docker is not installed (no docker command on PATH or in %s): no "
@@ -391,10 +421,11 @@ class ServiceWindow:
         if self.left_alone:
             log.line("Services left alone: %s" % describe(self.left_alone))
 
-    def _project_by_folder(self, log):
+    def _project_by_folder(self, log: RunLog) -> List[Container]:
         """The containers compose made from this folder under another project
         name (started through another path to it), the engine then naming
         that project; [] when there are none or they are of several."""
+        assert self.engine is not None  # asked only once the engine answered
         try:
             found = self.engine.containers_by_folder(self.stack)
         except StackUnavailable:
@@ -407,35 +438,36 @@ class ServiceWindow:
                                                                    self.engine.project))
             return []
         log.line("Compose project %s: its containers were made from this folder through %s"
-                 % (projects[0], sorted({c.working_dir for c in found})[0]))
+                 % (projects[0], sorted({c.working_dir or "" for c in found})[0]))
         self.engine.project = projects[0]
         return found
 
     @property
-    def compose_words(self):
+    def compose_words(self) -> str:
         return self.engine.compose_words if self.engine else "docker compose"
 
     @property
-    def outstanding(self):
+    def outstanding(self) -> List[str]:
         """Stopped by this run and not started again, in the order stopped."""
         return [name for name in self.stopped if name in self._record]
 
-    def running_containers(self):
+    def running_containers(self) -> List[Container]:
         """The containers of the running services, as found at the start."""
         return [c for name in self.running for c in self._containers.get(name, [])
                 if c.state == "running"]
 
-    def container_names(self, services):
+    def container_names(self, services: Iterable[str]) -> List[str]:
         """The names of these services' containers (as found at the start)."""
         return [c.name for name in services for c in self._containers.get(name, [])]
 
-    def downtime(self):
+    def downtime(self) -> Dict[str, float]:
         """{service: seconds down} for every service this run stopped (so far)."""
         now = time.monotonic()
-        return {name: (end if end is not None else now) - begin
+        # The begin is always set (stop, adopt); only the end may be None.
+        return {name: (end if end is not None else now) - cast(float, begin)
                 for name, (begin, end) in self._down.items()}
 
-    def stop(self, services):
+    def stop(self, services: Iterable[str]) -> None:
         """Stop these services (those among `running`, not stopped yet) in one
         compose call.  The marker names them before the call; a signal waits
         until the call is over.  Raises StackUnavailable naming those still
@@ -464,11 +496,11 @@ class ServiceWindow:
             reason = _last_line(err) if code != 0 else "still running after stop"
             raise StackUnavailable("could not stop %s: %s" % (", ".join(still), reason))
 
-    def _running_ids(self, name):
+    def _running_ids(self, name: str) -> List[str]:
         """The ids of the service's containers that ran when the window was made."""
         return [c.id for c in self._containers[name] if c.state == "running"]
 
-    def _still_running(self, group):
+    def _still_running(self, group: Sequence[str]) -> Optional[List[str]]:
         """Which of group run now, or None when docker does not answer."""
         try:
             now = self._ours()
@@ -476,7 +508,7 @@ class ServiceWindow:
             return None
         return [s for s in group if service_state(now.get(s, [])) == "running"]
 
-    def start(self, services):
+    def start(self, services: Collection[str]) -> None:
         """Start again those of services this run stopped.  Each ends up in
         `started`, `failed` (with the reason) or `missing` (with what to do);
         the marker keeps only the failed ones.  Never raises for docker's
@@ -498,7 +530,7 @@ class ServiceWindow:
             self._write_marker()
         self._log_start(present, absent)
 
-    def _settle(self, names, errors):
+    def _settle(self, names: Iterable[str], errors: Mapping[str, str]) -> None:
         """Each of names, started: in `started`, else in `failed` (once, with
         errors' reason, or its state)."""
         now = self._states()
@@ -511,13 +543,14 @@ class ServiceWindow:
             else:
                 self.failed.append((name, errors.get(name) or describe_exit(now.get(name))))
 
-    def _services_in_file(self):
+    def _services_in_file(self) -> Optional[Set[str]]:
+        assert self.engine is not None  # start() asks only with an engine
         try:
             return self.engine.services_in_file()
         except StackUnavailable:
             return None
 
-    def _start_each(self, names):
+    def _start_each(self, names: Sequence[str]) -> Dict[str, str]:
         """One compose call for the services not failed yet (bounded by
         START_TIMEOUT: compose waits for dependencies' health checks); each
         one still not running then gets `docker start` of the containers
@@ -525,6 +558,7 @@ class ServiceWindow:
         never holds back another.  Returns {service: the error docker gave}."""
         if not names:
             return {}
+        assert self.engine is not None  # start() asks only with an engine
         failed = {name for name, _why in self.failed}
         first = [name for name in names if name not in failed]
         if first:
@@ -540,7 +574,7 @@ class ServiceWindow:
                                         "with docker start" % (self.compose_words,
                                                                " ".join(first), e))
         now = self._states()
-        errors = {}
+        errors: Dict[str, str] = {}
         for name in names:
             if now.get(name) != "running":
                 error = self._docker_start(name)
@@ -548,9 +582,10 @@ class ServiceWindow:
                     errors[name] = error
         return errors
 
-    def _docker_start(self, name):
+    def _docker_start(self, name: str) -> Optional[str]:
         """`docker start` of the service's containers this run stopped; the
         error docker gave, or None."""
+        assert self.engine is not None  # start() asks only with an engine
         ids = self._record.get(name, {}).get("containers") or [
             c.id for c in self._containers.get(name, [])]
         if not ids:
@@ -561,24 +596,25 @@ class ServiceWindow:
             return str(e)
         return _daemon_error(err) if code != 0 else None
 
-    def _ours(self):
+    def _ours(self) -> Dict[str, List[Container]]:
         """{service: [Container]} of this folder's containers, now."""
+        assert self.engine is not None  # stop() and start() ask only with an engine
         return by_service(split_by_folder(self.engine.containers(), self.stack)[0])
 
-    def _states(self):
+    def _states(self) -> Dict[str, str]:
         try:
             return {name: service_state(group) for name, group in self._ours().items()}
         except StackUnavailable:
             return {}
 
-    def _advice(self, name):
+    def _advice(self, name: str) -> str:
         containers = self._containers.get(name, [])
         names = " ".join(c.name for c in containers) or name
         return ("no longer in the compose file, so it stays stopped: start its old "
                 "container with 'docker start %s', or remove it with '%s up -d "
                 "--remove-orphans'" % (names, self.compose_words))
 
-    def _log_start(self, present, absent):
+    def _log_start(self, present: Collection[str], absent: Collection[str]) -> None:
         for note in self.start_notes[self._notes_logged:]:
             self.log.line("Warning: %s" % note)
         self._notes_logged = len(self.start_notes)
@@ -592,9 +628,10 @@ class ServiceWindow:
             if name in absent:
                 self.log.line("Warning: %s %s" % (name, advice))
 
-    def _write_marker(self):
+    def _write_marker(self) -> None:
         """The marker names what is stopped now (with what a killed run left
         and nobody could start yet); gone when nothing is."""
+        assert self.engine is not None  # written only by stop, start and adopt
         services = dict(self._inherited, **self._record)
         if services:
             write_json_atomically(self.marker, {"version": 2, "project": self.engine.project,
@@ -603,7 +640,7 @@ class ServiceWindow:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.marker)
 
-    def close(self):
+    def close(self) -> None:
         """Start everything this run stopped and has not started again
         (unless held)."""
         if self.held:
@@ -611,19 +648,21 @@ class ServiceWindow:
         with run.signals_deferred():
             self.start(self.outstanding)
 
-    def hold(self):
+    def hold(self) -> None:
         """Start nothing on close: the files under the services are not
         whole (a restore's journal is pending).  The record of what was
         stopped stays, so the run that finishes the swap (restore.py
         --recover) starts them."""
         self.held = True
 
-    def adopt(self, record):
+    def adopt(self, record: Json) -> Tuple[List[str], List[Tuple[str, str]]]:
         """Take over a killed run's marker: the services whose containers are
         still stopped since that run stopped them become this window's to start.
         Returns (due, gone): names, and (name, why) of those left alone."""
-        due, gone = [], []
+        due: List[str] = []
+        gone: List[Tuple[str, str]] = []
         self._inherited = {}
+        assert self.engine is not None  # see restart_left_stopped
         if isinstance(record.get("project"), str) and record["project"]:
             # The project it stopped, even if .env or the environment differ now.
             self.engine.project = record["project"]
@@ -646,15 +685,15 @@ class ServiceWindow:
         self._write_marker()
         return due, gone
 
-    def __enter__(self):
+    def __enter__(self) -> ServiceWindow:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
 
-def log_fields(log, window):
+def log_fields(log: RunLog, window: Optional[ServiceWindow]) -> None:
     """The log's Services fields: who was stopped, started, left alone, and
     how long each was down (window None: nothing was touched)."""
     stopped = window.stopped if window else []
@@ -662,21 +701,21 @@ def log_fields(log, window):
     log.field("Services Started", ", ".join(window.started if window else []) or "none")
     log.field("Services Left Alone", describe(window.left_alone)
               if window and window.left_alone else "none")
-    if stopped:
+    if stopped and window:  # (a window stopped them)
         log.field("Downtime (s)", downtimes(window))
 
 
-def downtimes(window):
+def downtimes(window: ServiceWindow) -> str:
     """"influxdb 3.2, nodered 3.1"."""
     return ", ".join("%s %.1f" % item for item in sorted(window.downtime().items()))
 
 
-def describe(pairs):
+def describe(pairs: Iterable[Tuple[str, str]]) -> str:
     """"a (paused), b (exited)"."""
     return ", ".join("%s (%s)" % pair for pair in pairs)
 
 
-def describe_failed(window):
+def describe_failed(window: ServiceWindow) -> str:
     """"app (why); to start it: docker start NAME" for each service the
     window could not start again: the command works once the cause is fixed."""
     return "; ".join("%s (%s); to start it: docker start %s"
@@ -684,11 +723,13 @@ def describe_failed(window):
                      for name, why in window.failed)
 
 
-def describe_exit(state):
+def describe_exit(state: Optional[str]) -> str:
     return "not running after start (%s)" % (state or "no container")
 
 
-def restart_left_stopped(stack, log, out=None, environ=None):
+def restart_left_stopped(stack: str, log: RunLog, out: Optional[TextIO] = None,
+                         environ: Optional[Mapping[str, str]] = None,
+                         ) -> Optional[ServiceWindow]:
     """Start what a killed run stopped and never started again (its marker
     says which containers, and when).  A container started by anyone since,
     removed or recreated is left as it is.  The marker stays until every
@@ -727,7 +768,7 @@ def restart_left_stopped(stack, log, out=None, environ=None):
     return window
 
 
-def read_record(marker):
+def read_record(marker: str) -> Optional[Json]:
     """The marker's content (a dict), {} when unreadable, None when absent."""
     try:
         with open(marker, encoding="utf-8") as f:
@@ -739,14 +780,14 @@ def read_record(marker):
     return record if isinstance(record, dict) else {}
 
 
-def entries(record):
+def entries(record: Optional[Json]) -> Dict[str, StoppedEntry]:
     services = record.get("services") if isinstance(record, dict) else None
     if isinstance(services, list):  # the first marker format: names only
         return {name: {} for name in services if isinstance(name, str)}
     return services if isinstance(services, dict) else {}
 
 
-def say(log, out, message):
+def say(log: RunLog, out: Optional[TextIO], message: str) -> None:
     log.line(message)
     if out is not None:
         out.write(message + "\n")
