@@ -51,9 +51,10 @@ def find_engine():
 
 
 def stack_services(stack):
-    """One idle service per volumes/<service> folder, and the writer."""
+    """One idle service per volumes/<service> folder, and the writer (whose
+    folder an earlier run on the same --tree leaves behind)."""
     names = sorted(name for name in os.listdir(os.path.join(stack, "volumes"))
-                   if os.path.isdir(os.path.join(stack, "volumes", name)))
+                   if os.path.isdir(os.path.join(stack, "volumes", name)) and name != "writer")
     return ([{"name": name, "volumes": ["./volumes/%s:/data" % name]} for name in names]
             + [{"name": "writer", "writer": True}])
 
