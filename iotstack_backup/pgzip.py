@@ -37,6 +37,8 @@ data that zlib could not verify: truncation, corruption (including CRC32 and
 length mismatches in the trailer) and trailing garbage each raise their own
 GzipError subclass.  Nothing here knows about IOTstack.
 """
+from __future__ import annotations
+
 import collections
 import concurrent.futures
 import errno
@@ -57,6 +59,51 @@ from .children import (
     read_child_status,
     write_all_fd,
 )
+
+# typing is read by the type checker only (the annotations are strings):
+# nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from concurrent.futures import Future
+    from typing import (
+        IO,
+        Any,
+        BinaryIO,
+        Callable,
+        Deque,
+        Dict,
+        Iterator,
+        List,
+        Optional,
+        Protocol,
+        Tuple,
+        Union,
+    )
+
+    Buffer = Union[bytes, bytearray, memoryview]
+
+    class Hash(Protocol):
+        """What block_digest asks of a hash: sha256's and blake2b's objects."""
+
+        def update(self, data: Buffer, /) -> None: ...
+
+        def digest(self) -> bytes: ...
+    # Where a block's compressed bytes lie in the output: (offset, length).
+    Place = Tuple[int, int]
+
+    class BinaryOutput(Protocol):
+        """What the writer writes to: a file, a BytesIO, the archive's sink."""
+
+        def write(self, data: Buffer, /) -> Optional[int]: ...
+
+    class FirstPassSource(Protocol):
+        """The output of a first pass, for BlockReuse: its bytes, and a
+        spool file for the blocks that differ."""
+
+        def read_back(self, offset: int, length: int) -> bytes: ...
+
+        def spool(self) -> IO[bytes]: ...
 
 # Each block pays a fixed price: the probe, a compressor's set-up and
 # flush, and hashing the 32 KiB dictionary it is primed with. At 256 KiB that
@@ -127,7 +174,7 @@ STOP_POLL_SECONDS = 0.05
 MAX_RECORDED_BLOCKS = 1 << 16
 
 
-def default_jobs():
+def default_jobs() -> int:
     """Return the number of CPUs this process may run on."""
     try:
         # Unlike os.cpu_count(), this honours CPU affinity (taskset, cgroups
@@ -140,7 +187,7 @@ def default_jobs():
 FEXTRA = 4  # the header's flag for an extra field (RFC 1952)
 
 
-def gzip_header(mtime, level, extra=b""):
+def gzip_header(mtime: int, level: int, extra: bytes = b"") -> bytes:
     """Return the header of a gzip member: 10 bytes, then, when extra (the
     extra field's subfields) is given, its length and it (FEXTRA).  Every
     gzip reader skips the extra field; with no header CRC, its bytes may be
@@ -158,12 +205,12 @@ def gzip_header(mtime, level, extra=b""):
     return header
 
 
-def gzip_trailer(crc, size):
+def gzip_trailer(crc: int, size: int) -> bytes:
     """Return the 8-byte trailer: CRC32 and length modulo 2**32."""
     return struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
 
 
-def probe_sample(block):
+def probe_sample(block: Buffer) -> bytes:
     """Return slices from the start, middle and end of block, joined."""
     length = len(block)
     if length <= PROBE_SLICE_SIZE * PROBE_SLICES:
@@ -173,7 +220,7 @@ def probe_sample(block):
     return b"".join(block[s:s + PROBE_SLICE_SIZE] for s in starts)
 
 
-def deflated_length(sample, level, strategy=zlib.Z_DEFAULT_STRATEGY):
+def deflated_length(sample: bytes, level: int, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> int:
     """Length of sample as raw deflate data (without the final flush's
     few bytes, which every encoding pays alike)."""
     compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
@@ -181,7 +228,7 @@ def deflated_length(sample, level, strategy=zlib.Z_DEFAULT_STRATEGY):
     return len(compressor.compress(sample)) + len(compressor.flush(zlib.Z_SYNC_FLUSH))
 
 
-def block_encoding(block, level):
+def block_encoding(block: Buffer, level: int) -> Tuple[int, int]:
     """The cheapest encoding of block that costs no real size: STORED when
     deflate cannot shrink it; else RUNS, FAST or `level` itself, whichever
     comes first in that order with a sample at most 1% larger than the
@@ -218,7 +265,7 @@ def block_encoding(block, level):
     return (level, zlib.Z_DEFAULT_STRATEGY)
 
 
-def stored_deflate(block, last):
+def stored_deflate(block: Buffer, last: bool) -> bytes:
     """Return block as stored (uncompressed) deflate blocks.
 
     Every block starts on a byte boundary (the one before it ended with a
@@ -227,7 +274,7 @@ def stored_deflate(block, last):
     """
     view = memoryview(block)
     length = len(view)
-    pieces = []
+    pieces: List[Buffer] = []
     start = 0
     while True:
         piece = view[start:start + MAX_STORED_LENGTH]
@@ -239,7 +286,7 @@ def stored_deflate(block, last):
             return b"".join(pieces)
 
 
-def compress_block(block, dictionary, level, last):
+def compress_block(block: Buffer, dictionary: bytes, level: int, last: bool) -> bytes:
     """Deflate one block into raw deflate data that can be concatenated.
 
     dictionary is the uncompressed data preceding block (up to 32 KiB); the
@@ -264,17 +311,17 @@ def compress_block(block, dictionary, level, last):
     return compressor.compress(block) + compressor.flush(flush_mode)
 
 
-def next_dictionary(dictionary, block):
+def next_dictionary(dictionary: bytes, block: Buffer) -> bytes:
     """Return the last 32 KiB of the stream after block has been appended."""
     if len(block) >= DICTIONARY_SIZE:
         return bytes(block[-DICTIONARY_SIZE:])
     return (dictionary + bytes(block))[-DICTIONARY_SIZE:]
 
 
-_block_hash = None
+_block_hash: Optional[Callable[[bytes], Hash]] = None
 
 
-def fastest_block_hash():
+def fastest_block_hash() -> Callable[[bytes], Hash]:
     """The constructor of whichever of sha256 and blake2b this CPU runs
     faster, chosen once per process: SHA instructions (most x86, a
     Raspberry Pi 5) make sha256 several times faster, and without them (a
@@ -283,17 +330,19 @@ def fastest_block_hash():
     global _block_hash
     if _block_hash is None:
         sample = bytes(range(256)) * 256  # 64 KiB
-        timings = []
+        timings: List[Tuple[float, Callable[[bytes], Hash]]] = []
         for constructor in (hashlib.sha256, hashlib.blake2b):
             start = time.perf_counter()
             for _ in range(4):
                 constructor(sample).digest()
             timings.append((time.perf_counter() - start, constructor))
-        _block_hash = min(timings, key=lambda pair: pair[0])[1]
+        fastest = min(timings, key=lambda pair: pair[0])[1]
+        _block_hash = fastest
+        return fastest
     return _block_hash
 
 
-def block_digest(dictionary, block):
+def block_digest(dictionary: bytes, block: Buffer) -> bytes:
     """What a block's compressed bytes depend on, as 16 bytes: the data
     before it that primes the compressor, and the block (their lengths
     first, so that no other split of the same bytes gives the same digest)."""
@@ -315,7 +364,7 @@ Encoded = collections.namedtuple("Encoded", "data size digest reused")
 Planned = collections.namedtuple("Planned", "place size block dictionary")
 
 
-def encode_plain(block, dictionary, level, last):
+def encode_plain(block: Buffer, dictionary: bytes, level: int, last: bool) -> Encoded:
     return Encoded(compress_block(block, dictionary, level, last), len(block), None, False)
 
 
@@ -334,43 +383,51 @@ class BlockReuse:
     file.  Methods named for the workers run there; the rest on the
     writer's thread."""
 
-    def __init__(self):
-        self.places = {}   # block_digest -> (offset, length) in the output
-        self.source = None  # set once reusing
-        self.plan = []      # (place, size, spooled offset) of each deferred block
+    def __init__(self) -> None:
+        self.places: Dict[bytes, Place] = {}   # block_digest -> (offset, length) in the output
+        self.source: Optional[FirstPassSource] = None  # set once reusing
+        # (place, size, where in the spool) of each deferred block, in order
+        self.plan: List[Tuple[Optional[Place], int, Optional[Tuple[int, int]]]] = []
         self.reused_blocks = self.reused_bytes = 0
         self.compressed_blocks = self.compressed_bytes = 0
-        self._spool = None
+        self._spool: Optional[IO[bytes]] = None
         self._spooled = 0
 
     # On the workers.
 
-    def encode_recorded(self, block, dictionary, level):
+    def encode_recorded(self, block: Buffer, dictionary: bytes, level: int) -> Encoded:
         return Encoded(compress_block(block, dictionary, level, False), len(block),
                        block_digest(dictionary, block), False)
 
-    def encode_reusing(self, block, dictionary, level):
+    def _first_pass(self) -> FirstPassSource:
+        if self.source is None:
+            raise ValueError("not reusing blocks: no first pass to read")
+        return self.source
+
+    def encode_reusing(self, block: Buffer, dictionary: bytes, level: int) -> Encoded:
         place = self.places.get(block_digest(dictionary, block))
         if place is not None:
-            data = self.source.read_back(*place)
+            data = self._first_pass().read_back(*place)
             if len(data) == place[1]:
                 return Encoded(data, len(block), None, True)
         return Encoded(compress_block(block, dictionary, level, False), len(block), None, False)
 
-    def look_up(self, block, dictionary):
+    def look_up(self, block: Buffer, dictionary: bytes) -> Planned:
         place = self.places.get(block_digest(dictionary, block))
         if place is not None:
             return Planned(place, len(block), None, None)
         return Planned(None, len(block), block, dictionary)
 
-    def copy(self, place, size):
-        data = self.source.read_back(*place)
+    def copy(self, place: Place, size: int) -> Encoded:
+        data = self._first_pass().read_back(*place)
         if len(data) != place[1]:
             raise OSError(errno.EIO, "the archive is shorter than what was written")
         return Encoded(data, size, None, True)
 
-    def compress_spooled(self, spooled, size, level):
+    def compress_spooled(self, spooled: Tuple[int, int], size: int, level: int) -> Encoded:
         offset, history = spooled
+        if self._spool is None:
+            raise ValueError("no spool to read a deferred block from")
         data = os.pread(self._spool.fileno(), history + size, offset)
         if len(data) != history + size:
             raise OSError(errno.EIO, "the spool of the blocks read again is short")
@@ -379,25 +436,25 @@ class BlockReuse:
 
     # On the writer's thread.
 
-    def plan_block(self, planned):
+    def plan_block(self, planned: Planned) -> None:
         """Note a looked-up block of a deferred second pass, in order."""
         if planned.place is not None:
             self.plan.append((planned.place, planned.size, None))
             return
         if self._spool is None:
-            self._spool = self.source.spool()
+            self._spool = self._first_pass().spool()
         fd = self._spool.fileno()
         write_all_fd(fd, planned.dictionary, "spooling a block read again")
         write_all_fd(fd, planned.block, "spooling a block read again")
         self.plan.append((None, planned.size, (self._spooled, len(planned.dictionary))))
         self._spooled += len(planned.dictionary) + planned.size
 
-    def close_spool(self):
+    def close_spool(self) -> None:
         spool, self._spool = self._spool, None
         if spool is not None:
             spool.close()
 
-    def emitted(self, encoded, offset):
+    def emitted(self, encoded: Encoded, offset: int) -> None:
         """A block went out at offset (its compressed data)."""
         if self.source is None:
             if encoded.digest is not None and len(self.places) < MAX_RECORDED_BLOCKS:
@@ -410,7 +467,7 @@ class BlockReuse:
             self.compressed_bytes += encoded.size
 
 
-def write_all(fileobj, data):
+def write_all(fileobj: BinaryOutput, data: Buffer) -> None:
     """Write data completely, also to raw files that may write partially."""
     view = memoryview(data)
     while view:
@@ -430,10 +487,10 @@ class Checkpoint:
 
     __slots__ = ("blocks", "crc", "size", "dictionary", "offset")
 
-    def __init__(self, blocks, crc, size, dictionary):
+    def __init__(self, blocks: int, crc: int, size: int, dictionary: bytes) -> None:
         self.blocks, self.crc, self.size = blocks, crc, size
         self.dictionary = dictionary
-        self.offset = None
+        self.offset: Optional[int] = None
 
 
 class ParallelGzipWriter:
@@ -447,8 +504,8 @@ class ParallelGzipWriter:
     later. After abort(), close() does nothing and the output is incomplete.
     """
 
-    def __init__(self, fileobj, level=6, jobs=None, block_size=DEFAULT_BLOCK_SIZE,
-                 mtime=0):
+    def __init__(self, fileobj: BinaryOutput, level: int = 6, jobs: Optional[int] = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, mtime: float = 0) -> None:
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
             raise ValueError("level must be an integer from 0 to 9, not %r" % (level,))
         if jobs is None:
@@ -472,29 +529,34 @@ class ParallelGzipWriter:
         self._dictionary = b""
         self._blocks_submitted = 0
         self._blocks_emitted = 0
-        self._unplaced = collections.deque()  # checkpoints whose offset is not known yet
-        self._in_flight = collections.deque()
+        # checkpoints whose offset is not known yet
+        self._unplaced: Deque[Checkpoint] = collections.deque()
+        # Each block's future: Encoded, or Planned in a deferred pass (Any:
+        # Future is invariant, and the workers' functions return one each).
+        self._in_flight: Deque[Future[Any]] = collections.deque()
         self._max_in_flight = 2 * jobs
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=jobs, thread_name_prefix="parallel-gzip")
         self._state = "open"
-        self._failure = None
-        self._reuse = None        # a BlockReuse while recording or reusing blocks
+        self._failure: Optional[BaseException] = None
+        # a BlockReuse while recording or reusing blocks
+        self._reuse: Optional[BlockReuse] = None
         self._deferring = False   # a second pass is only looked up (BlockReuse)
-        self._second_pass = None  # (base, start) while a second pass is written
+        # (base, start) while a second pass is written
+        self._second_pass: Optional[Tuple[int, int]] = None
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._state != "open"
 
-    def writable(self):
+    def writable(self) -> bool:
         return True
 
-    def tell(self):
+    def tell(self) -> int:
         """Return the uncompressed position, as gzip.GzipFile does."""
         return self._earlier + self.size
 
-    def write(self, data):
+    def write(self, data: Buffer) -> int:
         self._check_open()
         with memoryview(data) as view, view.cast("B") as octets:
             length = len(octets)
@@ -507,8 +569,8 @@ class ParallelGzipWriter:
                 raise
         return length
 
-    def close(self):
-        if self._state == "failed":
+    def close(self) -> None:
+        if self._state == "failed" and self._failure is not None:
             raise self._failure
         if self._state != "open":
             return
@@ -520,7 +582,7 @@ class ParallelGzipWriter:
         self._state = "closed"
         self._executor.shutdown(wait=True)
 
-    def _finish_member(self):
+    def _finish_member(self) -> None:
         """The buffered rest as the member's last block, every block in
         flight written, then the member's trailer (close and end_member)."""
         self._end_deferral()
@@ -530,14 +592,14 @@ class ParallelGzipWriter:
             self._emit_block(self._in_flight.popleft().result())
         self._emit(gzip_trailer(self.crc, self.size))
 
-    def set_extra(self, extra):
+    def set_extra(self, extra: bytes) -> None:
         """Give the header an extra field (gzip_header's extra): before the
         first byte goes out."""
         if self._header_written:
             raise ValueError("the gzip header is already written")
         self._header = gzip_header(self._mtime, self._level, extra)
 
-    def checkpoint(self):
+    def checkpoint(self) -> Checkpoint:
         """A Checkpoint at the current end of the stream; what is buffered
         goes out as a (short) block of its own, so the point is a block
         boundary.  Nothing waits for the workers."""
@@ -555,7 +617,7 @@ class ParallelGzipWriter:
         self._place_checkpoints()
         return checkpoint
 
-    def end_member(self):
+    def end_member(self) -> int:
         """End the member under way, if it holds anything, and return the
         offset where the next one will begin.  Waits for the blocks in
         flight; a checkpoint taken before cannot be rewound to after."""
@@ -574,7 +636,7 @@ class ParallelGzipWriter:
         self._member_offset = self.compressed_size
         return self.compressed_size
 
-    def moved_to(self, offset):
+    def moved_to(self, offset: int) -> None:
         """Right after end_member(), or after second_pass() at a block
         boundary (drain()): the output was rearranged and writing goes on at
         offset (the caller has put its file position there; a second pass
@@ -593,7 +655,7 @@ class ParallelGzipWriter:
             raise ValueError("moved_to() is only valid at the end of a member")
         self.compressed_size = self._member_offset = offset
 
-    def cut_block(self):
+    def cut_block(self) -> None:
         """End the block under way here (a large file's data begins), so
         that what follows lines up the same in a second pass even where the
         data before it grew or shrank."""
@@ -606,7 +668,7 @@ class ParallelGzipWriter:
             self._fail(error)
             raise
 
-    def drain(self):
+    def drain(self) -> int:
         """Every byte written so far out as compressed output: a deferred
         second pass written out, the block under way cut, every block in
         flight written.  Returns the output's length."""
@@ -620,12 +682,12 @@ class ParallelGzipWriter:
             raise
         return self.compressed_size
 
-    def record_blocks(self):
+    def record_blocks(self) -> None:
         """From here on, remember each block compressed (BlockReuse)."""
         self._check_open()
         self._reuse = BlockReuse()
 
-    def reuse_blocks(self, source):
+    def reuse_blocks(self, source: FirstPassSource) -> None:
         """From here on (a new member, or a second pass), copy the
         compressed bytes of every block recorded since record_blocks() whose
         digest comes again instead of compressing it, deferred: nothing is
@@ -637,7 +699,7 @@ class ParallelGzipWriter:
         self._reuse.source = source
         self._deferring = True
 
-    def forget_blocks(self):
+    def forget_blocks(self) -> Optional[BlockReuse]:
         """Stop recording or reusing (a deferred pass is written out first);
         return the BlockReuse (its counts), if any."""
         self._check_open()
@@ -649,7 +711,7 @@ class ParallelGzipWriter:
         reuse, self._reuse = self._reuse, None
         return reuse
 
-    def second_pass(self, checkpoint, source):
+    def second_pass(self, checkpoint: Checkpoint, source: FirstPassSource) -> Tuple[int, int]:
         """Go back to checkpoint to write the stretch after it again, keeping
         the first pass in the output and reusing its blocks (reuse_blocks):
         writing goes on after it.  Returns (base, start): the first pass lies
@@ -659,18 +721,21 @@ class ParallelGzipWriter:
         if checkpoint.offset is not None and checkpoint.offset < self._member_offset:
             raise ValueError("cannot go back to a checkpoint before the member under way")
         self.reuse_blocks(source)
+        base = checkpoint.offset
+        if base is None:  # reuse_blocks() wrote every block out: never so
+            raise ValueError("the checkpoint was never written out")
         start = self.compressed_size
         self._unplaced.clear()
         self._blocks_submitted = self._blocks_emitted = checkpoint.blocks
         self.crc, self.size = checkpoint.crc, checkpoint.size
         self._dictionary = checkpoint.dictionary
-        self._header_written = checkpoint.offset > self._member_offset
+        self._header_written = base > self._member_offset
         if not self._header_written:
             self._member_offset = start  # the second pass writes the header again
-        self._second_pass = (checkpoint.offset, start)
-        return self._second_pass
+        self._second_pass = (base, start)
+        return base, start
 
-    def rewind(self, checkpoint):
+    def rewind(self, checkpoint: Checkpoint) -> int:
         """Forget everything written after checkpoint; return the length
         the output file must be cut back to (its offset), after which
         writing goes on from there."""
@@ -688,8 +753,9 @@ class ParallelGzipWriter:
         self._in_flight.clear()
         if self._deferring:  # a deferred pass taken back: nothing of it is written
             self._deferring = False
-            self._reuse.plan = []
-            self._reuse.close_spool()
+            reuse = self._blocks()
+            reuse.plan = []
+            reuse.close_spool()
         self._unplaced.clear()
         self._buffer = bytearray()
         self._blocks_submitted = self._blocks_emitted = checkpoint.blocks
@@ -699,29 +765,29 @@ class ParallelGzipWriter:
         self._header_written = checkpoint.offset > self._member_offset
         return checkpoint.offset
 
-    def abort(self):
+    def abort(self) -> None:
         if self._state in ("closed", "aborted"):
             return
         self._state = "aborted"
         self._stop_workers()
 
-    def __enter__(self):
+    def __enter__(self) -> ParallelGzipWriter:
         return self
 
-    def __exit__(self, exc_type, exc_value, traceback):
+    def __exit__(self, exc_type: Optional[type], exc_value: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
         if exc_type is None:
             self.close()
         else:
             self.abort()
-        return False
 
-    def _check_open(self):
-        if self._state == "failed":
+    def _check_open(self) -> None:
+        if self._state == "failed" and self._failure is not None:
             raise self._failure
         if self._state != "open":
             raise ValueError("write to a %s ParallelGzipWriter" % self._state)
 
-    def _accept(self, octets):
+    def _accept(self, octets: memoryview) -> None:
         self.crc = zlib.crc32(octets, self.crc)
         self.size += len(octets)
         room = self._block_size - len(self._buffer)
@@ -740,13 +806,14 @@ class ParallelGzipWriter:
             position = end
         self._buffer += octets[position:]
 
-    def _submit(self, block, last):
+    def _submit(self, block: Buffer, last: bool) -> None:
         if isinstance(block, memoryview):
             # The caller may reuse its buffer once write() returns.
             block = bytes(block)
         dictionary = self._dictionary
         self._dictionary = next_dictionary(dictionary, block)
         reuse = self._reuse
+        future: Future[Any]
         if last or reuse is None:
             future = self._executor.submit(encode_plain, block, dictionary, self._level, last)
         elif reuse.source is None:
@@ -759,13 +826,13 @@ class ParallelGzipWriter:
         self._blocks_submitted += 1
         self._collect()
 
-    def _collect(self):
+    def _collect(self) -> None:
         """Write finished blocks in order; wait while the pipeline is full."""
         in_flight = self._in_flight
         while in_flight and (len(in_flight) > self._max_in_flight or in_flight[0].done()):
             self._emit_block(in_flight.popleft().result())
 
-    def _end_deferral(self):
+    def _end_deferral(self) -> None:
         """Write out a deferred second pass: every block looked up so far
         planned, then the plan in order, copied or compressed on the
         workers."""
@@ -774,23 +841,31 @@ class ParallelGzipWriter:
         while self._in_flight:
             self._emit_block(self._in_flight.popleft().result())
         self._deferring = False
-        reuse = self._reuse
+        reuse = self._blocks()
         plan, reuse.plan = reuse.plan, []
         for place, size, spooled in plan:
+            future: Future[Encoded]
             if place is not None:
                 future = self._executor.submit(reuse.copy, place, size)
-            else:
+            elif spooled is not None:
                 future = self._executor.submit(reuse.compress_spooled, spooled, size,
                                                self._level)
+            else:
+                raise ValueError("a deferred block neither copied nor spooled")
             self._in_flight.append(future)
             self._collect()
         while self._in_flight:
             self._emit_block(self._in_flight.popleft().result())
         reuse.close_spool()
 
-    def _emit_block(self, encoded):
+    def _blocks(self) -> BlockReuse:
+        if self._reuse is None:
+            raise ValueError("no blocks recorded (record_blocks())")
+        return self._reuse
+
+    def _emit_block(self, encoded: Union[Encoded, Planned]) -> None:
         if isinstance(encoded, Planned):
-            self._reuse.plan_block(encoded)  # a deferred pass: written out later
+            self._blocks().plan_block(encoded)  # a deferred pass: written out later
             return
         offset = self._emit(encoded.data)
         self._blocks_emitted += 1
@@ -799,11 +874,11 @@ class ParallelGzipWriter:
         if self._unplaced:
             self._place_checkpoints()
 
-    def _place_checkpoints(self):
+    def _place_checkpoints(self) -> None:
         while self._unplaced and self._unplaced[0].blocks <= self._blocks_emitted:
             self._unplaced.popleft().offset = self.compressed_size
 
-    def _emit(self, data):
+    def _emit(self, data: bytes) -> int:
         """Write data (after the member's header, if not written yet);
         return the offset it begins at."""
         if not self._header_written:
@@ -815,13 +890,13 @@ class ParallelGzipWriter:
         self.compressed_size += len(data)
         return offset
 
-    def _fail(self, error):
+    def _fail(self, error: BaseException) -> None:
         if self._state == "open":
             self._state = "failed"
             self._failure = error
         self._stop_workers()
 
-    def _stop_workers(self):
+    def _stop_workers(self) -> None:
         self._buffer = bytearray()
         if self._reuse is not None:
             self._reuse.close_spool()
@@ -853,7 +928,7 @@ class CorruptGzipError(GzipError):
     """Invalid deflate data, a CRC32 or length mismatch, or trailing garbage."""
 
 
-def corrupt_gzip_error(error):
+def corrupt_gzip_error(error: zlib.error) -> CorruptGzipError:
     """Translate a zlib.error raised while decompressing into a GzipError."""
     message = str(error)
     detail = message.split(": ", 1)[-1]
@@ -866,7 +941,7 @@ def corrupt_gzip_error(error):
     return CorruptGzipError("invalid compressed data: %s" % detail)
 
 
-def gunzip_chunks(read, chunk_size):
+def gunzip_chunks(read: Callable[[int], bytes], chunk_size: int) -> Iterator[bytes]:
     """Yield the decompressed contents of all gzip members read() returns.
 
     read(n) returns up to n bytes of compressed data, b"" at the end.
@@ -918,7 +993,7 @@ def gunzip_chunks(read, chunk_size):
             data = decompressor.unconsumed_tail
 
 
-def iter_gunzip(fileobj, chunk_size=256 * 1024):
+def iter_gunzip(fileobj: BinaryIO, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
     """Yield decompressed bytes chunks; raise a GzipError subclass on any problem.
 
     A regular file is decompressed by a child process (gunzip_file_in_child);
@@ -931,7 +1006,7 @@ def iter_gunzip(fileobj, chunk_size=256 * 1024):
     yield from gunzip_chunks(fileobj.read, chunk_size)
 
 
-def _is_regular_file(fileobj):
+def _is_regular_file(fileobj: BinaryIO) -> bool:
     try:
         return stat.S_ISREG(os.fstat(fileobj.fileno()).st_mode)
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
@@ -944,7 +1019,7 @@ _CHILD_ERRORS = {cls.__name__: cls for cls in (
     GzipError, NotGzipError, EmptyArchiveError, TruncatedGzipError, CorruptGzipError)}
 
 
-def _raise_child_status(status):
+def _raise_child_status(status: bytes) -> None:
     if status != b"ok":
         raise child_failure(
             status, _CHILD_ERRORS,
@@ -952,7 +1027,7 @@ def _raise_child_status(status):
             unfinished=lambda: GzipError("decompression process ended without finishing"))
 
 
-def gunzip_file_in_child(fileobj, chunk_size=256 * 1024):
+def gunzip_file_in_child(fileobj: BinaryIO, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
     """Yield the decompressed contents of a regular gzip file, decompressed
     in a forked child process that writes them to a pipe, as `tar -xz`
     leaves decompression to gzip.
@@ -971,10 +1046,10 @@ def gunzip_file_in_child(fileobj, chunk_size=256 * 1024):
     start = fileobj.tell()
     source = fileobj.fileno()
 
-    def decompress(data_write, _status):
+    def decompress(data_write: int, _status: int) -> None:
         position = [start]
 
-        def read(size):
+        def read(size: int) -> bytes:
             data = os.pread(source, size, position[0])
             position[0] += len(data)
             return data

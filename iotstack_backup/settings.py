@@ -168,8 +168,7 @@ SETTINGS: Dict[str, Setting] = {
     "notify-mqtt": ("notify_mqtt", mqtt_url, False, None),
     "no-mqtt-discovery": ("no_mqtt_discovery", boolean, False, False),
     "level": ("level", gzip_level, False, 6),
-    # pgzip.py is not annotated yet (and not this change's to edit).
-    "jobs": ("jobs", jobs_count, False, pgzip.default_jobs()),  # type: ignore[no-untyped-call]
+    "jobs": ("jobs", jobs_count, False, pgzip.default_jobs()),
 }
 
 

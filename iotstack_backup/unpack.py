@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 def open_archive_chunks(fileobj: BinaryIO) -> Iterator[bytes]:
     """Decompressed chunks of a .tar.gz, with gzip problems as ArchiveError."""
     try:
-        # pgzip.py is not annotated yet (and not this change's to edit).
-        yield from iter_gunzip(fileobj)  # type: ignore[no-untyped-call]
+        yield from iter_gunzip(fileobj)
     except GzipError as e:
         raise ArchiveError(str(e)) from None
 
