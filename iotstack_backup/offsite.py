@@ -21,6 +21,8 @@ nothing outside TARGET/host.  ssh is whatever `ssh` is first on PATH, set up
 (ports, keys, host aliases) in ~/.ssh/config; the rsync method runs nothing
 but rsync on the far side, so keys restricted to rsync (rrsync) work.
 """
+from __future__ import annotations
+
 import calendar
 import hashlib
 import json
@@ -36,6 +38,17 @@ import time
 import zlib
 
 from .iotstack import ARCHIVE_MODE, fsync_dir
+
+# typing is only read by the type checker (as in children.py): the
+# annotations are strings, so nothing of it is imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+    # {rel_name: (size, mtime)} of the files a listing found.
+    Entries = Dict[str, Tuple[int, float]]
+    # Any: an item of rclone lsjson's JSON, read with .get and defaults.
+    Json = Dict[str, Any]
 
 METHODS = ("rclone", "rsync", "scp")
 
@@ -81,7 +94,8 @@ class Destination:
     method: str
     target: str
 
-    def __init__(self, method, target, spec=None, remote=None, path=None):
+    def __init__(self, method: str, target: str, spec: Optional[str] = None,
+                 remote: Optional[str] = None, path: Optional[str] = None) -> None:
         self.method = method
         self.target = target
         self.remote = remote
@@ -96,13 +110,13 @@ class Destination:
             return "rclone:" + redact.rclone_target(self.target)
         return self._spec
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Destination(%r)" % str(self)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Destination) and self._spec == other._spec
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self._spec)
 
 
@@ -135,7 +149,7 @@ def parse_destination(spec: str) -> Destination:
     return {"rclone": _parse_rclone, "rsync": _parse_rsync, "scp": _parse_scp}[method](spec, target)
 
 
-def _parse_rclone(spec, target):
+def _parse_rclone(spec: str, target: str) -> Destination:
     needs = "rclone needs REMOTE:PATH (a remote from `rclone config`, or :BACKEND:PATH such as :local:/mnt/x)"
     if target.startswith(":"):
         backend, colon, _ = target[1:].partition(":")
@@ -151,7 +165,7 @@ def _parse_rclone(spec, target):
     return Destination("rclone", target, spec)
 
 
-def _parse_rsync(spec, target):
+def _parse_rsync(spec: str, target: str) -> Destination:
     if target.startswith("rsync://") or re.match(r"^[^/]*::", target):
         raise ValueError("%r: rsync daemon destinations (HOST::MODULE, rsync://) are not supported; "
                          "use rsync:[USER@]HOST:PATH over ssh" % spec)
@@ -164,7 +178,7 @@ def _parse_rsync(spec, target):
     return Destination("rsync", target, spec, remote, path)
 
 
-def _parse_scp(spec, target):
+def _parse_scp(spec: str, target: str) -> Destination:
     split = _split_ssh_target(spec, target)
     if split is None:
         raise ValueError("%r: scp needs USER@HOST:PATH (for a local folder use rsync:PATH)" % spec)
@@ -175,7 +189,7 @@ def _parse_scp(spec, target):
     return Destination("scp", target, spec, remote, path)
 
 
-def _split_ssh_target(spec, target):
+def _split_ssh_target(spec: str, target: str) -> Optional[Tuple[str, str]]:
     """"[USER@]HOST:PATH" -> (remote, path); None for a local path.
 
     As rsync and scp decide it: remote when a colon comes before any slash
@@ -203,12 +217,12 @@ def _split_ssh_target(spec, target):
     return remote, path
 
 
-def _check_host(host):
+def _check_host(host: object) -> None:
     if not isinstance(host, str) or not HOST_NAME_RE.match(host):
         raise ValueError("%r is not a usable host name (letters, digits, '.', '_', '-')" % (host,))
 
 
-def _check_rel_name(rel_name):
+def _check_rel_name(rel_name: object) -> None:
     """Refuse anything that could name a file outside TARGET/host or a non-backup."""
     if not isinstance(rel_name, str) or not rel_name:
         raise ValueError("empty backup name")
@@ -228,11 +242,11 @@ def _check_rel_name(rel_name):
 # Running the tools
 
 class _Result:
-    def __init__(self, returncode, stdout, stderr):
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def _run(dest, argv, timeout, action):
+def _run(dest: Destination, argv: List[str], timeout: float, action: str) -> _Result:
     """Run argv with no stdin; a missing tool or a timeout is a CopyError.
 
     The child gets its own session so that on a timeout or an interrupt the
@@ -260,14 +274,14 @@ def _run(dest, argv, timeout, action):
     return _Result(proc.returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"))
 
 
-def _run_ok(dest, argv, timeout, action):
+def _run_ok(dest: Destination, argv: List[str], timeout: float, action: str) -> _Result:
     result = _run(dest, argv, timeout, action)
     if result.returncode != 0:
         raise _failure(dest, action, result)
     return result
 
 
-def _kill_group(proc):
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
@@ -275,7 +289,7 @@ def _kill_group(proc):
     proc.communicate()
 
 
-def _duration(seconds):
+def _duration(seconds: float) -> str:
     return "%d hours" % (seconds // 3600) if seconds >= 3600 else "%d seconds" % seconds
 
 
@@ -287,7 +301,7 @@ NOISE_RE = re.compile(r"^(rsync error: |rsync: connection unexpectedly closed|"
                       r"NOTICE: Config file .* not found|Config file .* not found - using defaults)")
 
 
-def _cause(result):
+def _cause(result: _Result) -> str:
     """The tool's last meaningful stderr line."""
     lines = [RCLONE_STAMP_RE.sub("", line.strip()) for line in result.stderr.splitlines()]
     lines = [line for line in lines if line]
@@ -299,7 +313,7 @@ def _cause(result):
     return "exit status %d" % result.returncode
 
 
-def _failure(dest, action, result):
+def _failure(dest: Destination, action: str, result: _Result) -> CopyError:
     text = "%s: %s failed: %s" % (dest, action, _cause(result))
     if dest.method == "rclone":  # the action names remote paths: no secret of a connection string
         from . import redact
@@ -307,14 +321,14 @@ def _failure(dest, action, result):
     return CopyError(_one_line(text))
 
 
-def _one_line(text):
+def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
 # ---------------------------------------------------------------------------
 # Paths
 
-def _join(base, *parts):
+def _join(base: Optional[str], *parts: str) -> str:
     """Join remote path parts with "/"; an empty base means relative (home)."""
     tail = "/".join(part for part in parts if part)
     if not base:
@@ -324,21 +338,21 @@ def _join(base, *parts):
     return base.rstrip("/") + "/" + tail if base.rstrip("/") else "/" + tail
 
 
-def _as_dir(path):
+def _as_dir(path: str) -> str:
     return path if path.endswith("/") else path + "/"
 
 
-def _partial_name(rel_name):
+def _partial_name(rel_name: str) -> str:
     folder, name = _split_rel(rel_name)
     return _join_rel(folder, "." + name + PARTIAL_SUFFIX)
 
 
-def _split_rel(rel_name):
+def _split_rel(rel_name: str) -> Tuple[str, str]:
     folder, _, name = rel_name.rpartition("/")
     return folder, name
 
 
-def _join_rel(folder, name):
+def _join_rel(folder: str, name: str) -> str:
     return folder + "/" + name if folder else name
 
 
@@ -463,7 +477,7 @@ def download(dest: Destination, host: str, rel_name: str, local_path: str) -> No
         raise
 
 
-def _is_backup_entry(rel_name):
+def _is_backup_entry(rel_name: str) -> bool:
     folder, name = _split_rel(rel_name)
     return (folder in BACKUP_FOLDERS and name.endswith((".tar.gz", ".tar.gz.gpg"))
             and not name.startswith("."))
@@ -472,7 +486,7 @@ def _is_backup_entry(rel_name):
 # ---------------------------------------------------------------------------
 # Local files
 
-def _fsync_file(path):
+def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -480,18 +494,18 @@ def _fsync_file(path):
         os.close(fd)
 
 
-def _remove_quietly(path):
+def _remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def _file_size(path):
+def _file_size(path: str) -> int:
     return os.stat(path).st_size
 
 
-def _dropbox_hash(f):
+def _dropbox_hash(f: IO[bytes]) -> str:
     # Dropbox's content hash: sha256 over the sha256 of each 4 MiB block.
     blocks = hashlib.sha256()
     for block in iter(lambda: f.read(4 * 1024 * 1024), b""):
@@ -499,15 +513,15 @@ def _dropbox_hash(f):
     return blocks.hexdigest()
 
 
-def _crc32(f):
+def _crc32(f: IO[bytes]) -> str:
     crc = 0
     for chunk in iter(lambda: f.read(1024 * 1024), b""):
         crc = zlib.crc32(chunk, crc)
     return "%08x" % crc
 
 
-def _hashlib_hash(name):
-    def compute(f):
+def _hashlib_hash(name: str) -> Callable[[IO[bytes]], str]:
+    def compute(f: IO[bytes]) -> str:
         digest = hashlib.new(name)
         for chunk in iter(lambda: f.read(1024 * 1024), b""):
             digest.update(chunk)
@@ -526,7 +540,7 @@ LOCAL_HASHES = {
 }
 
 
-def _local_hash(path, kind):
+def _local_hash(path: str, kind: str) -> str:
     with open(path, "rb") as f:
         return LOCAL_HASHES[kind][0](f)
 
@@ -539,15 +553,15 @@ RSYNC_LIST_RE = re.compile(
     r"^(?P<type>\S)\S*\s+(?P<size>[\d,.]+)\s+(?P<date>\d{4}/\d\d/\d\d)\s+(?P<time>\d\d:\d\d:\d\d)\s+(?P<name>.+)$")
 
 
-def _rsync_location(dest, path):
+def _rsync_location(dest: Destination, path: str) -> str:
     return dest.remote + ":" + path if dest.remote else path
 
 
-def _rsync_root(dest):
+def _rsync_root(dest: Destination) -> str:
     return _rsync_location(dest, _as_dir(dest.path or "."))
 
 
-def _rsync_upload(dest, local_path, rel_name, host):
+def _rsync_upload(dest: Destination, local_path: str, rel_name: str, host: str) -> str:
     # Listing first: an unreachable or missing TARGET fails here, before
     # rsync would create a missing TARGET under an unmounted mount point.
     _rsync_list(dest, host, [rel_name])
@@ -573,12 +587,13 @@ def _rsync_upload(dest, local_path, rel_name, host):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _fsync_local_copy(dest, host, rel_name):
+def _fsync_local_copy(dest: Destination, host: str, rel_name: str) -> None:
     """rsync fsyncs nothing it writes: on a local TARGET (a USB disk) the
     copy and each folder from it up to TARGET are made durable here, or a
     power cut could leave an empty copy under its final name (issue 22)."""
     if dest.remote is not None:
         return
+    assert dest.path is not None  # a local rsync target always has its folder
     path = _join(dest.path, host, rel_name)
     _fsync_file(path)
     top = os.path.abspath(dest.path)
@@ -590,7 +605,7 @@ def _fsync_local_copy(dest, host, rel_name):
         folder = os.path.dirname(folder)
 
 
-def _rsync_transfer(dest, stage, host, rel_name):
+def _rsync_transfer(dest: Destination, stage: str, host: str, rel_name: str) -> None:
     # -W: no delta algorithm (gzip data has no reusable blocks); -I: always
     # copy, even over a same-size same-time file; -O: leave folder times;
     # -K: keep a symlinked folder at the destination as it is.  --fsync (a
@@ -602,10 +617,10 @@ def _rsync_transfer(dest, stage, host, rel_name):
             TRANSFER_TIMEOUT, "upload of %s/%s" % (host, rel_name))
 
 
-_RSYNC_FSYNC = []
+_RSYNC_FSYNC: List[bool] = []
 
 
-def _rsync_can_fsync():
+def _rsync_can_fsync() -> bool:
     """Whether this rsync has --fsync (3.2.4 and later; Bullseye has 3.2.3)."""
     if not _RSYNC_FSYNC:
         try:
@@ -617,7 +632,7 @@ def _rsync_can_fsync():
     return _RSYNC_FSYNC[0]
 
 
-def _remove_stale_rsync_temps(dest, host, rel_name):
+def _remove_stale_rsync_temps(dest: Destination, host: str, rel_name: str) -> None:
     """A local TARGET: the temporary files (.backup_NAME.XXXXXX) of an rsync
     that a power cut or kill stopped before its rename, removed before the
     new copy (this host's folder holds only our archives; the stack's lock
@@ -635,7 +650,7 @@ def _remove_stale_rsync_temps(dest, host, rel_name):
             _remove_quietly(os.path.join(folder, other))
 
 
-def _rsync_check(dest, stage, local_path, host, rel_name):
+def _rsync_check(dest: Destination, stage: str, local_path: str, host: str, rel_name: str) -> str:
     expected = _file_size(local_path)
     listed = _rsync_list(dest, host, [rel_name]).get(rel_name)
     _check_size(dest, host, rel_name, expected, listed[0] if listed else None)
@@ -652,7 +667,7 @@ def _rsync_check(dest, stage, local_path, host, rel_name):
     return "size and rsync checksum checked"
 
 
-def _rsync_list(dest, host, globs):
+def _rsync_list(dest: Destination, host: str, globs: Sequence[str]) -> Entries:
     """{rel_name: (size, mtime)} of regular files matching globs under TARGET/host.
 
     One recursive listing of TARGET/ with filters: a missing host folder is
@@ -685,14 +700,14 @@ def _rsync_list(dest, host, globs):
     return entries
 
 
-def _rsync_fetch(dest, host, rel_name, partial):
+def _rsync_fetch(dest: Destination, host: str, rel_name: str, partial: str) -> None:
     source = _rsync_location(dest, _join(dest.path, host, rel_name))
     _run_ok(dest, ["rsync", "-t", "-W", "-I", "--", source, partial],
             TRANSFER_TIMEOUT, "download of %s/%s" % (host, rel_name))
 
 
-def _rsync_delete(dest, host, rel_names):
-    by_folder = {}
+def _rsync_delete(dest: Destination, host: str, rel_names: Sequence[str]) -> None:
+    by_folder: Dict[str, List[str]] = {}
     for rel_name in rel_names:
         folder, name = _split_rel(rel_name)
         by_folder.setdefault(folder, []).append(name)
@@ -710,37 +725,39 @@ def _rsync_delete(dest, host, rel_names):
 # ---------------------------------------------------------------------------
 # scp: the copy by scp, everything else by short shell commands over ssh.
 
-def _ssh_host(dest):
+def _ssh_host(dest: Destination) -> str:
     # scp wants [v6] brackets, ssh the bare address.
+    assert dest.remote is not None  # an scp destination always names its host
     return dest.remote.replace("[", "").replace("]", "")
 
 
-def _ssh(dest, command, timeout, action):
+def _ssh(dest: Destination, command: str, timeout: float, action: str) -> _Result:
     return _run_ok(dest, ["ssh", "-o", "BatchMode=yes", "--", _ssh_host(dest), command], timeout, action)
 
 
-def _scp(dest, source, target, action):
+def _scp(dest: Destination, source: str, target: str, action: str) -> None:
     _run_ok(dest, ["scp", "-q", "-B", "-p", "-S", "ssh", "--", source, target], TRANSFER_TIMEOUT, action)
 
 
-def _q(path):
+def _q(path: str) -> str:
     return shlex.quote(path)
 
 
-def _scp_target_test(dest):
+def _scp_target_test(dest: Destination) -> str:
     target = dest.path or "."
     return ("if [ ! -d %s ]; then echo %s >&2; exit 1; fi; "
             % (_q(target), _q("%s: no such folder on %s (it must exist: create it once)"
                               % (target, dest.remote))))
 
 
-def _scp_upload(dest, local_path, rel_name, host):
+def _scp_upload(dest: Destination, local_path: str, rel_name: str, host: str) -> str:
+    assert dest.remote is not None  # an scp destination always names its host
     base = _join(dest.path, host)
     final = _join(base, rel_name)
     partial = _join(base, _partial_name(rel_name))
     _ssh(dest, _scp_target_test(dest) + "mkdir -p -- %s" % _q(_join(base, _split_rel(rel_name)[0])),
          COMMAND_TIMEOUT, "creating the folder for %s/%s" % (host, rel_name))
-    def remove_partial():
+    def remove_partial() -> None:
         _ssh(dest, "rm -f -- %s" % _q(partial), COMMAND_TIMEOUT, "removing " + partial)
 
     try:
@@ -757,11 +774,14 @@ def _scp_upload(dest, local_path, rel_name, host):
     return checked
 
 
-def _scp_transfer(dest, local_path, remote_path, host, rel_name):
+def _scp_transfer(dest: Destination, local_path: str, remote_path: str, host: str,
+                  rel_name: str) -> None:
+    assert dest.remote is not None  # an scp destination always names its host
     _scp(dest, local_path, dest.remote + ":" + remote_path, "upload of %s/%s" % (host, rel_name))
 
 
-def _scp_check(dest, local_path, remote_path, host, rel_name):
+def _scp_check(dest: Destination, local_path: str, remote_path: str, host: str,
+               rel_name: str) -> str:
     quoted = _q(remote_path)
     result = _ssh(dest, "wc -c < %s && if command -v %s >/dev/null 2>&1; then %s < %s; fi"
                   % (quoted, REMOTE_SHA256, REMOTE_SHA256, quoted),
@@ -780,7 +800,7 @@ def _scp_check(dest, local_path, remote_path, host, rel_name):
     return "size and sha256 checked"
 
 
-def _scp_list(dest, host, globs):
+def _scp_list(dest: Destination, host: str, globs: Sequence[str]) -> Entries:
     """{rel_name: (size, mtime)} of regular files matching globs under TARGET/host."""
     patterns = []
     for pattern in globs:
@@ -805,12 +825,13 @@ def _scp_list(dest, host, globs):
     return entries
 
 
-def _scp_fetch(dest, host, rel_name, partial):
+def _scp_fetch(dest: Destination, host: str, rel_name: str, partial: str) -> None:
+    assert dest.remote is not None  # an scp destination always names its host
     source = dest.remote + ":" + _join(dest.path, host, rel_name)
     _scp(dest, source, partial, "download of %s/%s" % (host, rel_name))
 
 
-def _scp_delete(dest, host, rel_names):
+def _scp_delete(dest: Destination, host: str, rel_names: Sequence[str]) -> None:
     base = _join(dest.path, host)
     # rm without -r: a folder by any of these names is an error, not deleted.
     _ssh(dest, "cd -- %s && rm -f -- %s" % (_q(base), " ".join(_q(name) for name in rel_names)),
@@ -826,7 +847,7 @@ HASH_ALIASES = {"md5": "md5", "sha1": "sha1", "sha-1": "sha1", "sha256": "sha256
 RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?(Z|z|[+-]\d\d:\d\d)?$")
 
 
-def _rclone_path(dest, *parts):
+def _rclone_path(dest: Destination, *parts: str) -> str:
     root = dest.target
     tail = "/".join(part for part in parts if part)
     if not tail:
@@ -834,7 +855,7 @@ def _rclone_path(dest, *parts):
     return root + tail if root.endswith((":", "/")) else root + "/" + tail
 
 
-def _rclone_features(dest):
+def _rclone_features(dest: Destination) -> Tuple[List[str], bool]:
     """(hash names as rclone spells them, can rename server-side)."""
     result = _run_ok(dest, ["rclone", "backend", "features", dest.target], LIST_TIMEOUT,
                      "reaching the remote")
@@ -846,7 +867,7 @@ def _rclone_features(dest):
                         % dest) from None
 
 
-def rclone_local_path(target):
+def rclone_local_path(target: str) -> Optional[str]:
     """The folder of an rclone target on the local backend (":local:/mnt/usb"
     or ":local,opt=x:/mnt/usb"), else None."""
     if not target.startswith((":local:", ":local,")):
@@ -854,7 +875,7 @@ def rclone_local_path(target):
     return target.partition(":")[2].partition(":")[2] or "."
 
 
-def _rclone_upload(dest, local_path, rel_name, host):
+def _rclone_upload(dest: Destination, local_path: str, rel_name: str, host: str) -> str:
     local_target = rclone_local_path(dest.target)
     if local_target is not None and not os.path.isdir(local_target):
         # As for rsync: rclone would create it, on the SD card under the
@@ -869,11 +890,11 @@ def _rclone_upload(dest, local_path, rel_name, host):
     return checked
 
 
-def _rclone_copy(dest, local_path, rel_name, host):
+def _rclone_copy(dest: Destination, local_path: str, rel_name: str, host: str) -> str:
     hashes, can_rename = _rclone_features(dest)
     final = _rclone_path(dest, host, rel_name)
     staged = _rclone_path(dest, host, _partial_name(rel_name)) if can_rename else final
-    def remove_staged():
+    def remove_staged() -> None:
         _rclone_remove_if_present(dest, staged)
 
     try:
@@ -896,13 +917,15 @@ def _rclone_copy(dest, local_path, rel_name, host):
     return checked
 
 
-def _rclone_transfer(dest, local_path, remote_path, host, rel_name):
+def _rclone_transfer(dest: Destination, local_path: str, remote_path: str, host: str,
+                     rel_name: str) -> None:
     # --ignore-times: copy even over a same-size same-time file.
     _run_ok(dest, ["rclone", "copyto", "--ignore-times", local_path, remote_path], TRANSFER_TIMEOUT,
             "upload of %s/%s" % (host, rel_name))
 
 
-def _rclone_check(dest, local_path, remote_path, hashes, host, rel_name):
+def _rclone_check(dest: Destination, local_path: str, remote_path: str, hashes: Sequence[str],
+                  host: str, rel_name: str) -> str:
     item = _rclone_stat(dest, remote_path)
     _check_size(dest, host, rel_name, _file_size(local_path), item and item[0])
     offered = {HASH_ALIASES.get(name.lower()): name for name in hashes}
@@ -920,7 +943,7 @@ def _rclone_check(dest, local_path, remote_path, hashes, host, rel_name):
     return "size and %s checked" % kind
 
 
-def _rclone_stat(dest, remote_path):
+def _rclone_stat(dest: Destination, remote_path: str) -> Optional[Tuple[int, float]]:
     """(size, mtime) of one remote file, None if it is not there."""
     result = _run(dest, ["rclone", "lsjson", "--no-mimetype", remote_path], LIST_TIMEOUT, "listing")
     if result.returncode == 3:  # rclone: directory not found
@@ -934,7 +957,7 @@ def _rclone_stat(dest, remote_path):
     return None
 
 
-def _rclone_list(dest, host, globs):
+def _rclone_list(dest: Destination, host: str, globs: Sequence[str]) -> Entries:
     """{rel_name: (size, mtime)} of files matching globs under TARGET/host."""
     includes = []
     for pattern in globs:
@@ -952,24 +975,24 @@ def _rclone_list(dest, host, globs):
     return entries
 
 
-def _rclone_fetch(dest, host, rel_name, partial):
+def _rclone_fetch(dest: Destination, host: str, rel_name: str, partial: str) -> None:
     _run_ok(dest, ["rclone", "copyto", "--ignore-times", _rclone_path(dest, host, rel_name), partial],
             TRANSFER_TIMEOUT, "download of %s/%s" % (host, rel_name))
 
 
-def _rclone_delete(dest, host, rel_names):
+def _rclone_delete(dest: Destination, host: str, rel_names: Sequence[str]) -> None:
     for rel_name in rel_names:
         # deletefile removes one file and refuses folders.
         _run_ok(dest, ["rclone", "deletefile", _rclone_path(dest, host, rel_name)], COMMAND_TIMEOUT,
                 "delete of %s/%s" % (host, rel_name))
 
 
-def _rclone_remove_if_present(dest, remote_path):
+def _rclone_remove_if_present(dest: Destination, remote_path: str) -> None:
     if _rclone_stat(dest, remote_path) is not None:
         _run_ok(dest, ["rclone", "deletefile", remote_path], COMMAND_TIMEOUT, "removing " + remote_path)
 
 
-def _json_list(dest, text):
+def _json_list(dest: Destination, text: str) -> List[Json]:
     try:
         items = json.loads(text)
     except ValueError:
@@ -977,13 +1000,13 @@ def _json_list(dest, text):
     return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
 
 
-def _rfc3339(text):
+def _rfc3339(text: str) -> float:
     """rclone's ModTime (RFC 3339, nanoseconds) as epoch seconds; 0.0 if unreadable."""
     match = RFC3339_RE.match(text)
     if not match:
         return 0.0
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    epoch = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    epoch: float = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
     fraction, zone = match.group(7), match.group(8)
     if fraction:
         epoch += float("0" + fraction)
@@ -996,7 +1019,8 @@ def _rfc3339(text):
 # ---------------------------------------------------------------------------
 # Checks shared by the methods
 
-def _check_size(dest, host, rel_name, expected, got):
+def _check_size(dest: Destination, host: str, rel_name: str, expected: int,
+                got: Optional[int]) -> None:
     if got is None:
         raise CopyError("%s: check of %s/%s failed: the copy is not there after the upload"
                         % (dest, host, rel_name))
@@ -1005,20 +1029,21 @@ def _check_size(dest, host, rel_name, expected, got):
                         % (dest, host, rel_name, got, expected))
 
 
-def _check_hash(dest, host, rel_name, kind, expected, got):
+def _check_hash(dest: Destination, host: str, rel_name: str, kind: str, expected: str,
+                got: str) -> None:
     if expected.lower() != got.lower():
         raise CopyError("%s: check of %s/%s failed: %s of the copy %s, of the local file %s"
                         % (dest, host, rel_name, kind, got, expected))
 
 
-def _removed_bad_copy(error, remove, where):
+def _removed_bad_copy(error: CopyError, remove: Callable[[], None], where: str) -> CopyError:
     """error, saying whether the copy that failed its check could be removed."""
     if _try(remove):
         return CopyError("%s; the copy was removed" % error)
     return CopyError("%s; the copy could not be removed, delete %s by hand" % (error, where))
 
 
-def _try(action):
+def _try(action: Callable[[], None]) -> bool:
     try:
         action()
         return True
