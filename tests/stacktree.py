@@ -30,7 +30,8 @@ import random
 import stat
 import zlib
 
-IS_ROOT = os.geteuid() == 0
+from tests.support import IS_ROOT
+
 
 # mtimes: BASE_MTIME + a small per-path offset (see _default_mtime)
 BASE_MTIME = 1_700_000_000

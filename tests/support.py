@@ -13,8 +13,9 @@ from iotstack_backup import tarformat
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKUP_PY = os.path.join(REPO, "backup.py")
 RESTORE_PY = os.path.join(REPO, "restore.py")
+IS_ROOT = os.geteuid() == 0
 # backup.py's user argument for a run as root: the owner of what it writes.
-USER_ARGS = ["root"] if os.geteuid() == 0 else []
+USER_ARGS = ["root"] if IS_ROOT else []
 
 
 def call(main, argv):

@@ -22,9 +22,8 @@ from unittest import mock
 
 from iotstack_backup import backup, docker_compose, restore, service_groups
 from tests import engine, terminal
-from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, call, read, write
+from tests.support import BACKUP_PY, IS_ROOT, RESTORE_PY, IsolatedCase, call, read, write
 
-IS_ROOT = os.geteuid() == 0
 ENGINE_SOCKET = "/var/tmp/iotstack-ci-docker/docker.sock"
 
 

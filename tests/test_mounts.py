@@ -8,16 +8,9 @@ import sys
 import unittest
 
 from iotstack_backup import run, unpack
-from tests.support import RESTORE_PY
-from tests.test_hostile import (
-    IS_ROOT,
-    StackCase,
-    chown_tree,
-    one_error_line,
-    read,
-    users,
-    write,
-)
+from tests.support import RESTORE_PY, write
+from tests.support import read_bytes as read
+from tests.user_stack import IS_ROOT, StackCase, chown_tree, one_error_line, users
 
 
 class MountCase(StackCase):

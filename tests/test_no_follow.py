@@ -28,7 +28,7 @@ from iotstack_backup import archive_writer, docker_compose, run
 from tests import engine as E
 from tests import real_stack
 from tests.support import BACKUP_PY, write
-from tests.test_hostile import IS_ROOT, StackCase, chown_tree, demote_to, python_for_pi
+from tests.user_stack import IS_ROOT, StackCase, chown_tree, demote_to, python_for_pi
 
 SECRET = b"root-only secret 7f3a\n"
 

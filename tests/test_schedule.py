@@ -14,9 +14,8 @@ import sys
 import unittest
 
 from iotstack_backup import schedule
-from tests.support import BACKUP_PY, IsolatedCase
+from tests.support import BACKUP_PY, IS_ROOT, IsolatedCase
 
-IS_ROOT = os.geteuid() == 0
 CRONTAB = shutil.which("crontab")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 # A Python another user may run (pyenv's live under /root, mode 0700).

@@ -24,9 +24,8 @@ from unittest import mock
 from iotstack_backup import backup, docker_compose, restore
 from tests import engine as E
 from tests import real_stack
-from tests.support import BACKUP_PY, RESTORE_PY, USER_ARGS, IsolatedCase
+from tests.support import BACKUP_PY, IS_ROOT, RESTORE_PY, USER_ARGS, IsolatedCase
 
-IS_ROOT = os.geteuid() == 0
 GRACE = 2  # seconds `slow` takes to stop
 SLOW = {"slow": {"trap": False, "stop_grace_period": "%ds" % GRACE}, "fast": {}}
 

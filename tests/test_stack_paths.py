@@ -26,9 +26,8 @@ import unittest
 from iotstack_backup import run
 from tests import engine as E
 from tests import real_stack
-from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, write
+from tests.support import BACKUP_PY, IS_ROOT, RESTORE_PY, IsolatedCase, write
 
-IS_ROOT = os.geteuid() == 0
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
