@@ -3,7 +3,6 @@ the files, the archive, the log and the exit code.  Classes with engine = True
 run real compose projects on the real engine (nodered and mosquitto running);
 the others run as on a machine without Docker, where nothing is stopped."""
 import contextlib
-import datetime
 import fcntl
 import glob
 import io
@@ -21,29 +20,20 @@ from unittest import mock
 from iotstack_backup import (
     archive_writer,
     backup,
-    docker_compose,
     iotstack,
     progress,
     run,
     tarformat,
 )
 from tests import real_stack
-from tests.stacktree import IS_ROOT, build_stack, diff_snapshots, snapshot
-from tests.support import BACKUP_PY, REPO, USER_ARGS, IsolatedCase, run_main
-
-NOW = datetime.datetime(2026, 11, 26, 2, 0)  # a Thursday: rolling backup_4
+from tests.backup_case import StackTestCase, read_log
+from tests.stacktree import IS_ROOT, diff_snapshots, snapshot
+from tests.support import BACKUP_PY, REPO, USER_ARGS, run_main
 
 
 def archive_names(path):
     with tarfile.open(path) as tf:
         return [m.name for m in tf.getmembers()]
-
-
-def read_log(stack):
-    logs = glob.glob(os.path.join(stack, "backups", "logs", "backup_*.log"))
-    path = max(logs, key=os.path.getmtime)
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def manifest_snapshot(root):
@@ -65,60 +55,6 @@ def only_failure_logs(backups):
     logs = [rel for rel in found if rel.startswith("logs/")]
     assert all(rel.startswith("logs/backup_") and rel.endswith(".failed.log") for rel in logs), logs
     return len(logs)
-
-class StackTestCase(IsolatedCase):
-    """A fresh tree; with engine = True, its services are a real compose
-    project with nodered and mosquitto running (influxdb, grafana stopped)."""
-
-    scale = 0.3
-    engine = False
-
-    def setUp(self):
-        super().setUp()
-        if self.engine:
-            self.project = real_stack.iotstack_project(self, scale=self.scale)
-            self.stack = self.project.stack_dir
-            self.tmp = os.path.dirname(self.stack)
-        else:
-            real_stack.without_docker(self)
-            self.tmp = self.make_tmp("backup-test-")
-            self.stack = os.path.join(self.tmp, "IOTstack")
-            build_stack(self.stack, scale=self.scale)
-        os.environ.pop("IOTSTACK", None)
-        os.environ.pop("SUDO_USER", None)
-        clock = mock.patch.object(iotstack, "now_local", return_value=NOW)
-        clock.start()
-        self.addCleanup(clock.stop)
-        self.backups = os.path.join(self.stack, "backups")
-        self.dated = os.path.join(self.backups, "backup", "backup_2026-11-26_0200.tar.gz")
-        self.rolling = os.path.join(self.backups, "rolling", "backup_4.tar.gz")
-
-    def backup(self, *args):
-        return run_main(backup, list(args) + ["--dir", self.stack])
-
-    def states(self):
-        return self.project.states()
-
-    def assert_as_before(self):
-        """nodered and mosquitto run, influxdb and grafana stay stopped, no marker."""
-        self.assertEqual(self.states(), {"nodered": "running", "mosquitto": "running",
-                                         "influxdb": "exited", "grafana": "exited"})
-        self.assertFalse(os.path.exists(os.path.join(self.stack, docker_compose.STOPPED_MARKER)))
-
-    def write_hook(self, name, body):
-        path = os.path.join(self.stack, name)
-        with open(path, "w") as f:
-            f.write("#!/bin/bash\n" + body + "\n")
-        os.chmod(path, 0o755)
-
-    def archives(self, folder):
-        return sorted(n for n in os.listdir(os.path.join(self.backups, folder))
-                      if n.endswith(".tar.gz"))
-
-    def assert_verifies(self, path):
-        subprocess.run(["gzip", "-t", path], check=True)
-        subprocess.run(["tar", "-tzf", path], check=True, stdout=subprocess.DEVNULL)
-
 
 class NamesTest(StackTestCase):
     def test_type_3_writes_both_names_from_one_write(self):

@@ -10,38 +10,12 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import encryption, iotstack, run
+from tests.gpg_keyring import PASSPHRASE, PLAIN_KEY, SECRET_KEY, drop_keyring, gpg, make_keyring
 from tests.plainstack import PlainStackTestCase
 from tests.stacktree import diff_snapshots, snapshot
 
-PLAIN_KEY = "backup-test@example.invalid"
-SECRET_KEY = "passphrase-test@example.invalid"
-PASSPHRASE = "correct horse battery staple"
 DATED = "backup/backup_2026-11-26_0200.tar.gz"
 HAVE_TOOLS = all(shutil.which(tool) for tool in ("gpg", "gpgconf", "rsync", "rclone"))
-
-
-def gpg(home, *args, **kwargs):
-    env = dict(os.environ, GNUPGHOME=home)
-    kwargs.setdefault("check", True)
-    return subprocess.run(["gpg", "--batch", "--no-tty"] + list(args), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-
-
-def make_keyring():
-    """A GNUPGHOME with the two test keys (ed25519/cv25519: quick to make)."""
-    home = tempfile.mkdtemp(prefix="gpg-")
-    os.chmod(home, 0o700)
-    gpg(home, "--passphrase", "", "--quick-gen-key", "Test <%s>" % PLAIN_KEY,
-        "future-default", "default", "never")
-    gpg(home, "--pinentry-mode", "loopback", "--passphrase", PASSPHRASE, "--quick-gen-key",
-        "Test <%s>" % SECRET_KEY, "future-default", "default", "never")
-    return home
-
-
-def drop_keyring(home):
-    subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=dict(os.environ, GNUPGHOME=home),
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 class ArgvTest(unittest.TestCase):

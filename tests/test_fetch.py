@@ -16,8 +16,8 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import encryption, fetch, iotstack
+from tests.gpg_keyring import PLAIN_KEY, drop_keyring, make_keyring
 from tests.plainstack import NOW, PlainStackTestCase
-from tests.test_encryption import PLAIN_KEY, drop_keyring, make_keyring
 
 ROLLING = "rolling/backup_4.tar.gz"
 DATED = "backup/backup_2026-11-26_0200.tar.gz"

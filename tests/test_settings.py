@@ -9,9 +9,9 @@ import threading
 import unittest
 
 from iotstack_backup import iotstack, restore, run
+from tests.backup_case import StackTestCase, read_log
 from tests.stacktree import diff_snapshots, snapshot
-from tests.support import USER_ARGS
-from tests.test_backup import StackTestCase, read_log, run_main
+from tests.support import USER_ARGS, run_main
 
 
 class RetentionDecisionTest(unittest.TestCase):
