@@ -16,7 +16,7 @@ stop() only stops sshd (the configs stay, so clients then meet a closed
 port); close(), also on leaving the with block, removes everything.
 SshServer.start() raises SshdUnavailable with the reason when it cannot
 run here (not root, sshd or ssh-keygen missing, sshd refusing to start),
-so a test class can turn that into a skip.
+so a test class can turn that into a skip; start_sshd() does.
 """
 import os
 import shutil
@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import unittest
 
 LOOPBACK = "127.0.0.1"
 RCLONE_REMOTE = "loopsftp"
@@ -236,3 +237,11 @@ def write_text(path, text):
     with open(path, "w") as f:
         f.write(text)
 
+
+def start_sshd():
+    server = SshServer()
+    try:
+        server.start()
+    except SshdUnavailable as reason:
+        raise unittest.SkipTest("no loopback sshd: %s" % reason)
+    return server

@@ -18,6 +18,7 @@ from unittest import mock
 from iotstack_backup import encryption, fetch, iotstack
 from tests.gpg_keyring import PLAIN_KEY, drop_keyring, make_keyring
 from tests.plainstack import NOW, PlainStackTestCase
+from tests.sshd_server import start_sshd
 
 ROLLING = "rolling/backup_4.tar.gz"
 DATED = "backup/backup_2026-11-26_0200.tar.gz"
@@ -154,7 +155,6 @@ class NeverReplacedTest(FetchTestCase):
 @unittest.skipUnless(HAVE["rsync"], "needs rsync")
 class OverSshTest(FetchTestCase):
     def test_over_ssh_too(self):
-        from tests.test_offsite import start_sshd
         server = start_sshd()
         self.addCleanup(server.close)
         os.environ.update(server.env)

@@ -17,7 +17,7 @@ import unittest
 from unittest import mock
 
 from iotstack_backup import offsite
-from tests.sshd_server import SshdUnavailable, SshServer
+from tests.sshd_server import start_sshd
 
 HOST = "pi4"
 DATED = "backup/backup_2026-11-26_0200.tar.gz"
@@ -55,15 +55,6 @@ def files_under(root):
 def require_tool(name):
     if shutil.which(name) is None:
         raise unittest.SkipTest("%s is not installed" % name)
-
-
-def start_sshd():
-    server = SshServer()
-    try:
-        server.start()
-    except SshdUnavailable as reason:
-        raise unittest.SkipTest("no loopback sshd: %s" % reason)
-    return server
 
 
 class ParseDestinationTest(unittest.TestCase):
