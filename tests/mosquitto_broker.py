@@ -1,6 +1,8 @@
 """A real mosquitto broker for tests: 127.0.0.1, a free port, a password
 file with one user, no anonymous access.  Used by test_mqtt and by the
-end-to-end --notify-mqtt tests."""
+end-to-end --notify-mqtt tests; and silent_listener(), a port where nothing
+ever answers."""
+import contextlib
 import os
 import pwd
 import shutil
@@ -101,3 +103,13 @@ class Mosquitto:
 
 MISSING = [tool for tool in ("mosquitto", "mosquitto_passwd", "mosquitto_sub")
            if find_tool(tool) is None]
+
+
+@contextlib.contextmanager
+def silent_listener():
+    """A socket that listens and never accepts: the kernel completes the
+    handshake, and then nothing ever answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        yield listener.getsockname()[1]

@@ -26,6 +26,7 @@ from tests.mosquitto_broker import (
     USER,
     Mosquitto,
     free_port,
+    silent_listener,
 )
 
 
@@ -408,16 +409,6 @@ class DiscoveryTest(unittest.TestCase):
 
 # ---------------------------------------------------------------------------
 # Fake servers
-
-
-@contextlib.contextmanager
-def silent_listener():
-    """A socket that listens and never accepts: the kernel completes the
-    handshake, and then nothing ever answers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        yield listener.getsockname()[1]
 
 
 @contextlib.contextmanager

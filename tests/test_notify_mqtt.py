@@ -18,9 +18,9 @@ from tests.mosquitto_broker import (
     USER,
     Mosquitto,
     free_port,
+    silent_listener,
 )
 from tests.plainstack import PlainStackTestCase
-from tests.test_mqtt import silent_listener
 
 TOPIC = "iotstack/backup/test"
 
