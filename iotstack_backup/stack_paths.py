@@ -53,7 +53,8 @@ class Places:
 
     __slots__ = ("inside", "above")
 
-    def __init__(self, inside: Dict[Identity, str], above: Dict[Identity, Tuple[str, ...]]):
+    def __init__(self, inside: Dict[Identity, str],
+                 above: Dict[Identity, Tuple[str, ...]]) -> None:
         self.inside, self.above = inside, above
 
 
