@@ -19,6 +19,10 @@ volumes/influxdb there), `restore.py --recover` runs, and then:
 - nothing was written under the mount point onto the stack's disk;
 - the excluded data and the archives are untouched, nothing of the
   restore's own is left in .tmp/ (as test_powercut_restore checks).
+
+The recovery is swept the same way: a cut at every point of a recovery (of
+the state a cut in the middle of the swap left, the other disk's new data
+already in place), then another recovery.
 """
 import os
 import subprocess
@@ -148,23 +152,54 @@ class RestoreOntoTwoDisksTest(RestoreCutCase):
             for combo in (["names", "strict"], ["strict", "strict"]):
                 self.assertEqual(self.recovered_at(new, sweep, cut, combo), [], (name, combo))
 
-    def test_restore_onto_two_disks(self):
+    def recorded_recovery(self):
+        """(the new tree, [the record of each disk]) of a recovery from a
+        cut in the middle of the swap (names kept on both disks: the
+        journal says "swapping", the other disk's new data is in place)."""
         new, records = self.recorded_restore()
+        sweep = disks.DiskSweep(records, self.layout)
+        into_place = [g for g, (d, i) in enumerate(sweep.order) if d == 1 and
+                      records[1]["ops"][i][0] == "rename" and records[1]["ops"][i][3:5] == (0, "data")]
+        self.assertEqual(len(into_place), 1)
+        stack_disk, other_disk = sweep.trees(into_place[0], ["names", "names"])
+        model.materialize(stack_disk, self.backing)
+        model.materialize(other_disk, self.backing2)
+        (code, out, err), recovery = disks.record_runs(
+            [(self.backing, self.mount), (self.backing2, self.point)],
+            os.path.join(self.tmp, "disk"),
+            lambda mount: self.restore(os.path.join(mount, "IOTstack"), "--recover"))
+        self.assertEqual(code, 0, err + out)
+        self.assertIn("Rolled back an interrupted restore", out)
+        self.assertTrue(any(op[0] == "rename" for op in recovery[1]["ops"]))
+        return new, recovery
+
+    def sweep_disks(self, records, label, next_run):
         sample = None if harness.heavy() else SMALL_SAMPLE
         sweep = disks.DiskSweep(records, self.layout, seed=22)
-        cuts = disks.global_cut_points(records, sweep.order, sample)
-        sweep.run(cuts, lambda cut, kind: self.recovered_problems(new, "restore.py --recover")
-                  + self.other_disk_problems(new))
+        sweep.run(disks.global_cut_points(records, sweep.order, sample), next_run)
         note = "" if sample is None else " (a sample: the full sweep runs where IOTSTACK_HEAVY=1)"
-        print("\nrestore.py NAME noask, %s on a second disk: %d cuts, %d distinct states, of "
-              "%d calls (%d on the stack's disk, %d on the other)%s"
-              % (POINT, sweep.cuts, len(sweep.seen), len(sweep.order),
-                 len(records[0]["ops"]), len(records[1]["ops"]), note), file=sys.stderr)
+        print("\n%s: %d cuts, %d distinct states, of %d calls (%d on the stack's disk, %d on "
+              "the other)%s" % (label, sweep.cuts, len(sweep.seen), len(sweep.order),
+                                len(records[0]["ops"]), len(records[1]["ops"]), note),
+              file=sys.stderr)
         kinds = {}
         for problem in sweep.problems:
             kinds.setdefault(problem.split(": ", 1)[1], problem)
         self.maxDiff = None
         self.assertEqual(sorted(kinds.values())[:20], [], "%d problems" % len(sweep.problems))
+
+    def test_a_cut_during_recovery_on_two_disks_then_recovery(self):
+        new, recovery = self.recorded_recovery()
+        self.sweep_disks(recovery, "restore.py --recover, %s on a second disk (cut during "
+                         "recovery)" % POINT,
+                         lambda cut, kind: self.recovered_problems(new, "a second --recover")
+                         + self.other_disk_problems(new))
+
+    def test_restore_onto_two_disks(self):
+        new, records = self.recorded_restore()
+        self.sweep_disks(records, "restore.py NAME noask, %s on a second disk" % POINT,
+                         lambda cut, kind: self.recovered_problems(new, "restore.py --recover")
+                         + self.other_disk_problems(new))
 
 
 if __name__ == "__main__":
