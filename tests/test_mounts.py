@@ -238,6 +238,26 @@ class OtherDiskTest(MountCase):
                 self.assertIn("Kept as it is: volumes/frigate (a mount point the backup holds "
                               "nothing for)", self.newest_log("restore"))
 
+    def test_a_restore_that_fails_leaves_the_mount_point_as_it_was(self):
+        # The archive's end is cut off: it fails its check after everything
+        # was staged, on the other disk too; the staging folder there goes,
+        # and the mount point keeps its mtime (it did not before
+        # OtherDisks.drop put it back).
+        influx = self.path("volumes/influxdb")
+        shutil.rmtree(influx)
+        self.mount_tmpfs(influx)
+        name = self.backup_then_change("root", influx)
+        archive = os.path.join(self.backups, name)
+        with open(archive, "r+b") as f:
+            f.truncate(os.path.getsize(archive) - 6)
+        os.utime(influx, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        result = self.restore("root", name)
+        self.assertNotEqual(result.returncode, run.EXIT_OK)
+        self.assertTrue(os.path.ismount(influx))
+        self.assertEqual(self.leftovers(influx, self.path(".tmp")), [])
+        self.assertEqual(os.stat(influx).st_mtime_ns, 1_600_000_000_000_000_000)
+        self.assertEqual(read(os.path.join(influx, "data", "db.bin")), b"v2")
+
     def test_killed_at_every_rename_with_a_mount_point(self):
         # strace kills the restore at its Nth rename; the next run (here
         # --list) rolls back or completes it: old or new, never a mix, on
