@@ -188,6 +188,33 @@ class RestoreOntoTwoDisksTest(RestoreCutCase):
         self.maxDiff = None
         self.assertEqual(sorted(kinds.values())[:20], [], "%d problems" % len(sweep.problems))
 
+    def each_rename_alone(self, records, new, label):
+        """Cut after each rename of either disk, keeping it and nothing
+        else unsynced on either: [problems] of the recovery that follows."""
+        sweep = disks.DiskSweep(records, self.layout)
+        problems = []
+        renames = [(g, d, i) for g, (d, i) in enumerate(sweep.order)
+                   if records[d]["ops"][i][0] == "rename" and sweep.durable[d][i] > i]
+        self.assertTrue({d for _g, d, _i in renames} == {0, 1}, renames)
+        for g, d, i in renames:
+            local = disks.local_cuts(sweep.order, 2, g)
+            trees = []
+            for e, record in enumerate(records):
+                kept = model.kept_strict(record["ops"], sweep.durable[e], local[e])
+                trees.append(model.replay(record, kept | ({i} if e == d else set()), local[e]))
+            self.layout.build(trees)
+            problems += ["rename %d of disk %d alone: %s" % (i, d, p) for p in
+                         self.recovered_problems(new, label) + self.other_disk_problems(new)]
+        return problems
+
+    def test_each_rename_alone_on_two_disks(self):
+        new, records = self.recorded_restore()
+        self.assertEqual(self.each_rename_alone(records, new, "--recover"), [])
+
+    def test_each_rename_of_a_roll_back_alone_on_two_disks(self):
+        new, recovery = self.recorded_recovery()
+        self.assertEqual(self.each_rename_alone(recovery, new, "a second --recover"), [])
+
     def test_a_cut_during_recovery_on_two_disks_then_recovery(self):
         new, recovery = self.recorded_recovery()
         self.sweep_disks(recovery, "restore.py --recover, %s on a second disk (cut during "
