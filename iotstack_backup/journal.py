@@ -294,7 +294,8 @@ def clean_up(stack: str, journal: Journal) -> Optional[str]:
     trash = None
     if committed and not keep:
         trash = trash_record_path(stack, journal["staging"])
-        iotstack.write_json_atomically(trash, {"archive": journal["archive"], "folders": asides})
+        iotstack.write_json_atomically(trash, {"archive": journal["archive"], "folders": asides,
+                                               "times": foreign_times(journal)})
     for path in [os.path.join(stack, journal["staging"])] + foreign["staging"]:
         shutil.rmtree(path, ignore_errors=True)
     if not committed:
@@ -339,6 +340,31 @@ def trash_folders(record: str) -> List[str]:
         return []
     return [path for path in folders if isinstance(path, str) and os.path.isabs(path)
             and os.path.basename(path).startswith((ASIDE_PREFIX, FOREIGN_ASIDE))]
+
+
+def foreign_times(journal: Journal) -> Times:
+    """The times, from before the restore, of the folders (mount points)
+    that hold its aside folders on other disks."""
+    kept = journal.get("parent_times", {})
+    folders = {os.path.dirname(path) for path in journal.get("foreign", {"aside": []})["aside"]}
+    return {folder: kept[folder] for folder in sorted(folders) if folder in kept}
+
+
+def trash_times(record: str) -> Dict[str, Tuple[int, int]]:
+    """A trash record's times of the folders holding its folders on other
+    disks, put back after each deletion: a recovery of a deletion cut after
+    its rmdir, before its utime, must not keep the rmdir's mtime (found by
+    test_powercut_mount)."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            times = json.load(f).get("times", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(times, dict):
+        return {}
+    return {path: (pair[0], pair[1]) for path, pair in times.items()
+            if isinstance(pair, list) and len(pair) == 2
+            and all(isinstance(n, int) for n in pair)}
 
 
 def delete_tree(path: str) -> Tuple[int, int, int]:
@@ -397,12 +423,15 @@ def _rmdir_counted(folder: str, counts: List[int]) -> None:
         counts[2] += 1
 
 
-def delete_in_place(folder: str) -> Tuple[int, int, int]:
+def delete_in_place(folder: str, kept: Optional[Tuple[int, int]] = None) -> Tuple[int, int, int]:
     """delete_tree(folder); a folder of ours inside a mount point or a
-    linked folder on another disk leaves that folder's times as they were."""
+    linked folder on another disk leaves that folder's times as they were
+    (`kept`, from before the restore, when the trash record has them)."""
     parent = os.path.dirname(folder)
     times: Optional[Tuple[int, int]] = None
     if os.path.basename(folder).startswith(FOREIGN_ASIDE):
+        times = kept
+    if times is None and os.path.basename(folder).startswith(FOREIGN_ASIDE):
         with contextlib.suppress(OSError):
             st = os.stat(parent)
             times = (st.st_atime_ns, st.st_mtime_ns)
@@ -418,11 +447,12 @@ def empty_trash(stack: str, log: iotstack.RunLog, out: Optional[TextIO] = None) 
     where the space went; a record goes only once its folders are gone."""
     for record in trash_records(stack):
         folders = trash_folders(record)
+        times = trash_times(record)
         deleted = freed = left = 0
         started = time.monotonic()
         for folder in folders:
             log.line("Deleting the replaced items in %s" % folder)
-            counts = delete_in_place(folder)
+            counts = delete_in_place(folder, times.get(os.path.dirname(folder)))
             deleted, freed, left = deleted + counts[0], freed + counts[1], left + counts[2]
         if left:
             message = ("Warning: %d replaced entries could not be deleted from %s; the next run "

@@ -152,6 +152,15 @@ class RestoreOntoTwoDisksTest(RestoreCutCase):
             for combo in (["names", "strict"], ["strict", "strict"]):
                 self.assertEqual(self.recovered_at(new, sweep, cut, combo), [], (name, combo))
 
+    def test_a_cut_while_the_old_data_is_deleted_on_the_other_disk(self):
+        # Found by the full sweep: a cut after the aside folder's rmdir,
+        # before the mount point's times were put back; the recovery took
+        # the rmdir's mtime for the one to keep.
+        new, records = self.recorded_restore()
+        sweep = disks.DiskSweep(records, self.layout)
+        cut = sweep.find(1, "rmdir", ".iotstack-restore-old.")
+        self.assertEqual(self.recovered_at(new, sweep, cut, ["names", "names"]), [])
+
     def recorded_recovery(self):
         """(the new tree, [the record of each disk]) of a recovery from a
         cut in the middle of the swap (names kept on both disks: the
