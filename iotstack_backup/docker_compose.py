@@ -742,10 +742,13 @@ def restart_left_stopped(stack: str, log: RunLog, out: Optional[TextIO] = None,
     if record is None:
         return None
     window = ServiceWindow(stack, log, environ)
-    if window.unavailable:
+    # No docker command at all leaves no engine and no reason either.
+    unavailable = window.unavailable or (
+        "Docker is not installed (no docker command)" if window.engine is None else None)
+    if unavailable:
         say(log, out, "Warning: an interrupted run left services stopped, and they cannot be "
-                      "started now: %s" % window.unavailable)
-        window.failed = [(name, window.unavailable) for name in entries(record)]
+                      "started now: %s" % unavailable)
+        window.failed = [(name, unavailable) for name in entries(record)]
         return window
     try:
         _due, gone = window.adopt(record)

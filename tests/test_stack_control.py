@@ -21,7 +21,7 @@ import time
 import unittest
 from unittest import mock
 
-from iotstack_backup import backup, docker_compose, restore
+from iotstack_backup import backup, docker_compose, iotstack, restore
 from tests import engine as E
 from tests import real_stack
 from tests.support import BACKUP_PY, IS_ROOT, RESTORE_PY, USER_ARGS, IsolatedCase
@@ -47,6 +47,26 @@ def read_logs(stack, kind):
 
 def marker(stack):
     return os.path.join(stack, docker_compose.STOPPED_MARKER)
+
+
+class WithoutDockerTests(IsolatedCase):
+    """No docker command at all (IOTSTACK_NO_DOCKER=1, as on a machine
+    whose Docker was uninstalled) with a killed run's marker left."""
+
+    def test_a_marker_left_without_docker_is_a_warning_not_a_crash(self):
+        stack = self.make_tmp()
+        marker = os.path.join(stack, docker_compose.STOPPED_MARKER)
+        os.makedirs(os.path.dirname(marker))
+        with open(marker, "w") as f:
+            json.dump({"services": {"nodered": {"containers": ["abc"], "stopped_at": 1.0}}}, f)
+        out = io.StringIO()
+        window = docker_compose.restart_left_stopped(stack, iotstack.RunLog(), out)
+        self.assertIsNotNone(window)
+        self.assertEqual(window.failed,
+                         [("nodered", "Docker is not installed (no docker command)")])
+        self.assertIn("Warning: an interrupted run left services stopped, and they cannot be "
+                      "started now: Docker is not installed", out.getvalue())
+        self.assertTrue(os.path.exists(marker), "the marker stays for a run that can start them")
 
 
 class EngineCase(IsolatedCase):
