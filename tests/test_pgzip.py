@@ -494,7 +494,6 @@ class ShortWrites:
         return len(accepted)
 
 
-@unittest.skipUnless(GZIP and TAR, "GNU gzip and tar are required")
 class FirstPass:
     """A BlockReuse source over a BytesIO output: its bytes (through
     damage), and spools as temporary files, counted."""
@@ -666,6 +665,7 @@ class BlockReuseTests(unittest.TestCase):
         self.assertEqual(len(pgzip.block_digest(b"", b"")), 16)
 
 
+@unittest.skipUnless(GZIP and TAR, "GNU gzip and tar are required")
 class ExternalToolTests(unittest.TestCase):
 
     def test_gnu_gzip_reads_output(self):
