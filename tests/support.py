@@ -1,6 +1,7 @@
 """Helpers every test file shares: the repository's paths, and running a
 command's main() in-process."""
 import contextlib
+import http.server
 import io
 import os
 import shutil
@@ -90,3 +91,18 @@ class IsolatedCase(unittest.TestCase):
         os.chmod(path, 0o755)
         self.addCleanup(shutil.rmtree, path, True)
         return path
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """A notify URL's server for the tests: it answers 200 and keeps every
+    path asked for in Recorder.paths (a test empties it first)."""
+
+    paths = []
+
+    def do_GET(self):
+        Recorder.paths.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass

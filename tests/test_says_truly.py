@@ -20,22 +20,10 @@ import unittest
 
 from iotstack_backup import failure_report
 from tests import mosquitto_broker, terminal
-from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, read, write
+from tests.support import BACKUP_PY, RESTORE_PY, IsolatedCase, Recorder, read, write
 
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-class Recorder(http.server.BaseHTTPRequestHandler):
-    paths = []
-
-    def do_GET(self):
-        Recorder.paths.append(self.path)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 class PureTests(unittest.TestCase):

@@ -11,7 +11,7 @@ import unittest
 from iotstack_backup import iotstack, restore, run
 from tests.backup_case import StackTestCase, read_log
 from tests.stacktree import diff_snapshots, snapshot
-from tests.support import USER_ARGS, run_main
+from tests.support import USER_ARGS, Recorder, run_main
 
 
 class RetentionDecisionTest(unittest.TestCase):
@@ -227,18 +227,6 @@ class RestoreFromCopyTest(StackTestCase):
                                             "--from-host", "oldpi", "--dir", self.stack])
         self.assertEqual((code, err), (0, ""))
         self.assertTrue(out.startswith("rolling/backup_4.tar.gz"))
-
-
-class Recorder(http.server.BaseHTTPRequestHandler):
-    paths = []
-
-    def do_GET(self):
-        Recorder.paths.append(self.path)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 class NotifyTest(StackTestCase):
